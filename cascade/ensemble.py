@@ -1,0 +1,103 @@
+"""Ensemble: a chain of LLMs and the routing between them; it owns no embedding."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cascade.flops import forward_flops_per_token
+from cascade.llm import LLM
+from cascade.llm_evaluator import evaluate_llm
+from cascade.sequence_data import SequenceData
+
+
+class Ensemble(nn.Module):
+    """LLMs chained by true early exit: every token enters LLM 0; the hard ones go on to LLM 1, and so on.
+
+    All LLMs share one vocabulary and one hidden width (LLM k + 1 reads LLM k's output hidden
+    states as `inputs_embeds`).
+    """
+
+    def __init__(self, llms: Sequence[LLM]):
+        super().__init__()
+        if len(llms) == 0:
+            raise ValueError("an Ensemble needs at least one LLM")
+        self.llms = nn.ModuleList()
+        for llm in llms:
+            self.add_llm(llm)
+
+    def add_llm(self, llm: LLM) -> None:
+        """Append `llm` after the current last LLM, checking that vocabulary size and width match."""
+        if not isinstance(llm, LLM):
+            raise TypeError(f"expected an LLM, got {type(llm).__name__}; wrap a Hugging Face model as LLM(model)")
+        k = len(self.llms)
+        if k:
+            for attr in ("vocab_size", "dim"):
+                have, want = getattr(llm, attr), getattr(self.llms[0], attr)
+                if have != want:
+                    raise ValueError(
+                        f"LLM {k} has {attr} {have} but LLM 0 has {want}; every LLM of an Ensemble must have the same "
+                        f"{attr} (build LLM {k} from a config with {attr} {want})"
+                    )
+        self.llms.append(llm)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.llms[0].vocab_size
+
+    @property
+    def dim(self) -> int:
+        return self.llms[0].dim
+
+    def __len__(self) -> int:
+        return len(self.llms)
+
+    @torch.no_grad()
+    def evaluate(self, val_batches: Sequence[tuple[Tensor, Tensor]], batch_size: int) -> dict:
+        """True early exit on `(x, y)` batches: each token is predicted by the LLM it exits at.
+
+        An LLM runs only on the tokens routed to it and is not called at all when none is.
+        Returns `ppl` = exp(total NLL / total tokens), `accuracy`, `total_tokens`,
+        `compute_fraction` (forward FLOPs spent / FLOPs of every LLM on every token),
+        `wall_time_s` and `llm_stats`, one dict per LLM (`input_tokens`, `exit_tokens`,
+        `exit_fraction` of all tokens, `ppl` of its exiting tokens, `pad_tokens`, ...).
+        """
+        data = create_sequence_data(self, val_batches)
+        total, context = data.num_tokens, int(data.lengths.max())
+        start = time.perf_counter()
+        llm_stats = []
+        for k, llm in enumerate(self.llms):
+            if data.num_tokens == 0:
+                stats = {"input_tokens": 0, "exit_tokens": 0, "pad_tokens": 0, "nll_sum": 0.0, "correct": 0, "ppl": math.nan}
+            else:
+                data, stats = evaluate_llm(llm, data, batch_size, is_last=k == len(self.llms) - 1)
+            llm_stats.append({**stats, "exit_fraction": stats["exit_tokens"] / total})
+        wall_time = time.perf_counter() - start
+        assert sum(s["exit_tokens"] for s in llm_stats) == total, "every token exits exactly once"
+        flops = [forward_flops_per_token(llm, context) for llm in self.llms]
+        spent = sum(s["input_tokens"] * f for s, f in zip(llm_stats, flops))
+        return {
+            "ppl": math.exp(sum(s["nll_sum"] for s in llm_stats) / total),
+            "accuracy": sum(s["correct"] for s in llm_stats) / total,
+            "total_tokens": total,
+            "compute_fraction": spent / (total * sum(flops)),
+            "wall_time_s": wall_time,
+            "llm_stats": llm_stats,
+        }
+
+
+def create_sequence_data(ensemble: Ensemble, batches: Sequence[tuple[Tensor, Tensor]]) -> SequenceData:
+    """Stage-0 data from `(x, y)` batches of token ids, checked against the ensemble's vocabulary."""
+    data = SequenceData.from_token_batches(batches)
+    for name, ids in (("x", data.inputs), ("y", data.targets)):
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= ensemble.vocab_size:
+            raise ValueError(
+                f"token ids in {name} range over [{low}, {high}] but the LLMs' vocabulary has {ensemble.vocab_size} "
+                "entries; use the tokenizer the LLMs were built for"
+            )
+    return data

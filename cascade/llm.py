@@ -1,0 +1,170 @@
+"""LLM: any Hugging Face CausalLM, by composition, plus an exit function and a threshold."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from cascade.exit_fn import ExitFn, get_exit_fn
+from cascade.inference import run_llm
+from cascade.packing import block_causal_mask
+from cascade.routing import check_hard_ratio, compact_hard_tokens, hard_mask, quantile
+from cascade.sequence_data import SequenceData
+
+INPUT_TYPES = ("token_ids", "hidden_states")
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The model's stack of decoder layers: the ModuleList of `num_hidden_layers` modules in its base model."""
+    n = model.config.get_text_config().num_hidden_layers
+    for module in model.base_model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}: no nn.ModuleList of that length")
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class LLM(nn.Module):
+    """A Hugging Face CausalLM with early exit: its own embedding, layers and LM head do all the work.
+
+    `threshold` (a buffer, so it is in `state_dict`) is set by `collect_hard_tokens`; a token
+    exits here iff its exit score is >= `threshold`.
+    """
+
+    def __init__(self, base_llm: PreTrainedModel, exit_fn: ExitFn | str | None = None):
+        super().__init__()
+        self.base_llm = base_llm
+        self.exit_fn = get_exit_fn(exit_fn)
+        self.register_buffer("threshold", torch.tensor(0.0))
+        self._layers = [decoder_layers(base_llm)]  # a list, so the layers are not registered twice
+
+    @property
+    def config(self):
+        return self.base_llm.config.get_text_config()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def dim(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.threshold.device
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._layers[0]
+
+    def forward(
+        self,
+        x: Tensor,
+        input_type: str = "token_ids",
+        position_ids: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        history: Sequence[int] | None = None,
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """Run the model on token ids (B, T) or hidden states (B, T, D).
+
+        `position_ids` (B, T) are the tokens' original positions (default 0..T-1).
+        `segment_ids` (B, T) say which sequence of its row each token belongs to (-1 for
+        padding): a token attends only to earlier tokens of its own segment. None means each
+        row is one sequence (plain causal attention).
+        `history` lists the entries of `hidden_history` to capture (None: all).
+
+        Returns `h_out` (B, T, D), the final-norm output the LM head reads, and
+        `hidden_history`, L + 1 entries: [i] is the residual stream after layer i ([0]: the
+        input to layer 1); entries not asked for are None.
+        """
+        if input_type not in INPUT_TYPES:
+            raise ValueError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
+        if input_type == "token_ids":
+            inputs = {"input_ids": x}
+        else:
+            if x.shape[-1] != self.dim:
+                raise ValueError(f"hidden states of width {x.shape[-1]} given to an LLM of width {self.dim}")
+            inputs = {"inputs_embeds": x.to(self.base_llm.get_input_embeddings().weight.dtype)}
+        mask = None if segment_ids is None else self._attention_mask(segment_ids)
+        with self._capture(history) as hidden_history:
+            out = self.base_llm.base_model(**inputs, position_ids=position_ids, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state, hidden_history
+
+    def get_logits(self, h: Tensor) -> Tensor:
+        """Logits through the model's own LM head."""
+        return self.base_llm.get_output_embeddings()(h)
+
+    def exit_scores(self, hidden_history: Sequence[Tensor | None], h_out: Tensor) -> Tensor:
+        return self.exit_fn(hidden_history, h_out, self)
+
+    def collect_hard_tokens(self, data: SequenceData, hard_ratio: float, batch_size: int) -> SequenceData:
+        """Set `threshold` to the `hard_ratio` quantile of the exit scores on `data` and return the hard tokens.
+
+        The returned data holds, per sequence, the hard tokens' output hidden states (bf16),
+        targets and original positions; sequences without a hard token are dropped.
+        """
+        check_hard_ratio(hard_ratio)
+        out = run_llm(self, data, batch_size, scores=True, hidden=True)
+        self.threshold.fill_(quantile(out.scores, hard_ratio))
+        hard = hard_mask(out.scores, float(self.threshold))
+        if not hard.any():
+            raise ValueError(
+                f"no token scored below the threshold {float(self.threshold)}: all {data.num_tokens} exit scores are "
+                "equal, so the hard set is empty; train the LLM first or choose another exit function"
+            )
+        return compact_hard_tokens(data, hard, out.hidden)
+
+    def transform_data(self, data: SequenceData, batch_size: int) -> SequenceData:
+        """The same sequences with this LLM's output hidden states (bf16) as inputs."""
+        return SequenceData(run_llm(self, data, batch_size, hidden=True).hidden, data.targets, data.positions, data.offsets, data.sequence_ids)
+
+    def _attention_mask(self, segment_ids: Tensor) -> Tensor:
+        allowed = block_causal_mask(segment_ids)
+        implementation = self.base_llm.config._attn_implementation
+        if implementation == "sdpa":
+            return allowed
+        if implementation == "eager":
+            dtype = self.base_llm.get_input_embeddings().weight.dtype
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        raise ValueError(
+            f"packed or padded rows need attn_implementation 'sdpa' or 'eager', but the model uses {implementation!r}; "
+            "load it with attn_implementation='sdpa'"
+        )
+
+    @contextmanager
+    def _capture(self, history: Sequence[int] | None) -> Iterator[list[Tensor | None]]:
+        """Fill a list of L + 1 hidden states by hooks on the decoder layers while the model runs."""
+        count = self.num_layers + 1
+        wanted = range(count) if history is None else sorted({i % count for i in history})
+        captured: list[Tensor | None] = [None] * count
+        handles = []
+        for i in wanted:
+            if i == 0:
+
+                def grab_input(module, args, kwargs):
+                    captured[0] = args[0] if args else kwargs["hidden_states"]
+
+                handles.append(self.layers[0].register_forward_pre_hook(grab_input, with_kwargs=True))
+            else:
+
+                def grab_output(module, args, output, i=i):
+                    captured[i] = _first(output)
+
+                handles.append(self.layers[i - 1].register_forward_hook(grab_output))
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,0 +1,49 @@
+"""Evaluation of one LLM: perplexity without exits, and one routed step of true early exit."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from cascade.inference import run_llm
+from cascade.routing import compact_hard_tokens, hard_mask
+from cascade.sequence_data import SequenceData
+
+if TYPE_CHECKING:
+    from cascade.llm import LLM
+
+
+def compute_ppl(llm: "LLM", data: SequenceData, batch_size: int) -> float:
+    """Perplexity of `llm` on every token of `data` (no exit decision)."""
+    nll = run_llm(llm, data, batch_size, nll=True).nll
+    return math.exp(nll.double().mean().item())
+
+
+def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool) -> tuple[SequenceData, dict]:
+    """Route `data` through `llm`: tokens scoring >= its threshold exit here (all of them if `is_last`).
+
+    Returns the continuing tokens (compacted, with this LLM's output hidden states as inputs)
+    and statistics over this LLM: `input_tokens`, `exit_tokens`, `nll_sum`, `correct` and
+    `ppl` of the exiting tokens, and `pad_tokens` (padding positions it also processed).
+    """
+    out = run_llm(llm, data, batch_size, scores=not is_last, hidden=not is_last, nll=True)
+    if is_last:
+        hard = torch.zeros(data.num_tokens, dtype=torch.bool)
+        continuing = compact_hard_tokens(data, hard)
+    else:
+        hard = hard_mask(out.scores, float(llm.threshold))
+        continuing = compact_hard_tokens(data, hard, out.hidden)
+    exits = ~hard
+    exit_tokens = int(exits.sum())
+    nll_sum = out.nll[exits].double().sum().item()
+    stats = {
+        "input_tokens": data.num_tokens,
+        "exit_tokens": exit_tokens,
+        "pad_tokens": out.positions - data.num_tokens,
+        "nll_sum": nll_sum,
+        "correct": int(out.correct[exits].sum()),
+        "ppl": math.exp(nll_sum / exit_tokens) if exit_tokens else float("nan"),
+    }
+    return continuing, stats

@@ -1,0 +1,231 @@
+"""SequenceData: the tokens of one stage, as flat arrays plus per-sequence offsets."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from cascade.packing import block_causal_mask, next_fit_row_starts, segment_arange
+from cascade.storage import load_tensors, save_tensors
+
+IGNORE_INDEX = -100  # target of padding, ignored by cross-entropy
+FORMAT = "cascade.SequenceData/1"
+
+
+@dataclass
+class Batch:
+    """Rows of packed or padded sequences, ready for `LLM.forward`.
+
+    Padding has target `IGNORE_INDEX`, segment -1 and token index -1.
+    """
+
+    inputs: Tensor  # (B, T) token ids or (B, T, D) hidden states
+    targets: Tensor  # (B, T)
+    position_ids: Tensor  # (B, T) original positions
+    segment_ids: Tensor  # (B, T) which sequence of its row a token belongs to
+    token_index: Tensor  # (B, T) index of the token in the SequenceData
+    single_sequence_rows: bool  # every row is one sequence, unpadded: plain causal attention suffices
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.token_index >= 0).sum())
+
+    @property
+    def num_positions(self) -> int:
+        return self.token_index.numel()
+
+    def attention_mask(self) -> Tensor | None:
+        """(B, 1, T, T) bool block-causal mask, or None where the model's own causal mask is exact."""
+        return None if self.single_sequence_rows else block_causal_mask(self.segment_ids)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return Batch(**moved, single_sequence_rows=self.single_sequence_rows)
+
+
+@dataclass
+class SequenceData:
+    """A set of sequences: per token an input, its target and its original position.
+
+    Sequence s owns tokens `offsets[s]:offsets[s + 1]` of the flat arrays. At stage 0 the
+    inputs are token ids (N,); at stage k > 0 they are hidden states (N, D), normally bf16.
+    `sequence_ids[s]` names the stage-0 sequence that sequence s came from.
+    """
+
+    inputs: Tensor  # (N,) int64 token ids or (N, D) hidden states
+    targets: Tensor  # (N,) int64
+    positions: Tensor  # (N,) int64
+    offsets: Tensor  # (S + 1,) int64, offsets[0] == 0, offsets[-1] == N
+    sequence_ids: Tensor  # (S,) int64
+
+    def __post_init__(self) -> None:
+        n = self.inputs.shape[0]
+        if self.targets.shape != (n,) or self.positions.shape != (n,):
+            raise ValueError(
+                f"inputs, targets and positions must have one entry per token; got shapes "
+                f"{tuple(self.inputs.shape)}, {tuple(self.targets.shape)}, {tuple(self.positions.shape)}"
+            )
+        if self.inputs.dim() not in (1, 2):
+            raise ValueError(f"inputs must be (N,) token ids or (N, D) hidden states, got {tuple(self.inputs.shape)}")
+        if self.offsets.dim() != 1 or self.offsets.numel() != self.sequence_ids.numel() + 1:
+            raise ValueError(
+                f"offsets must have one entry more than sequence_ids; got {self.offsets.numel()} and {self.sequence_ids.numel()}"
+            )
+        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != n:
+            raise ValueError(f"offsets must run from 0 to the number of tokens ({n}); got {int(self.offsets[0])}..{int(self.offsets[-1])}")
+        if self.num_sequences and int(self.lengths.min()) < 1:
+            raise ValueError("every sequence must hold at least one token (offsets must increase strictly)")
+
+    # -- construction --------------------------------------------------------------
+
+    @classmethod
+    def from_token_batches(cls, batches: Sequence[tuple[Tensor, Tensor]]) -> "SequenceData":
+        """Stage-0 data from `(x, y)` pairs of (B, T) token ids, targets `y` (usually x shifted by one)."""
+        if len(batches) == 0:
+            raise ValueError("no batches given: stage-0 data needs at least one (x, y) pair")
+        for i, (x, y) in enumerate(batches):
+            if x.dim() != 2 or x.shape != y.shape:
+                raise ValueError(f"batch {i}: x and y must be (B, T) tensors of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        x = torch.cat([x.reshape(-1) for x, _ in batches]).long()
+        if x.numel() == 0:
+            raise ValueError("the batches hold no tokens: stage-0 data needs at least one token")
+        y = torch.cat([y.reshape(-1) for _, y in batches]).long()
+        lengths = torch.cat([torch.full((b.shape[0],), b.shape[1], dtype=torch.long) for b, _ in batches])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+        positions = torch.arange(x.numel(), dtype=torch.long) - (offsets[:-1]).repeat_interleave(lengths)
+        return cls(x, y, positions, offsets, torch.arange(lengths.numel(), dtype=torch.long))
+
+    # -- shape ---------------------------------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.sequence_ids.numel()
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def input_type(self) -> str:
+        return "token_ids" if self.inputs.dim() == 1 else "hidden_states"
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def sequence(self, s: int) -> "SequenceData":
+        """Sequence s alone (for inspection and tests)."""
+        begin, end = int(self.offsets[s]), int(self.offsets[s + 1])
+        sl = slice(begin, end)
+        offsets = torch.tensor([0, end - begin], dtype=torch.long)
+        return SequenceData(self.inputs[sl], self.targets[sl], self.positions[sl], offsets, self.sequence_ids[s : s + 1])
+
+    # -- batching ------------------------------------------------------------------
+
+    def row_starts(self, row_length: int | None = None, pack: bool = True, order: Tensor | None = None) -> Tensor:
+        """First entry of `order` (default: sequences in order) in each row; see `batches`."""
+        lengths = self.lengths if order is None else self.lengths[order]
+        row_length = row_length or int(lengths.max())
+        if int(lengths.max()) > row_length:
+            raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit in rows of {row_length}; raise row_length")
+        if not pack:
+            return torch.arange(lengths.numel(), dtype=torch.long)
+        return next_fit_row_starts(lengths, row_length)
+
+    def batches(
+        self,
+        batch_size: int,
+        row_length: int | None = None,
+        pack: bool = True,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Batch]:
+        """Yield batches of `batch_size` rows covering every token exactly once.
+
+        With `pack`, consecutive sequences share a row of up to `row_length` tokens (default:
+        the longest sequence) and are kept apart by a block-causal mask; without it, each row
+        holds one sequence. Each batch is padded to its fullest row. With `shuffle`, sequences
+        are visited in a random order drawn from `generator`.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.num_sequences == 0:
+            return
+        order = torch.randperm(self.num_sequences, generator=generator) if shuffle else torch.arange(self.num_sequences)
+        starts = self.row_starts(row_length, pack, order)
+        bounds = torch.cat([starts, starts.new_tensor([self.num_sequences])])
+        for first in range(0, starts.numel(), batch_size):
+            row_bounds = bounds[first : first + batch_size + 1]
+            yield self._rows(order[int(row_bounds[0]) : int(row_bounds[-1])], row_bounds - row_bounds[0])
+
+    def _rows(self, seqs: Tensor, row_bounds: Tensor) -> Batch:
+        """Lay out `seqs` (in order) into rows; row r holds seqs[row_bounds[r]:row_bounds[r + 1]]."""
+        rows = row_bounds.numel() - 1
+        lengths = self.lengths[seqs]
+        seqs_per_row = row_bounds[1:] - row_bounds[:-1]
+        row_of_seq = torch.arange(rows).repeat_interleave(seqs_per_row)
+        token = segment_arange(self.offsets[:-1][seqs], lengths)
+        row_fill = torch.zeros(rows, dtype=torch.long).index_add_(0, row_of_seq, lengths)
+        row = row_of_seq.repeat_interleave(lengths)
+        row_begin = torch.cumsum(row_fill, 0) - row_fill
+        col = torch.arange(token.numel()) - row_begin[row]
+        segment = (torch.arange(seqs.numel()) - row_bounds[:-1][row_of_seq]).repeat_interleave(lengths)
+        T = int(row_fill.max())
+
+        inputs = self.inputs.new_zeros((rows, T, *self.inputs.shape[1:]))
+        inputs[row, col] = self.inputs[token]
+        targets = torch.full((rows, T), IGNORE_INDEX, dtype=torch.long)
+        targets[row, col] = self.targets[token]
+        position_ids = torch.zeros(rows, T, dtype=torch.long)
+        position_ids[row, col] = self.positions[token]
+        segment_ids = torch.full((rows, T), -1, dtype=torch.long)
+        segment_ids[row, col] = segment
+        token_index = torch.full((rows, T), -1, dtype=torch.long)
+        token_index[row, col] = token
+        single = bool((seqs_per_row == 1).all()) and bool((row_fill == T).all())
+        return Batch(inputs, targets, position_ids, segment_ids, token_index, single)
+
+    def packing_waste(self, batch_size: int, row_length: int | None = None, pack: bool = True) -> float:
+        """Fraction of batch positions that `batches` fills with padding."""
+        positions = sum(b.num_positions for b in self.batches(batch_size, row_length, pack))
+        return 1.0 - self.num_tokens / positions if positions else 0.0
+
+    # -- storage -------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to directory `path` atomically, with a manifest of counts, shapes, dtypes and checksums."""
+        meta = {
+            "format": FORMAT,
+            "num_tokens": self.num_tokens,
+            "num_sequences": self.num_sequences,
+            "input_type": self.input_type,
+        }
+        save_tensors(path, {f.name: getattr(self, f.name) for f in fields(self)}, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> "SequenceData":
+        """Memory-map a directory written by `save`; sizes and (with `verify`) checksums are checked."""
+        tensors, manifest = load_tensors(path, verify=verify)
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"{path} holds {manifest.get('format')!r}, not {FORMAT!r}")
+        missing = {f.name for f in fields(cls)} - tensors.keys()
+        if missing:
+            raise ValueError(f"{path} lacks arrays {sorted(missing)}; write it again")
+        data = cls(**{f.name: tensors[f.name] for f in fields(cls)})
+        if (data.num_tokens, data.num_sequences) != (manifest["num_tokens"], manifest["num_sequences"]):
+            raise ValueError(
+                f"{path}: arrays hold {data.num_tokens} tokens in {data.num_sequences} sequences but the manifest "
+                f"says {manifest['num_tokens']} in {manifest['num_sequences']}"
+            )
+        return data

@@ -1,0 +1,143 @@
+"""Tensors on disk: raw little-endian arrays plus a JSON manifest, written atomically, memory-mapped on read.
+
+A directory holds one `<name>.bin` per tensor and `manifest.json` with, per tensor, its dtype,
+shape, byte count and SHA-256. The directory is written under a temporary name, every file is
+fsynced, and only then renamed into place, so a reader never sees a half-written directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 24
+
+# torch dtype -> (name in the manifest, numpy dtype with the same bytes)
+_DTYPES = {
+    torch.int64: ("int64", np.int64),
+    torch.int32: ("int32", np.int32),
+    torch.uint16: ("uint16", np.uint16),
+    torch.float32: ("float32", np.float32),
+    torch.float16: ("float16", np.float16),
+    torch.bfloat16: ("bfloat16", np.int16),  # numpy has no bf16: store the raw 16 bits
+    torch.bool: ("bool", np.bool_),
+}
+_BY_NAME = {name: (dtype, np_dtype) for dtype, (name, np_dtype) in _DTYPES.items()}
+
+
+def _as_numpy(t: Tensor) -> np.ndarray:
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> None:
+    """Write `tensors` and `meta` to directory `path` atomically, replacing what was there."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    arrays = {}
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"cannot store {name} of dtype {tensor.dtype}; supported: {sorted(n for n, _ in _DTYPES.values())}")
+        array = _as_numpy(tensor)
+        digest = hashlib.sha256()
+        file = tmp / f"{name}.bin"
+        with open(file, "wb") as f:
+            flat = memoryview(array.reshape(-1)).cast("B")
+            for begin in range(0, len(flat), _CHUNK):
+                block = flat[begin : begin + _CHUNK]
+                digest.update(block)
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        arrays[name] = {
+            "file": file.name,
+            "dtype": _DTYPES[tensor.dtype][0],
+            "shape": list(tensor.shape),
+            "bytes": array.nbytes,
+            "sha256": digest.hexdigest(),
+        }
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump({**meta, "arrays": arrays}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+    _fsync_dir(path.parent)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} not found: {path} is not a saved directory, or its save was interrupted; write it again"
+        )
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); the directory is corrupted, write it again") from e
+
+
+def load_tensors(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, Tensor], dict]:
+    """Read what `save_tensors` wrote: memory-mapped tensors (copy-on-write) and the manifest.
+
+    Sizes are always checked against the manifest; with `verify`, so are the SHA-256 sums
+    (one streaming read of every file).
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    tensors = {}
+    for name, entry in manifest["arrays"].items():
+        file = path / entry["file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is listed in {path / MANIFEST} but missing; write {path} again")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise ValueError(
+                f"{file} has {size} bytes but its manifest says {entry['bytes']}: "
+                "the file is truncated or was changed; write it again"
+            )
+        if verify and _sha256(file) != entry["sha256"]:
+            raise ValueError(f"{file} does not match the SHA-256 in its manifest: the file is corrupted; write it again")
+        dtype, np_dtype = _BY_NAME[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        if size == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        array = np.memmap(file, dtype=np_dtype, mode="c", shape=shape)
+        tensors[name] = torch.from_numpy(array).view(dtype)
+    return tensors, manifest
