@@ -44,6 +44,7 @@ class LLM(nn.Module):
         self.exit_fn = get_exit_fn(exit_fn)
         self.register_buffer("threshold", torch.tensor(0.0))
         self._layers = [decoder_layers(base_llm)]  # a list, so the layers are not registered twice
+        self.train(base_llm.training)  # wrap without changing the model's mode
 
     @property
     def config(self):
@@ -97,7 +98,12 @@ class LLM(nn.Module):
             if x.shape[-1] != self.dim:
                 raise ValueError(f"hidden states of width {x.shape[-1]} given to an LLM of width {self.dim}")
             inputs = {"inputs_embeds": x.to(self.base_llm.get_input_embeddings().weight.dtype)}
-        mask = None if segment_ids is None else self._attention_mask(segment_ids)
+        if segment_ids is None:
+            # An explicit all-ones mask: with none, transformers would read gaps in position_ids
+            # (normal at stage k > 0) as boundaries of packed sequences.
+            mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        else:
+            mask = self._attention_mask(segment_ids)
         with self._capture(history) as hidden_history:
             out = self.base_llm.base_model(**inputs, position_ids=position_ids, attention_mask=mask, use_cache=False)
         return out.last_hidden_state, hidden_history

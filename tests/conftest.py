@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+VOCAB = 97
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+_SPECIAL = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+TINY_CONFIGS = {
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, **_SPECIAL),
+    "llama": lambda: LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **_SPECIAL,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **_SPECIAL,
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, **_SPECIAL,
+    ),
+}
+ARCHS = sorted(TINY_CONFIGS)
+
+
+def tiny_model(arch: str = "gpt2", seed: int = 0, attn: str = "sdpa", **overrides):
+    """A randomly initialised tiny HF CausalLM in eval mode."""
+    config = TINY_CONFIGS[arch]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+def token_batches(num_batches=2, batch_size=3, seq_len=16, seed=0, vocab=VOCAB):
+    """(x, y) pairs cut from one random token stream, y = x shifted by one."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        t = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g)
+        batches.append((t[:, :-1], t[:, 1:]))
+    return batches
+
+
+@pytest.fixture
+def tiny_gpt2_dir():
+    path = SHARED_DATA / "tiny-gpt2"
+    if not (path / "config.json").is_file():
+        pytest.skip(f"{path} is absent (it lives in ../shared/data beside the checkout)")
+    return path

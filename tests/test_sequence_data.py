@@ -1,0 +1,179 @@
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from cascade import SequenceData
+from cascade.packing import block_causal_mask, next_fit_row_starts, segment_arange
+from cascade.sequence_data import IGNORE_INDEX
+
+
+def random_data(lengths, width=None, seed=0) -> SequenceData:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.as_tensor(lengths)
+    n = int(lengths.sum())
+    inputs = torch.randint(0, 50, (n,), generator=g) if width is None else torch.randn(n, width, generator=g).bfloat16()
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    positions = torch.arange(n) - offsets[:-1].repeat_interleave(lengths) + 3
+    return SequenceData(inputs, torch.randint(0, 50, (n,), generator=g), positions, offsets, torch.arange(lengths.numel()) * 10)
+
+
+def mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds t's data (Linux), or None."""
+    address = t.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            begin, end = (int(a, 16) for a in fields[0].split("-"))
+            if begin <= address < end:
+                return fields[5] if len(fields) > 5 else None
+    return None
+
+
+def test_stage0_data_from_token_batches():
+    x = torch.arange(12).reshape(2, 6)
+    data = SequenceData.from_token_batches([(x, x + 1), (x[:1] + 100, x[:1] + 101)])
+    assert (data.num_sequences, data.num_tokens) == (3, 18)
+    assert data.lengths.tolist() == [6, 6, 6]
+    assert data.positions.tolist() == list(range(6)) * 3
+    assert data.inputs[6:12].tolist() == list(range(6, 12))
+    assert data.targets[12:].tolist() == list(range(101, 107))
+    assert data.input_type == "token_ids"
+
+
+def test_segment_arange():
+    assert segment_arange(torch.tensor([5, 0, 9]), torch.tensor([2, 3, 1])).tolist() == [5, 6, 0, 1, 2, 9]
+
+
+def next_fit_reference(lengths, capacity):
+    starts, fill = [], capacity + 1
+    for i, n in enumerate(lengths):
+        if fill + n > capacity:
+            starts.append(i)
+            fill = 0
+        fill += n
+    return starts
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_next_fit_packing_matches_the_greedy_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    capacity = 32
+    lengths = torch.randint(1, capacity + 1, (500,), generator=g)
+    assert next_fit_row_starts(lengths, capacity).tolist() == next_fit_reference(lengths.tolist(), capacity)
+
+
+def test_block_causal_mask_by_hand():
+    mask = block_causal_mask(torch.tensor([[0, 0, 1, 1, -1]]))[0, 0].int()
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],
+            [0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 1],
+        ]
+    )
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("pack,shuffle", [(True, False), (False, False), (True, True)])
+def test_batches_cover_every_token_once_in_order(pack, shuffle):
+    lengths = torch.randint(1, 20, (57,), generator=torch.Generator().manual_seed(3))
+    data = random_data(lengths, width=8)
+    seen = []
+    for batch in data.batches(4, row_length=20, pack=pack, shuffle=shuffle, generator=torch.Generator().manual_seed(0)):
+        assert batch.inputs.shape[:2] == batch.targets.shape and batch.inputs.shape[0] <= 4
+        assert batch.inputs.shape[1] <= 20
+        real = batch.token_index >= 0
+        index = batch.token_index[real]
+        seen.append(index)
+        assert torch.equal(batch.inputs[real], data.inputs[index])
+        assert torch.equal(batch.targets[real], data.targets[index])
+        assert torch.equal(batch.position_ids[real], data.positions[index])
+        assert (batch.targets[~real] == IGNORE_INDEX).all() and (batch.segment_ids[~real] == -1).all()
+        # within a row, one segment holds one sequence, contiguous and in order
+        for row in range(batch.inputs.shape[0]):
+            for seg in batch.segment_ids[row].unique().tolist():
+                if seg < 0:
+                    continue
+                tokens = batch.token_index[row][batch.segment_ids[row] == seg]
+                assert torch.equal(tokens, torch.arange(int(tokens[0]), int(tokens[0]) + tokens.numel()))
+                owner = torch.searchsorted(data.offsets, tokens[0], right=True) - 1
+                assert tokens.numel() == int(data.lengths[owner])
+        if not pack:
+            assert (batch.segment_ids <= 0).all()
+    seen = torch.cat(seen)
+    assert torch.equal(seen.sort().values, torch.arange(data.num_tokens))
+    if not shuffle:
+        assert torch.equal(seen, torch.arange(data.num_tokens))
+
+
+def test_packing_reduces_waste_and_equal_windows_need_no_mask():
+    data = random_data(torch.randint(5, 15, (200,), generator=torch.Generator().manual_seed(0)))
+    assert data.packing_waste(8, row_length=64) < data.packing_waste(8, row_length=64, pack=False)
+    assert data.packing_waste(8, row_length=64) < 0.15
+    windows = random_data([16] * 10)
+    batch = next(windows.batches(4))
+    assert batch.single_sequence_rows and batch.inputs.shape == (4, 16)
+    assert windows.packing_waste(4) == 0.0
+
+
+def test_sequence_longer_than_a_row_is_an_error():
+    with pytest.raises(ValueError, match="does not fit in rows of 8"):
+        next(random_data([4, 12]).batches(2, row_length=8))
+
+
+def test_inconsistent_arrays_are_rejected():
+    with pytest.raises(ValueError, match="offsets must run from 0"):
+        SequenceData(torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long),
+                     torch.tensor([0, 3, 4]), torch.arange(2))
+    with pytest.raises(ValueError, match="one entry per token"):
+        SequenceData(torch.zeros(5, dtype=torch.long), torch.zeros(4, dtype=torch.long), torch.zeros(5, dtype=torch.long),
+                     torch.tensor([0, 5]), torch.arange(1))
+
+
+@pytest.mark.parametrize("width", [None, 16])
+def test_save_and_load_round_trip_memory_mapped(tmp_path, width):
+    data = random_data([3, 7, 1, 9], width=width)
+    data.save(tmp_path / "stage")
+    manifest = json.loads((tmp_path / "stage" / "manifest.json").read_text())
+    assert (manifest["num_tokens"], manifest["num_sequences"]) == (20, 4)
+    assert manifest["arrays"]["inputs"]["dtype"] == ("int64" if width is None else "bfloat16")
+    assert all(len(a["sha256"]) == 64 for a in manifest["arrays"].values())
+    loaded = SequenceData.load(tmp_path / "stage")
+    for name in ("inputs", "targets", "positions", "offsets", "sequence_ids"):
+        assert torch.equal(getattr(loaded, name), getattr(data, name)), name
+    assert loaded.inputs.dtype == data.inputs.dtype
+    assert mapped_file(loaded.inputs) == str(tmp_path / "stage" / "inputs.bin"), "memory-mapped, not read into the heap"
+    assert [p.name for p in tmp_path.iterdir()] == ["stage"], "no temporary directory left behind"
+
+
+def test_save_replaces_existing_directory_atomically(tmp_path):
+    random_data([3, 3]).save(tmp_path / "d")
+    newer = random_data([5], seed=1)
+    newer.save(tmp_path / "d")
+    assert torch.equal(SequenceData.load(tmp_path / "d").inputs, newer.inputs)
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_corrupted_file_is_detected(tmp_path):
+    random_data([4, 4], width=8).save(tmp_path / "d")
+    file = tmp_path / "d" / "inputs.bin"
+    raw = bytearray(file.read_bytes())
+    raw[10] ^= 0xFF
+    file.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"inputs\.bin does not match the SHA-256"):
+        SequenceData.load(tmp_path / "d")
+
+
+def test_truncated_file_and_missing_manifest_are_detected(tmp_path):
+    random_data([4, 4]).save(tmp_path / "d")
+    file = tmp_path / "d" / "targets.bin"
+    file.write_bytes(file.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=r"targets\.bin has 56 bytes but its manifest says 64"):
+        SequenceData.load(tmp_path / "d", verify=False)
+    (tmp_path / "d" / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="manifest.json not found"):
+        SequenceData.load(tmp_path / "d")
