@@ -183,16 +183,20 @@ class SequenceData:
         segment = (torch.arange(seqs.numel()) - row_bounds[:-1][row_of_seq]).repeat_interleave(lengths)
         T = int(row_fill.max())
 
-        inputs = self.inputs.new_zeros((rows, T, *self.inputs.shape[1:]))
-        inputs[row, col] = self.inputs[token]
-        targets = torch.full((rows, T), IGNORE_INDEX, dtype=torch.long)
-        targets[row, col] = self.targets[token]
-        position_ids = torch.zeros(rows, T, dtype=torch.long)
-        position_ids[row, col] = self.positions[token]
-        segment_ids = torch.full((rows, T), -1, dtype=torch.long)
-        segment_ids[row, col] = segment
-        token_index = torch.full((rows, T), -1, dtype=torch.long)
-        token_index[row, col] = token
+        # One gather per array: padding reads some real token (its values are never seen: padding
+        # attends only to padding and its target is ignored), then gets its own markers.
+        source = torch.full((rows * T,), int(token[0]), dtype=torch.long)
+        source[row * T + col] = token
+        pad = torch.ones(rows * T, dtype=torch.bool)
+        pad[row * T + col] = False
+        pad = pad.view(rows, T)
+        inputs = self.inputs.index_select(0, source).view(rows, T, *self.inputs.shape[1:])
+        targets = self.targets.index_select(0, source).view(rows, T).masked_fill(pad, IGNORE_INDEX)
+        position_ids = self.positions.index_select(0, source).view(rows, T).masked_fill(pad, 0)
+        segment_ids = torch.full((rows * T,), -1, dtype=torch.long)
+        segment_ids[row * T + col] = segment
+        segment_ids = segment_ids.view(rows, T)
+        token_index = source.view(rows, T).masked_fill(pad, -1)
         single = bool((seqs_per_row == 1).all()) and bool((row_fill == T).all())
         return Batch(inputs, targets, position_ids, segment_ids, token_index, single)
 
