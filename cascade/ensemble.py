@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -44,6 +46,21 @@ class Ensemble(nn.Module):
                         f"{attr} (build LLM {k} from a config with {attr} {want})"
                     )
         self.llms.append(llm)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save LLM k in Hugging Face format under `path/stage_k/llm`, thresholds included."""
+        for k, llm in enumerate(self.llms):
+            llm.save_pretrained(stage_dir(path, k) / "llm")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "Ensemble":
+        """Rebuild an ensemble from a run directory: LLM k from `path/stage_k/llm`, for k = 0, 1, ... while present."""
+        llms = []
+        while (stage_dir(path, len(llms)) / "llm" / "config.json").is_file():
+            llms.append(LLM.from_pretrained(stage_dir(path, len(llms)) / "llm", **kwargs))
+        if not llms:
+            raise FileNotFoundError(f"no trained stage in {path}: expected {stage_dir(path, 0) / 'llm'}/config.json")
+        return cls(llms)
 
     @property
     def vocab_size(self) -> int:
@@ -88,6 +105,11 @@ class Ensemble(nn.Module):
             "wall_time_s": wall_time,
             "llm_stats": llm_stats,
         }
+
+
+def stage_dir(run_dir: str | os.PathLike, k: int) -> Path:
+    """Where stage k of a run keeps its model, logs and hand-over."""
+    return Path(run_dir) / f"stage_{k}"
 
 
 def create_sequence_data(ensemble: Ensemble, batches: Sequence[tuple[Tensor, Tensor]]) -> SequenceData:

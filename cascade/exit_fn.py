@@ -101,6 +101,11 @@ def get_exit_fn(exit_fn: str | ExitFn | None) -> ExitFn:
     return EXIT_FNS[exit_fn]
 
 
+def exit_fn_name(exit_fn: ExitFn) -> str | None:
+    """The name under which `exit_fn` is in `EXIT_FNS`, or None for a custom function."""
+    return next((name for name, fn in EXIT_FNS.items() if fn is exit_fn), None)
+
+
 def history_indices(exit_fn: ExitFn) -> tuple[int, ...] | None:
     """The `hidden_history` entries `exit_fn` reads; None means all of them."""
     return getattr(exit_fn, "history", None)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from cascade.exit_fn import ExitFn, get_exit_fn
+from cascade.exit_fn import ExitFn, exit_fn_name, get_exit_fn
+from cascade.handover import collect_hard_tokens
 from cascade.inference import run_llm
 from cascade.packing import block_causal_mask
-from cascade.routing import check_hard_ratio, compact_hard_tokens, hard_mask, quantile
 from cascade.sequence_data import SequenceData
 
 INPUT_TYPES = ("token_ids", "hidden_states")
@@ -112,6 +113,22 @@ class LLM(nn.Module):
         """Logits through the model's own LM head."""
         return self.base_llm.get_output_embeddings()(h)
 
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save in Hugging Face format; the threshold and exit function name go into config.json."""
+        config = self.base_llm.config
+        config.exit_threshold = float(self.threshold)
+        config.exit_fn = exit_fn_name(self.exit_fn)
+        self.base_llm.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, exit_fn: ExitFn | str | None = None, **kwargs) -> "LLM":
+        """Load what `save_pretrained` wrote (or any HF CausalLM); `kwargs` go to `AutoModelForCausalLM.from_pretrained`."""
+        kwargs.setdefault("attn_implementation", "sdpa")
+        base_llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        llm = cls(base_llm, exit_fn or getattr(base_llm.config, "exit_fn", None))
+        llm.threshold.fill_(getattr(base_llm.config, "exit_threshold", 0.0))
+        return llm
+
     def exit_scores(self, hidden_history: Sequence[Tensor | None], h_out: Tensor) -> Tensor:
         return self.exit_fn(hidden_history, h_out, self)
 
@@ -121,16 +138,7 @@ class LLM(nn.Module):
         The returned data holds, per sequence, the hard tokens' output hidden states (bf16),
         targets and original positions; sequences without a hard token are dropped.
         """
-        check_hard_ratio(hard_ratio)
-        out = run_llm(self, data, batch_size, scores=True, hidden=True)
-        self.threshold.fill_(quantile(out.scores, hard_ratio))
-        hard = hard_mask(out.scores, float(self.threshold))
-        if not hard.any():
-            raise ValueError(
-                f"no token scored below the threshold {float(self.threshold)}: all {data.num_tokens} exit scores are "
-                "equal, so the hard set is empty; train the LLM first or choose another exit function"
-            )
-        return compact_hard_tokens(data, hard, out.hidden)
+        return collect_hard_tokens(self, data, hard_ratio, batch_size)[0]
 
     def transform_data(self, data: SequenceData, batch_size: int) -> SequenceData:
         """The same sequences with this LLM's output hidden states (bf16) as inputs."""

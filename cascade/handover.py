@@ -1,0 +1,47 @@
+"""The hand-over from stage k to stage k + 1: calibrate the threshold, keep the hard tokens."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from torch import Tensor
+
+from cascade.inference import run_llm
+from cascade.routing import check_hard_ratio, compact_hard_tokens, hard_mask, quantile
+from cascade.sequence_data import SequenceData
+
+if TYPE_CHECKING:
+    from cascade.llm import LLM
+
+
+def collect_hard_tokens(
+    llm: "LLM",
+    data: SequenceData,
+    hard_ratio: float,
+    batch_size: int,
+    all_gather: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[SequenceData, Tensor]:
+    """Set `llm.threshold` to the `hard_ratio` quantile of the exit scores and keep the hard tokens of `data`.
+
+    Under data parallelism each process passes its own share of the data and an `all_gather`
+    that concatenates every process's scores, so that all compute the same threshold.
+    Returns the hard tokens (their output hidden states as inputs) and the scores the
+    threshold was computed from.
+    """
+    check_hard_ratio(hard_ratio)
+    out = run_llm(llm, data, batch_size, scores=True, hidden=True)
+    scores = out.scores if all_gather is None else all_gather(out.scores)
+    threshold = quantile(scores, hard_ratio)
+    if not hard_mask(scores, threshold).any():
+        raise ValueError(
+            f"no token scored below the threshold {threshold}: all {scores.numel()} exit scores are equal, so the "
+            "hard set is empty; train the LLM first or choose another exit function"
+        )
+    llm.threshold.fill_(threshold)
+    return compact_hard_tokens(data, hard_mask(out.scores, threshold), out.hidden), scores
+
+
+def route_hard_tokens(llm: "LLM", data: SequenceData, batch_size: int) -> SequenceData:
+    """The tokens of `data` that do not exit at `llm` under its current threshold (e.g. the validation split)."""
+    out = run_llm(llm, data, batch_size, scores=True, hidden=True)
+    return compact_hard_tokens(data, hard_mask(out.scores, float(llm.threshold)), out.hidden)

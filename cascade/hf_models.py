@@ -1,0 +1,57 @@
+"""Building Hugging Face CausalLMs from a model type, a hub name or a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+
+def build_causal_lm(
+    model: str,
+    config: dict | None = None,
+    pretrained: bool = False,
+    vocab_size: int | None = None,
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """A CausalLM from `model`: a model type ("gpt2", "llama", ...), a hub name or a local directory.
+
+    `config` overrides fields of the model type's default config (or of the saved config).
+    With `pretrained`, weights are loaded with `from_pretrained`; otherwise the model is freshly
+    initialised. `vocab_size` applies to fresh models unless `config` sets it.
+    """
+    overrides = dict(config or {})
+    if not pretrained:
+        if vocab_size is not None:
+            overrides.setdefault("vocab_size", vocab_size)
+        # a fresh model for pre-training has no special tokens of its own (and no generation)
+        overrides.setdefault("bos_token_id", None)
+        overrides.setdefault("eos_token_id", None)
+    is_path = Path(model).expanduser().is_dir()
+    if not is_path and model in CONFIG_MAPPING and not pretrained:
+        hf_config = AutoConfig.for_model(model, **overrides)
+    elif is_path or "/" in model or pretrained:
+        try:
+            hf_config = AutoConfig.from_pretrained(model, **overrides)
+        except OSError as e:
+            raise ValueError(
+                f"cannot load a config for {model!r}: not a local directory, and the hub could not provide it ({e})"
+            ) from e
+    else:
+        known = ", ".join(sorted(t for t in ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "gemma") if t in CONFIG_MAPPING))
+        raise ValueError(
+            f"unknown model type {model!r}: give a transformers model type (e.g. {known}), "
+            "a hub model name, or a local directory saved with save_pretrained"
+        )
+    if pretrained:
+        return AutoModelForCausalLM.from_pretrained(model, config=hf_config, attn_implementation=attn_implementation)
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings allow, where the config says."""
+    for name in ("n_positions", "max_position_embeddings"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
