@@ -1,1 +1,5 @@
-"""Filled in by the Lightning training system (see issue 3)."""
+"""Callbacks of the cascade: the hand-over between stages."""
+
+from callbacks.handover import StageHandover
+
+__all__ = ["StageHandover"]

@@ -53,13 +53,17 @@ class Ensemble(nn.Module):
             llm.save_pretrained(stage_dir(path, k) / "llm")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "Ensemble":
-        """Rebuild an ensemble from a run directory: LLM k from `path/stage_k/llm`, for k = 0, 1, ... while present."""
+    def from_pretrained(cls, path: str | os.PathLike, num_llms: int | None = None, **kwargs) -> "Ensemble":
+        """Rebuild an ensemble from a run directory: LLM k from `path/stage_k/llm`, for k = 0, 1, ...
+
+        Takes the first `num_llms` stages (all saved ones by default); `kwargs` go to `LLM.from_pretrained`.
+        """
         llms = []
-        while (stage_dir(path, len(llms)) / "llm" / "config.json").is_file():
+        while len(llms) != num_llms and (stage_dir(path, len(llms)) / "llm" / "config.json").is_file():
             llms.append(LLM.from_pretrained(stage_dir(path, len(llms)) / "llm", **kwargs))
-        if not llms:
-            raise FileNotFoundError(f"no trained stage in {path}: expected {stage_dir(path, 0) / 'llm'}/config.json")
+        if not llms or (num_llms is not None and len(llms) < num_llms):
+            missing = stage_dir(path, len(llms)) / "llm" / "config.json"
+            raise FileNotFoundError(f"{missing} not found: stage {len(llms)} of {path} has not been trained")
         return cls(llms)
 
     @property

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from cascade.packing import block_causal_mask, next_fit_row_starts, segment_arange
+from cascade.packing import next_fit_row_starts, segment_arange
 from cascade.storage import load_tensors, save_tensors
 
 IGNORE_INDEX = -100  # target of padding, ignored by cross-entropy
@@ -29,26 +29,15 @@ class Batch:
     segment_ids: Tensor  # (B, T) which sequence of its row a token belongs to
     token_index: Tensor  # (B, T) index of the token in the SequenceData
     single_sequence_rows: bool  # every row is one sequence, unpadded: plain causal attention suffices
-
-    @property
-    def num_tokens(self) -> int:
-        return int((self.token_index >= 0).sum())
+    num_tokens: int  # real (non-padding) tokens
 
     @property
     def num_positions(self) -> int:
         return self.token_index.numel()
 
-    def attention_mask(self) -> Tensor | None:
-        """(B, 1, T, T) bool block-causal mask, or None where the model's own causal mask is exact."""
-        return None if self.single_sequence_rows else block_causal_mask(self.segment_ids)
-
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
-        }
-        return Batch(**moved, single_sequence_rows=self.single_sequence_rows)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v for k, v in values.items()})
 
 
 @dataclass
@@ -158,18 +147,32 @@ class SequenceData:
         holds one sequence. Each batch is padded to its fullest row. With `shuffle`, sequences
         are visited in a random order drawn from `generator`.
         """
+        for seqs, row_bounds in self.plan_batches(batch_size, row_length, pack, shuffle, generator):
+            yield self.make_batch(seqs, row_bounds)
+
+    def plan_batches(
+        self,
+        batch_size: int,
+        row_length: int | None = None,
+        pack: bool = True,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> list[tuple[Tensor, Tensor]]:
+        """What `batches` yields, as `(seqs, row_bounds)` pairs for `make_batch`: cheap to keep and index."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.num_sequences == 0:
-            return
+            return []
         order = torch.randperm(self.num_sequences, generator=generator) if shuffle else torch.arange(self.num_sequences)
         starts = self.row_starts(row_length, pack, order)
         bounds = torch.cat([starts, starts.new_tensor([self.num_sequences])])
+        plan = []
         for first in range(0, starts.numel(), batch_size):
             row_bounds = bounds[first : first + batch_size + 1]
-            yield self._rows(order[int(row_bounds[0]) : int(row_bounds[-1])], row_bounds - row_bounds[0])
+            plan.append((order[int(row_bounds[0]) : int(row_bounds[-1])], row_bounds - row_bounds[0]))
+        return plan
 
-    def _rows(self, seqs: Tensor, row_bounds: Tensor) -> Batch:
+    def make_batch(self, seqs: Tensor, row_bounds: Tensor) -> Batch:
         """Lay out `seqs` (in order) into rows; row r holds seqs[row_bounds[r]:row_bounds[r + 1]]."""
         rows = row_bounds.numel() - 1
         lengths = self.lengths[seqs]
@@ -191,14 +194,16 @@ class SequenceData:
         pad[row * T + col] = False
         pad = pad.view(rows, T)
         inputs = self.inputs.index_select(0, source).view(rows, T, *self.inputs.shape[1:])
-        targets = self.targets.index_select(0, source).view(rows, T).masked_fill(pad, IGNORE_INDEX)
+        if inputs.dim() == 2:
+            inputs = inputs.long()  # token ids may be stored narrower
+        targets = self.targets.index_select(0, source).long().view(rows, T).masked_fill(pad, IGNORE_INDEX)
         position_ids = self.positions.index_select(0, source).view(rows, T).masked_fill(pad, 0)
         segment_ids = torch.full((rows * T,), -1, dtype=torch.long)
         segment_ids[row * T + col] = segment
         segment_ids = segment_ids.view(rows, T)
         token_index = source.view(rows, T).masked_fill(pad, -1)
         single = bool((seqs_per_row == 1).all()) and bool((row_fill == T).all())
-        return Batch(inputs, targets, position_ids, segment_ids, token_index, single)
+        return Batch(inputs, targets, position_ids, segment_ids, token_index, single, token.numel())
 
     def packing_waste(self, batch_size: int, row_length: int | None = None, pack: bool = True) -> float:
         """Fraction of batch positions that `batches` fills with padding."""

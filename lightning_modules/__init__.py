@@ -1,1 +1,5 @@
-"""Filled in by the Lightning training system (see issue 3)."""
+"""The LightningModule of one cascade stage."""
+
+from lightning_modules.stage import StageModule
+
+__all__ = ["StageModule"]

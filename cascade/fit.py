@@ -1,0 +1,135 @@
+"""Train a cascade stage by stage: `python -m cascade.fit --config configs/stage.yaml`.
+
+Every `--trainer.*`, `--model.*` (StageModule), `--data.*` (TextDataModule) and `--handover.*`
+(StageHandover) setting can be given in the YAML or overridden on the command line. A run
+writes everything under `<runs_dir>/<name>/`: per stage `stage_k/` with TensorBoard logs,
+checkpoints, the model in Hugging Face format (`llm/`, threshold in its config.json) and the
+hard tokens handed to the next stage (`handover/`); at the end the ensemble is evaluated with
+true early exit on the validation split and the table is written to `eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks.handover import StageHandover
+from cascade.ensemble import Ensemble, stage_dir
+from cascade.hf_models import max_positions
+from cascade.report import format_eval_table
+from datamodules.sequence import SequenceDataModule
+from datamodules.text import TextDataModule
+from lightning_modules.stage import StageModule
+
+
+def default_precision() -> str:
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+class CascadeCLI(LightningCLI):
+    """LightningCLI that trains stages 0..N-1 with a fresh Trainer each (or one stage with --stage)."""
+
+    def __init__(self, args=None):
+        super().__init__(
+            StageModule,
+            TextDataModule,
+            run=False,
+            args=args,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"precision": default_precision(), "gradient_clip_val": 1.0},
+            parser_kwargs={"description": __doc__},
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--name", type=str, default="cascade", help="Run name: everything goes to <runs_dir>/<name>/.")
+        parser.add_argument("--runs_dir", type=str, default="runs", help="Parent directory of runs.")
+        parser.add_argument("--num_stages", type=int, default=2, help="Number of LLMs in the cascade.")
+        parser.add_argument(
+            "--stage", type=Optional[int], default=None,
+            help="Train only stage k (it reads stage k-1's hand-over); default: every stage in turn.",
+        )
+        parser.add_argument("--eval_batch_size", type=Optional[int], default=None, help="Rows per batch in the final evaluation.")
+        parser.add_lightning_class_args(StageHandover, "handover")
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        """Nothing here: every stage instantiates its own model, data and Trainer in `fit_stage`."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.runs_dir) / self.config.name
+
+    def run(self) -> dict | None:
+        config = self.config
+        if config.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {config.num_stages}")
+        if config.stage is not None:
+            if not 0 <= config.stage < config.num_stages:
+                raise ValueError(f"stage {config.stage} is not one of the {config.num_stages} stages (0..{config.num_stages - 1})")
+            previous = stage_dir(self.run_dir, config.stage - 1) / "handover"
+            if config.stage > 0 and not (previous / "train" / "manifest.json").is_file():
+                raise FileNotFoundError(
+                    f"stage {config.stage} reads {previous}, which does not exist: train stage {config.stage - 1} first"
+                )
+        stages = range(config.num_stages) if config.stage is None else [config.stage]
+        for k in stages:
+            text = self.fit_stage(k)
+        if not self.trainer.is_global_zero:
+            return None
+        return self.evaluate(text, num_llms=stages[-1] + 1)
+
+    def fit_stage(self, k: int) -> TextDataModule:
+        """Train stage k with a fresh model, data module and Trainer; save its LLM in HF format."""
+        stage_path = stage_dir(self.run_dir, k)
+        config = self.config.clone()
+        config.model.stage = k
+        config.handover.output_dir = str(stage_path / "handover")
+        self.config_init = self.parser.instantiate_classes(config)
+        text, model = self.config_init.data, self.config_init.model
+        limit = max_positions(model.llm.config)
+        if limit is not None and text.seq_len > limit:
+            raise ValueError(f"data.seq_len {text.seq_len} exceeds the model's {limit} positions; lower it or enlarge the model")
+        if k == 0:
+            datamodule = text
+        else:
+            datamodule = SequenceDataModule(
+                str(stage_dir(self.run_dir, k - 1) / "handover"), text.batch_size, text.seq_len, text.num_workers, text.seed
+            )
+        overrides = {"default_root_dir": str(stage_path)}
+        if self.config_init.trainer.get("logger") in (None, True):
+            overrides["logger"] = TensorBoardLogger(str(self.run_dir), name=f"stage_{k}", version="")
+        saved, self.config = self.config, config  # SaveConfigCallback writes the stage's resolved config
+        self.trainer = self.instantiate_trainer(**overrides)
+        self.config = saved
+        self.trainer.fit(model, datamodule=datamodule)
+        if self.trainer.is_global_zero:
+            model.llm.save_pretrained(stage_path / "llm")
+            text.save_tokenizer(self.run_dir / "tokenizer")
+        return text
+
+    def evaluate(self, text: TextDataModule, num_llms: int) -> dict:
+        """True early exit of the trained ensemble on the validation split; prints the table, writes eval.json."""
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ensemble = Ensemble.from_pretrained(self.run_dir, num_llms=num_llms).to(device)
+        batch_size = self.config.eval_batch_size or text.batch_size
+        stats = ensemble.evaluate(text.val_batches(batch_size), batch_size)
+        print(f"\nTrue early-exit evaluation of {self.run_dir} on the validation split:")
+        print(format_eval_table(stats))
+        (self.run_dir / "eval.json").write_text(json.dumps(stats, indent=2))
+        print(f"written to {self.run_dir / 'eval.json'}; dashboards: tensorboard --logdir {self.run_dir}")
+        return stats
+
+
+def main(args=None) -> dict | None:
+    return CascadeCLI(args).run()
+
+
+if __name__ == "__main__":
+    main()

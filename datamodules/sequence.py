@@ -1,0 +1,51 @@
+"""SequenceDataModule: stage k > 0 trains on the hard tokens that stage k - 1 handed over."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+
+from cascade.sequence_data import SequenceData
+from datamodules.batches import PackedBatches, batch_loader
+
+
+class SequenceDataModule(LightningDataModule):
+    """Reads `path/train` and `path/val` (written by the previous stage's hand-over), memory-mapped.
+
+    Args:
+        path: The previous stage's hand-over directory.
+        batch_size: Rows per batch.
+        row_length: Tokens per row; sequences are packed into rows (default: the longest sequence).
+        num_workers: DataLoader worker processes.
+        seed: Seed of the sequence shuffle that fixes which sequences share a row.
+    """
+
+    def __init__(self, path: str, batch_size: int = 16, row_length: int | None = None, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.path = Path(path)
+        self.batch_size = batch_size
+        self.row_length = row_length
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_data: SequenceData | None = None
+        self.val_data: SequenceData | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_data is not None:
+            return
+        for split in ("train", "val"):
+            if not (self.path / split / "manifest.json").is_file():
+                raise FileNotFoundError(
+                    f"{self.path / split} is missing: the previous stage has not handed over its hard tokens yet; "
+                    "train the previous stage first (or the whole cascade in one command)"
+                )
+        self.train_data = SequenceData.load(self.path / "train")
+        self.val_data = SequenceData.load(self.path / "val")
+
+    def train_dataloader(self):
+        batches = PackedBatches(self.train_data, self.batch_size, self.row_length, shuffle=True, seed=self.seed)
+        return batch_loader(batches, shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return batch_loader(PackedBatches(self.val_data, self.batch_size, self.row_length), False, self.num_workers)

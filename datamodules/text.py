@@ -1,0 +1,157 @@
+"""TextDataModule: stage 0 trains on fixed-length windows of a tokenized corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+
+from cascade.sequence_data import SequenceData
+from datamodules.batches import PackedBatches, batch_loader
+from datamodules.corpus import load_corpus
+from datamodules.tokens import default_cache_dir, fingerprint, load_tokenizer, load_tokens, tokenize_to_cache, train_bpe
+
+
+def windows(tokens: torch.Tensor, seq_len: int, split: str) -> SequenceData:
+    """Non-overlapping windows: inputs t[i*T : i*T+T], targets shifted by one, positions 0..T-1 (views of the cache)."""
+    count = (tokens.numel() - 1) // seq_len
+    if count < 1:
+        raise ValueError(
+            f"the {split} split has {tokens.numel()} tokens, too few for one window of seq_len {seq_len} (+1 target); "
+            "use a larger corpus or a smaller data.seq_len"
+        )
+    n = count * seq_len
+    return SequenceData(
+        inputs=tokens[:n],
+        targets=tokens[1 : n + 1],
+        positions=torch.arange(seq_len).repeat(count),
+        offsets=torch.arange(count + 1) * seq_len,
+        sequence_ids=torch.arange(count),
+    )
+
+
+class TextDataModule(LightningDataModule):
+    """A corpus, tokenized once into a memory-mapped cache, cut into windows of `seq_len` tokens.
+
+    Args:
+        dataset: "python-stdlib" (text every Python installation carries; offline), or a Hugging
+            Face dataset name such as "wikitext". Unused when `train_files` is given.
+        dataset_config: The HF dataset's configuration, e.g. "wikitext-2-raw-v1".
+        train_files: Local corpus files (.txt/.raw, .json/.jsonl or .parquet) for training.
+        val_files: Local validation files; without them (and without a validation split) a seeded
+            `val_fraction` of the documents is held out.
+        text_column: The column holding the text.
+        val_fraction: Fraction of documents held out for validation when there is no split.
+        tokenizer: A HF tokenizer name or directory. Without one, a byte-level BPE of
+            `vocab_size` tokens is trained on the training split.
+        vocab_size: Size of the BPE trained when no tokenizer is given.
+        seq_len: Tokens per window.
+        batch_size: Windows per batch.
+        num_workers: DataLoader worker processes.
+        cache_dir: Where tokenizers and tokenized corpora are cached (reused by later runs).
+        seed: Seed of the validation hold-out and of the shuffle.
+    """
+
+    def __init__(
+        self,
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        train_files: list[str] | None = None,
+        val_files: list[str] | None = None,
+        text_column: str = "text",
+        val_fraction: float = 0.05,
+        tokenizer: str | None = None,
+        vocab_size: int = 8192,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+        self.source = dict(dataset=dataset, dataset_config=dataset_config, train_files=train_files, val_files=val_files,
+                           text_column=text_column, val_fraction=val_fraction, seed=seed)
+        self.tokenizer_name = tokenizer
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
+        self._vocab_size = len(self.tokenizer) if self.tokenizer else vocab_size
+        self.train_data: SequenceData | None = None
+        self.val_data: SequenceData | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the tokenizer's vocabulary (the BPE's requested size when it is trained here)."""
+        return self._vocab_size
+
+    def _corpus_key(self) -> str:
+        files = [*(self.source["train_files"] or []), *(self.source["val_files"] or [])]
+        stats = [(str(Path(f).expanduser().resolve()), Path(f).expanduser().stat().st_size, Path(f).expanduser().stat().st_mtime_ns)
+                 for f in files if Path(f).expanduser().is_file()]
+        return fingerprint(self.source, stats)
+
+    @property
+    def token_dir(self) -> Path:
+        return self.cache_dir / f"tokens-{fingerprint(self._corpus_key(), self.tokenizer_name or self._vocab_size, self.source['text_column'])}"
+
+    def prepare_data(self) -> None:
+        """Tokenize the corpus once (training the BPE first if needed); later runs reuse the cache."""
+        key = self._corpus_key()
+        if (self.token_dir / "train" / "manifest.json").is_file() and (self.token_dir / "validation" / "manifest.json").is_file():
+            return
+        corpus = load_corpus(**self.source)
+        tokenizer = self._tokenizer(corpus["train"], key)
+        for split in ("train", "validation"):
+            tokenize_to_cache(corpus[split], tokenizer, self.source["text_column"], self.token_dir / split)
+
+    def _tokenizer(self, train_split=None, key: str | None = None):
+        if self.tokenizer is None:
+            path = self.cache_dir / f"bpe-{fingerprint(key or self._corpus_key(), self._vocab_size)}"
+            if (path / "tokenizer.json").is_file():
+                self.tokenizer = load_tokenizer(str(path))
+            else:
+                if train_split is None:
+                    train_split = load_corpus(**self.source)["train"]
+                texts = (row[self.source["text_column"]] for row in train_split)
+                self.tokenizer = train_bpe(texts, self._vocab_size, path)
+        return self.tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_data is not None:
+            return
+        self.prepare_data()  # a no-op once cached; makes setup() enough outside a Trainer
+        splits = {}
+        for split in ("train", "validation"):
+            tokens = load_tokens(self.token_dir / split)
+            if tokens.numel() and int(tokens.max()) >= self._vocab_size:
+                raise ValueError(
+                    f"the cached {split} tokens reach id {int(tokens.max())} but vocab_size is {self._vocab_size}; "
+                    "the tokenizer does not fit the configured vocabulary"
+                )
+            splits[split] = windows(tokens, self.seq_len, split)
+        self.train_data, self.val_data = splits["train"], splits["validation"]
+
+    def save_tokenizer(self, path: str | Path) -> None:
+        """Save the tokenizer next to a run's models, so the run can be used without the cache."""
+        self._tokenizer().save_pretrained(path)
+
+    def val_batches(self, batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The validation windows as `(x, y)` pairs of (B, seq_len) token ids, for `Ensemble.evaluate`."""
+        self.setup()
+        x = self.val_data.inputs.long().view(-1, self.seq_len)
+        y = self.val_data.targets.long().view(-1, self.seq_len)
+        b = batch_size or self.batch_size
+        return [(x[i : i + b], y[i : i + b]) for i in range(0, x.shape[0], b)]
+
+    def train_dataloader(self):
+        batches = PackedBatches(self.train_data, self.batch_size, shuffle=True, seed=self.seed)
+        return batch_loader(batches, shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return batch_loader(PackedBatches(self.val_data, self.batch_size), shuffle=False, num_workers=self.num_workers)

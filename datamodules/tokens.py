@@ -1,0 +1,67 @@
+"""Tokenizers (a pretrained one, or a byte-level BPE trained on the corpus) and the token cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from cascade.storage import load_tensors, save_tensors
+
+DOCUMENT_SEPARATOR = "<|endoftext|>"
+
+
+def train_bpe(texts, vocab_size: int, path: Path) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE of `vocab_size` tokens (separator included) and save it to `path`."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[DOCUMENT_SEPARATOR], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=DOCUMENT_SEPARATOR)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str):
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as e:
+        raise ValueError(f"cannot load tokenizer {name_or_path!r}: not a local directory and not on the hub ({e})") from e
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tokenize_to_cache(split: datasets.Dataset, tokenizer, text_column: str, path: Path) -> torch.Tensor:
+    """Token ids of every document, separated by the tokenizer's EOS, cached as one int32 array at `path`.
+
+    The first run tokenizes (with `datasets.map`, batched) and writes the cache atomically;
+    later runs memory-map it.
+    """
+    if (path / "manifest.json").is_file():
+        return load_tokens(path)
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def encode(batch):
+        return {"ids": [ids + separator for ids in tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]]}
+
+    encoded = split.map(encode, batched=True, remove_columns=split.column_names, desc=f"tokenizing {path.name}")
+    chunks = [chunk.flatten().to_numpy().astype(np.int32) for chunk in encoded.data.column("ids").chunks]
+    ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+    save_tensors(path, {"ids": torch.from_numpy(ids)}, {"format": "cascade.tokens/1", "tokens": int(ids.size)})
+    return load_tokens(path)
+
+
+def load_tokens(path: Path) -> torch.Tensor:
+    """The cached token ids at `path`, memory-mapped (int32)."""
+    return load_tensors(path, verify=False)[0]["ids"]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.path.expanduser("~/.cache/cascade"))

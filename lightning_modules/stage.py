@@ -1,0 +1,136 @@
+"""StageModule: the training of one LLM of the cascade (stage k) as a LightningModule."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+
+from cascade.hf_models import build_causal_lm
+from cascade.llm import LLM
+from cascade.sequence_data import IGNORE_INDEX, Batch
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class StageModule(LightningModule):
+    """Next-token training of one LLM on its stage's tokens (token ids at stage 0, hidden states after).
+
+    Args:
+        model: A transformers model type ("gpt2", "llama", "qwen2", ...), a hub model name, or a
+            local directory saved with `save_pretrained`.
+        model_config: Overrides of the model's config (e.g. {"n_layer": 2, "n_embd": 128}).
+        pretrained: Load the weights of `model` (a name or directory) instead of a fresh init.
+        vocab_size: Vocabulary size of a fresh model; linked from the data's tokenizer.
+        exit_fn: Exit function by name: cosine, max_prob, top2_margin or neg_entropy.
+        stage: Index k of this LLM in the cascade (set by `cascade.fit`).
+        lr: Peak learning rate of stage 0.
+        lr_decay: Stage k trains with peak learning rate `lr * lr_decay ** k`.
+        weight_decay: AdamW weight decay of matrices (biases, norms and embeddings get none).
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up steps before the cosine decay.
+        min_lr_ratio: The cosine decay ends at `min_lr_ratio` times the peak.
+        llm: An existing LLM to train (Python API); when given, the model arguments are unused.
+    """
+
+    def __init__(
+        self,
+        model: str = "gpt2",
+        model_config: dict | None = None,
+        pretrained: bool = False,
+        vocab_size: int | None = None,
+        exit_fn: str = "cosine",
+        stage: int = 0,
+        lr: float = 6e-4,
+        lr_decay: float = 0.5,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        llm: LLM | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["llm"])
+        if llm is None:
+            llm = LLM(build_causal_lm(model, model_config, pretrained, vocab_size), exit_fn)
+        if vocab_size is not None and vocab_size > llm.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {vocab_size} tokens but the model's vocabulary only {llm.vocab_size}; "
+                "use the model's own tokenizer or a model with a larger vocab_size"
+            )
+        self.llm = llm
+        self.val_nll = MeanMetric()
+        self._step_start = 0.0
+
+    @property
+    def peak_lr(self) -> float:
+        return self.hparams.lr * self.hparams.lr_decay**self.hparams.stage
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over the batch's real tokens, and their count."""
+        input_type = "token_ids" if batch.inputs.dim() == 2 else "hidden_states"
+        segment_ids = None if batch.single_sequence_rows else batch.segment_ids
+        h_out, _ = self.llm(batch.inputs, input_type, batch.position_ids, segment_ids, history=())
+        logits = self.llm.get_logits(h_out)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"stage {self.hparams.stage}: the loss is {loss.item()} at step {self.global_step}; "
+                "lower the learning rate or enable gradient clipping (--trainer.gradient_clip_val 1.0)"
+            )
+        return loss, batch.num_tokens
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, tokens = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        self._tokens = tokens
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_start
+        self.log("train/tokens_per_s", self._tokens * self.trainer.world_size / elapsed, prog_bar=True)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        loss, tokens = self.loss(batch)
+        self.val_nll.update(loss, weight=tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        nll = self.val_nll.compute()
+        self.log("val/loss", nll, prog_bar=True)
+        self.log("val/ppl", nll.exp())
+        self.val_nll.reset()
+
+    def configure_optimizers(self):
+        embedding = self.llm.base_llm.get_input_embeddings().weight
+        params = [p for p in self.llm.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2 and p is not embedding]
+        no_decay = [p for p in params if p.dim() < 2 or p is embedding]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.peak_lr,
+            betas=self.hparams.betas,
+            fused=self.device.type == "cuda",
+        )
+        total = self.trainer.estimated_stepping_batches
+        schedule = warmup_cosine(self.hparams.warmup_steps, int(total), self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
