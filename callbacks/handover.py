@@ -32,6 +32,7 @@ class StageHandover(Callback):
         self.output_dir = output_dir
         self.batch_size = batch_size
         self.stats: dict = {}
+        self.train_next = self.val_next = None  # the hand-over itself, for the Python API
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if trainer.world_size > 1:
@@ -46,6 +47,7 @@ class StageHandover(Callback):
         llm = pl_module.llm
         train, scores = collect_hard_tokens(llm, data.train_data, self.hard_ratio, batch_size)
         val = route_hard_tokens(llm, data.val_data, batch_size) if data.val_data.num_tokens else data.val_data
+        self.train_next, self.val_next = train, val
         if self.output_dir:
             train.save(Path(self.output_dir) / "train")
             val.save(Path(self.output_dir) / "val")

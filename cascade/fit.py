@@ -42,6 +42,7 @@ class CascadeCLI(LightningCLI):
             args=args,
             seed_everything_default=0,
             auto_configure_optimizers=False,
+            load_from_checkpoint_support=False,  # hparams must be each stage's own arguments (stage k, its lr)
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"precision": default_precision(), "gradient_clip_val": 1.0},
             parser_kwargs={"description": __doc__},
@@ -119,7 +120,7 @@ class CascadeCLI(LightningCLI):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         ensemble = Ensemble.from_pretrained(self.run_dir, num_llms=num_llms).to(device)
         batch_size = self.config.eval_batch_size or text.batch_size
-        stats = ensemble.evaluate(text.val_batches(batch_size), batch_size)
+        stats = ensemble.evaluate(text.token_batches("validation", batch_size), batch_size)
         print(f"\nTrue early-exit evaluation of {self.run_dir} on the validation split:")
         print(format_eval_table(stats))
         (self.run_dir / "eval.json").write_text(json.dumps(stats, indent=2))

@@ -31,6 +31,13 @@ class SequenceDataModule(LightningDataModule):
         self.train_data: SequenceData | None = None
         self.val_data: SequenceData | None = None
 
+    @classmethod
+    def from_data(cls, train_data: SequenceData, val_data: SequenceData, batch_size: int = 16, **kwargs) -> "SequenceDataModule":
+        """A data module over SequenceData already in memory (the Python API)."""
+        module = cls(path="", batch_size=batch_size, **kwargs)
+        module.train_data, module.val_data = train_data, val_data
+        return module
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is not None:
             return

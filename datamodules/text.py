@@ -141,11 +141,12 @@ class TextDataModule(LightningDataModule):
         """Save the tokenizer next to a run's models, so the run can be used without the cache."""
         self._tokenizer().save_pretrained(path)
 
-    def val_batches(self, batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The validation windows as `(x, y)` pairs of (B, seq_len) token ids, for `Ensemble.evaluate`."""
+    def token_batches(self, split: str = "validation", batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A split's windows as `(x, y)` pairs of (B, seq_len) token ids (for `Ensemble.evaluate` and the Python API)."""
         self.setup()
-        x = self.val_data.inputs.long().view(-1, self.seq_len)
-        y = self.val_data.targets.long().view(-1, self.seq_len)
+        data = self.val_data if split == "validation" else self.train_data
+        x = data.inputs.long().view(-1, self.seq_len)
+        y = data.targets.long().view(-1, self.seq_len)
         b = batch_size or self.batch_size
         return [(x[i : i + b], y[i : i + b]) for i in range(0, x.shape[0], b)]
 

@@ -1,7 +1,9 @@
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
 VOCAB = 97
@@ -52,3 +54,29 @@ def tiny_gpt2_dir():
     if not (path / "config.json").is_file():
         pytest.skip(f"{path} is absent (it lives in ../shared/data beside the checkout)")
     return path
+
+
+def write_corpus(path: Path, paragraphs: int = 400) -> Path:
+    """A small text file of varied paragraphs (pydoc topics), blank-line separated."""
+    from pydoc_data.topics import topics
+
+    words = " ".join(topics[name] for name in sorted(topics)).split()
+    text = "\n\n".join(" ".join(words[i : i + 60]) for i in range(0, 60 * paragraphs, 60))
+    path.write_text(text)
+    return path
+
+
+class TokenCounter(Callback):
+    """Counts the real tokens a stage trains on; appends {"stage", "train_tokens", "epochs"} to `path` at fit end."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tokens = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.tokens += batch.num_tokens
+
+    def on_fit_end(self, trainer, pl_module):
+        record = {"stage": pl_module.hparams.stage, "train_tokens": self.tokens, "epochs": trainer.current_epoch}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

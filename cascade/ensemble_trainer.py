@@ -1,0 +1,31 @@
+"""train_ensemble: the cascade trained stage by stage, each on the previous stage's hard tokens."""
+
+from __future__ import annotations
+
+from cascade.config import TrainerConfig
+from cascade.ensemble import Ensemble, create_sequence_data
+from cascade.llm_trainer import train_llm
+from cascade.sequence_data import SequenceData
+
+__all__ = ["create_sequence_data", "train_ensemble"]
+
+
+def train_ensemble(
+    ensemble: Ensemble,
+    train_data: SequenceData,
+    val_data: SequenceData,
+    config: TrainerConfig,
+    lr_decay: float = 0.5,
+) -> list[dict]:
+    """Train LLM 0 on all tokens, hand its hard tokens to LLM 1, train it, and so on.
+
+    Every LLM but the last gets its threshold set. Returns each stage's metrics.
+    """
+    results = []
+    for k, llm in enumerate(ensemble.llms):
+        is_last = k == len(ensemble.llms) - 1
+        result = train_llm(llm, train_data, val_data, config, stage=k, lr_decay=lr_decay, hand_over=not is_last)
+        if not is_last:
+            train_data, val_data = result.pop("train_next"), result.pop("val_next")
+        results.append(result)
+    return results

@@ -1,0 +1,51 @@
+"""The seed's Python API: its usage example, scaled down to seconds."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from cascade import LLM, Ensemble, TrainerConfig, create_sequence_data, train_ensemble
+
+
+def patterned_batches(num_batches, batch_size=8, seq_len=32, vocab=64, seed=0):
+    """Learnable token streams: each row counts up from a random start with a random stride."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        start = torch.randint(0, vocab, (batch_size, 1), generator=g)
+        stride = torch.randint(1, 4, (batch_size, 1), generator=g)
+        t = (start + stride * torch.arange(seq_len + 1)) % vocab
+        batches.append((t[:, :-1], t[:, 1:]))
+    return batches
+
+
+@pytest.mark.slow
+def test_seed_usage_example(tmp_path):
+    train_batches, val_batches = patterned_batches(24), patterned_batches(4, seed=1)
+    gpt2_config = GPT2Config(vocab_size=64, n_embd=32, n_head=4, n_layer=2, n_positions=64)
+    torch.manual_seed(0)
+    llm_0 = LLM(AutoModelForCausalLM.from_config(gpt2_config))
+    llm_1 = LLM(AutoModelForCausalLM.from_config(gpt2_config))
+    ensemble = Ensemble([llm_0, llm_1])
+
+    train_data = create_sequence_data(ensemble, train_batches)
+    val_data = create_sequence_data(ensemble, val_batches)
+    before = ensemble.evaluate(val_batches, batch_size=8)
+
+    config = TrainerConfig(batch_size=8, max_epochs=4, lr=3e-3, warmup_steps=5, hard_ratio=0.3,
+                           output_dir=str(tmp_path), enable_progress_bar=False)
+    results = train_ensemble(ensemble, train_data, val_data, config, lr_decay=0.5)
+    stats = ensemble.evaluate(val_batches, batch_size=8)
+
+    assert len(results) == 2
+    assert results[0]["hard_fraction"] == pytest.approx(0.3, abs=0.01)
+    assert float(llm_0.threshold) != 0.0
+    assert (tmp_path / "stage_0" / "handover" / "train" / "manifest.json").is_file()
+    assert math.isfinite(stats["ppl"]) and stats["ppl"] < before["ppl"] / 4
+    assert stats["llm_stats"][1]["input_tokens"] > 0
+
+    llm_2 = LLM(AutoModelForCausalLM.from_config(gpt2_config))
+    ensemble.add_llm(llm_2)
+    assert len(ensemble) == 3

@@ -1,0 +1,131 @@
+"""`python -m cascade.fit`: config parsing, bad configurations, and a 2-stage run through the CLI."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cascade import Ensemble, SequenceData
+from cascade.fit import CascadeCLI, main
+from conftest import SHARED_DATA, write_corpus
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(path):
+    config = CascadeCLI(["--config", str(path)]).config
+    assert config.num_stages >= 1 and 0 < config.handover.hard_ratio < 1
+    assert config.data.seq_len >= 1 and config.model.model
+
+
+def test_overrides_and_print_config(capsys):
+    path = str(CONFIGS[0])
+    config = CascadeCLI(["--config", path, "--data.seq_len", "64", "--handover.hard_ratio", "0.2", "--trainer.max_steps", "7"]).config
+    assert (config.data.seq_len, config.handover.hard_ratio, config.trainer.max_steps) == (64, 0.2, 7)
+    with pytest.raises(SystemExit) as exit_info:
+        CascadeCLI(["--config", path, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "handover:" in printed and "hard_ratio: 0.3" in printed and "num_stages:" in printed
+
+
+def tiny_args(tmp_path, corpus, *extra):
+    return [
+        "--name", "tiny", "--runs_dir", str(tmp_path / "runs"), "--num_stages", "2",
+        "--model.model", "gpt2",
+        "--model.model_config", '{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}',
+        "--model.lr", "3e-3", "--model.warmup_steps", "5",
+        "--data.train_files", f"[{corpus}]", "--data.vocab_size", "300", "--data.seq_len", "32",
+        "--data.batch_size", "8", "--data.cache_dir", str(tmp_path / "cache"),
+        "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "4", "--trainer.log_every_n_steps", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--handover.hard_ratio", "0.3",
+        *extra,
+    ]
+
+
+def test_unknown_model_type_fails_fast(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", 50)
+    with pytest.raises(ValueError, match="unknown model type 'gpz2'"):
+        main(tiny_args(tmp_path, corpus, "--model.model", "gpz2"))
+
+
+def test_hard_ratio_outside_the_unit_interval_fails_fast(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", 50)
+    with pytest.raises(ValueError, match="hard_ratio must lie strictly between 0 and 1"):
+        main(tiny_args(tmp_path, corpus, "--handover.hard_ratio", "1.5"))
+
+
+def test_stage_without_previous_output_fails_fast(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", 50)
+    with pytest.raises(FileNotFoundError, match=r"stage 1 reads .*stage_0/handover, which does not exist: train stage 0 first"):
+        main(tiny_args(tmp_path, corpus, "--stage", "1"))
+
+
+def test_corpus_too_short_for_one_window_fails_fast(tmp_path):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("a few words only\n\nand another paragraph\n\n" * 3)
+    with pytest.raises(ValueError, match=r"too few for one window of seq_len 32"):
+        main(tiny_args(tmp_path, corpus, "--data.val_files", f"[{corpus}]"))
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_fails_fast(tmp_path):
+    tokenizer = SHARED_DATA / "gpt2-tokenizer"
+    if not tokenizer.is_dir():
+        pytest.skip(f"{tokenizer} is absent")
+    corpus = write_corpus(tmp_path / "corpus.txt", 50)
+    config = '{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "vocab_size": 1000}'
+    with pytest.raises(ValueError, match=r"the tokenizer has 50257 tokens but the model's vocabulary only 1000"):
+        main(tiny_args(tmp_path, corpus, "--data.tokenizer", str(tokenizer), "--model.model_config", config))
+
+
+def scalars_and_histograms(log_dir: Path) -> tuple[dict, set]:
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    return {t: [e.value for e in events.Scalars(t)] for t in tags["scalars"]}, set(tags["histograms"])
+
+
+@pytest.mark.slow
+def test_two_stage_run_through_the_cli(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", 400)
+    counts = tmp_path / "counts.jsonl"
+    callback = json.dumps({"class_path": "conftest.TokenCounter", "init_args": {"path": str(counts)}})
+    stats = main(tiny_args(tmp_path, corpus, f"--trainer.callbacks=[{callback}]"))
+    run = tmp_path / "runs" / "tiny"
+
+    # stage 1 trained on exactly the hard tokens stage 0 handed over (one epoch)
+    records = [json.loads(line) for line in counts.read_text().splitlines()]
+    assert [r["stage"] for r in records] == [0, 1]
+    handed = json.loads((run / "stage_0" / "handover" / "train" / "manifest.json").read_text())
+    stage0_tokens = SequenceData.load(run / "stage_1" / "handover" / "train").num_tokens  # stage 1's own hand-over
+    assert records[1]["train_tokens"] == handed["num_tokens"] > stage0_tokens
+    assert records[0]["train_tokens"] > handed["num_tokens"]
+    assert abs(handed["num_tokens"] / records[0]["train_tokens"] - 0.3) < 0.01
+
+    # thresholds come back with the ensemble
+    scalars0, histograms0 = scalars_and_histograms(run / "stage_0")
+    ensemble = Ensemble.from_pretrained(run)
+    assert len(ensemble) == 2
+    assert float(ensemble.llms[0].threshold) == pytest.approx(scalars0["handover/threshold"][-1], abs=1e-6)
+    assert float(ensemble.llms[0].threshold) != 0.0
+
+    # dashboards
+    for tag in ("train/loss", "train/ppl", "train/lr", "train/tokens_per_s", "val/loss", "val/ppl", "handover/threshold", "handover/hard_fraction"):
+        assert tag in scalars0, tag
+    assert "handover/exit_scores" in histograms0
+    scalars1, _ = scalars_and_histograms(run / "stage_1")
+    assert "train/loss" in scalars1 and "val/ppl" in scalars1
+    assert max(scalars1["train/lr"]) == pytest.approx(0.5 * max(scalars0["train/lr"])), "stage 1 trains at lr * lr_decay"
+
+    # the evaluation table
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["total_tokens"] == stats["total_tokens"] > 0
+    assert sum(s["exit_tokens"] for s in saved["llm_stats"]) == saved["total_tokens"]
+    assert math.isfinite(saved["ppl"]) and saved["ppl"] < 300, "trained below the uniform perplexity of the 300-token vocabulary"
+    assert 0.5 < saved["compute_fraction"] < 1.0
+    assert (run / "stage_1" / "llm" / "model.safetensors").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
