@@ -72,6 +72,11 @@ class TextDataModule(LightningDataModule):
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+        if tokenizer is None and vocab_size < 257:
+            raise ValueError(
+                f"vocab_size {vocab_size} is too small for a byte-level BPE: it needs 256 byte tokens plus the "
+                "document separator; use at least 257"
+            )
         self.source = dict(dataset=dataset, dataset_config=dataset_config, train_files=train_files, val_files=val_files,
                            text_column=text_column, val_fraction=val_fraction, seed=seed)
         self.tokenizer_name = tokenizer
