@@ -95,6 +95,9 @@ class StageModule(LightningModule):
             )
         return loss, batch.num_tokens
 
+    def on_fit_start(self) -> None:
+        self.llm.train()  # HF's from_pretrained returns eval mode; pre-training wants dropout as configured
+
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
