@@ -123,6 +123,16 @@ class StageModule(LightningModule):
         self.log("val/ppl", nll.exp())
         self.val_nll.reset()
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning refuses to clip for a fused optimizer under mixed precision because fp16 loss
+        # scaling would leave the gradients scaled; bf16 and fp32 have no scaler, and fp16 gets no fused AdamW.
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+
     def configure_optimizers(self):
         embedding = self.llm.base_llm.get_input_embeddings().weight
         params = [p for p in self.llm.parameters() if p.requires_grad]
@@ -132,7 +142,7 @@ class StageModule(LightningModule):
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.peak_lr,
             betas=self.hparams.betas,
-            fused=self.device.type == "cuda",
+            fused=self.device.type == "cuda" and self.trainer.precision != "16-mixed",
         )
         total = self.trainer.estimated_stepping_batches
         schedule = warmup_cosine(self.hparams.warmup_steps, int(total), self.hparams.min_lr_ratio)
