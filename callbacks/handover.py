@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import Strategy
+from torch import Tensor
 
 from cascade.handover import collect_hard_tokens, route_hard_tokens
+from cascade.shards import save_part
+
+
+def gather_variable(strategy: Strategy, t: Tensor) -> Tensor:
+    """Every process's 1-D tensor (their sizes may differ), concatenated in rank order, on the CPU."""
+    if strategy.world_size == 1:
+        return t
+    device = strategy.root_device
+    sizes = strategy.all_gather(torch.tensor([t.numel()], device=device)).view(-1).tolist()
+    padded = torch.zeros(max(sizes), dtype=t.dtype, device=device)
+    padded[: t.numel()] = t.to(device)
+    gathered = strategy.all_gather(padded).view(len(sizes), -1)
+    return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)]).cpu()
 
 
 class StageHandover(Callback):
     """Collects exit scores on the stage's training tokens, sets the threshold, keeps the hard tokens.
 
-    The threshold is the `hard_ratio` quantile of the scores of all processes together. The
-    hard tokens of the training and validation splits are written to `output_dir/train` and
-    `output_dir/val` (atomically, with manifests); the exit-score histogram, the threshold and
-    the hard fractions go to the logger.
+    Each process scores its own block of the training and validation sequences; the threshold
+    is the `hard_ratio` quantile of all processes' scores together (exact). Each process
+    writes its hard tokens as one part of `output_dir/train` and `output_dir/val` (atomically,
+    with manifests). The exit-score histogram, the threshold and the hard fractions go to the
+    logger.
 
     Args:
         hard_ratio: Fraction of the stage's training tokens passed on to the next stage.
@@ -32,37 +49,46 @@ class StageHandover(Callback):
         self.output_dir = output_dir
         self.batch_size = batch_size
         self.stats: dict = {}
-        self.train_next = self.val_next = None  # the hand-over itself, for the Python API
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.world_size > 1:
-            raise NotImplementedError(
-                "the hand-over runs in one process for now (multi-process hand-over is not built yet); "
-                "train with --trainer.devices 1"
-            )
+        self.train_next = self.val_next = None  # this process's part of the hand-over, for the Python API
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        data = trainer.datamodule
+        data, strategy = trainer.datamodule, trainer.strategy
+        rank, world_size = trainer.global_rank, trainer.world_size
         batch_size = self.batch_size or data.batch_size
         llm = pl_module.llm
-        train, scores = collect_hard_tokens(llm, data.train_data, self.hard_ratio, batch_size)
-        val = route_hard_tokens(llm, data.val_data, batch_size) if data.val_data.num_tokens else data.val_data
+        train_share = data.train_data.shard(rank, world_size)
+        val_share = data.val_data.shard(rank, world_size)
+        train, scores = collect_hard_tokens(
+            llm, train_share, self.hard_ratio, batch_size, all_gather=lambda t: gather_variable(strategy, t)
+        )
+        val = route_hard_tokens(llm, val_share, batch_size)
         self.train_next, self.val_next = train, val
         if self.output_dir:
-            train.save(Path(self.output_dir) / "train")
-            val.save(Path(self.output_dir) / "val")
+            self._write(strategy, train, val, rank, world_size)
+        counts = gather_variable(strategy, torch.tensor([train.num_tokens, val.num_tokens, train.num_sequences]))
+        hard_train, hard_val, hard_sequences = counts.view(-1, 3).sum(0).tolist()
         self.stats = {
             "threshold": float(llm.threshold),
-            "hard_fraction": train.num_tokens / data.train_data.num_tokens,
-            "val_hard_fraction": val.num_tokens / max(1, data.val_data.num_tokens),
-            "hard_tokens": train.num_tokens,
-            "hard_sequences": train.num_sequences,
+            "hard_fraction": hard_train / data.train_data.num_tokens,
+            "val_hard_fraction": hard_val / max(1, data.val_data.num_tokens),
+            "hard_tokens": hard_train,
+            "hard_sequences": hard_sequences,
         }
-        for logger in trainer.loggers:
+        for logger in trainer.loggers:  # loggers are active on rank 0 only
             logger.log_metrics({f"handover/{k}": v for k, v in self.stats.items()}, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_histogram("handover/exit_scores", scores, trainer.global_step)
                 logger.experiment.flush()
+
+    def _write(self, strategy: Strategy, train, val, rank: int, world_size: int) -> None:
+        out = Path(self.output_dir)
+        if rank == 0:  # parts of an earlier hand-over, perhaps by another number of processes, go first
+            for split in ("train", "val"):
+                shutil.rmtree(out / split, ignore_errors=True)
+        strategy.barrier()
+        save_part(train, out / "train", rank, world_size)
+        save_part(val, out / "val", rank, world_size)
+        strategy.barrier()
 
     def state_dict(self) -> dict:
         return {"hard_ratio": self.hard_ratio, "stats": self.stats}

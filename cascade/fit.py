@@ -22,6 +22,7 @@ from callbacks.handover import StageHandover
 from cascade.ensemble import Ensemble, stage_dir
 from cascade.hf_models import max_positions
 from cascade.report import format_eval_table
+from cascade.shards import is_complete
 from datamodules.sequence import SequenceDataModule
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
@@ -75,7 +76,7 @@ class CascadeCLI(LightningCLI):
             if not 0 <= config.stage < config.num_stages:
                 raise ValueError(f"stage {config.stage} is not one of the {config.num_stages} stages (0..{config.num_stages - 1})")
             previous = stage_dir(self.run_dir, config.stage - 1) / "handover"
-            if config.stage > 0 and not (previous / "train" / "manifest.json").is_file():
+            if config.stage > 0 and not is_complete(previous / "train"):
                 raise FileNotFoundError(
                     f"stage {config.stage} reads {previous}, which does not exist: train stage {config.stage - 1} first"
                 )

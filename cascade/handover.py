@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+import torch
 from torch import Tensor
 
 from cascade.inference import run_llm
@@ -29,8 +30,11 @@ def collect_hard_tokens(
     threshold was computed from.
     """
     check_hard_ratio(hard_ratio)
-    out = run_llm(llm, data, batch_size, scores=True, hidden=True)
-    scores = out.scores if all_gather is None else all_gather(out.scores)
+    out = run_llm(llm, data, batch_size, scores=True, hidden=True) if data.num_tokens else None
+    local_scores = out.scores if out else torch.empty(0)
+    scores = local_scores if all_gather is None else all_gather(local_scores)  # every process takes part
+    if scores.numel() == 0:
+        raise ValueError("the data holds no tokens: there are no exit scores to set a threshold from")
     threshold = quantile(scores, hard_ratio)
     if not hard_mask(scores, threshold).any():
         raise ValueError(
@@ -38,10 +42,13 @@ def collect_hard_tokens(
             "hard set is empty; train the LLM first or choose another exit function"
         )
     llm.threshold.fill_(threshold)
-    return compact_hard_tokens(data, hard_mask(out.scores, threshold), out.hidden), scores
+    hidden = out.hidden if out else torch.empty(0, llm.dim, dtype=torch.bfloat16)
+    return compact_hard_tokens(data, hard_mask(local_scores, threshold), hidden), scores
 
 
 def route_hard_tokens(llm: "LLM", data: SequenceData, batch_size: int) -> SequenceData:
     """The tokens of `data` that do not exit at `llm` under its current threshold (e.g. the validation split)."""
+    if data.num_tokens == 0:
+        return compact_hard_tokens(data, torch.zeros(0, dtype=torch.bool), torch.empty(0, llm.dim, dtype=torch.bfloat16))
     out = run_llm(llm, data, batch_size, scores=True, hidden=True)
     return compact_hard_tokens(data, hard_mask(out.scores, float(llm.threshold)), out.hidden)

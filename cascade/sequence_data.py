@@ -113,6 +113,32 @@ class SequenceData:
     def __len__(self) -> int:
         return self.num_sequences
 
+    def select(self, seqs: Tensor) -> "SequenceData":
+        """The sequences `seqs` (indices, in the order given), as a new SequenceData."""
+        lengths = self.lengths[seqs]
+        token = segment_arange(self.offsets[:-1][seqs], lengths)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+        return SequenceData(
+            self.inputs.index_select(0, token), self.targets.index_select(0, token),
+            self.positions.index_select(0, token), offsets, self.sequence_ids[seqs],
+        )
+
+    def shard(self, rank: int, world_size: int) -> "SequenceData":
+        """Process `rank`'s contiguous block of sequences (sizes differ by at most one)."""
+        begin, end = (self.num_sequences * r // world_size for r in (rank, rank + 1))
+        return self.select(torch.arange(begin, end))
+
+    @classmethod
+    def concat(cls, parts: Sequence["SequenceData"]) -> "SequenceData":
+        """The sequences of every part, in order (copies into memory)."""
+        lengths = torch.cat([p.lengths for p in parts])
+        return cls(
+            torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts]),
+            torch.cat([p.positions for p in parts]),
+            torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]),
+            torch.cat([p.sequence_ids for p in parts]),
+        )
+
     def sequence(self, s: int) -> "SequenceData":
         """Sequence s alone (for inspection and tests)."""
         begin, end = int(self.offsets[s]), int(self.offsets[s + 1])

@@ -7,11 +7,12 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule
 
 from cascade.sequence_data import SequenceData
+from cascade.shards import is_complete, load_parts
 from datamodules.batches import PackedBatches, batch_loader
 
 
 class SequenceDataModule(LightningDataModule):
-    """Reads `path/train` and `path/val` (written by the previous stage's hand-over), memory-mapped.
+    """Reads `path/train` and `path/val`, the parts written by the previous stage's hand-over.
 
     Args:
         path: The previous stage's hand-over directory.
@@ -42,13 +43,13 @@ class SequenceDataModule(LightningDataModule):
         if self.train_data is not None:
             return
         for split in ("train", "val"):
-            if not (self.path / split / "manifest.json").is_file():
+            if not is_complete(self.path / split):
                 raise FileNotFoundError(
-                    f"{self.path / split} is missing: the previous stage has not handed over its hard tokens yet; "
-                    "train the previous stage first (or the whole cascade in one command)"
+                    f"{self.path / split} is missing or incomplete: the previous stage has not handed over its hard "
+                    "tokens yet; train the previous stage first (or the whole cascade in one command)"
                 )
-        self.train_data = SequenceData.load(self.path / "train")
-        self.val_data = SequenceData.load(self.path / "val")
+        self.train_data = load_parts(self.path / "train")
+        self.val_data = load_parts(self.path / "val")
 
     def train_dataloader(self):
         batches = PackedBatches(self.train_data, self.batch_size, self.row_length, shuffle=True, seed=self.seed)

@@ -42,7 +42,7 @@ def test_seed_usage_example(tmp_path):
     assert len(results) == 2
     assert results[0]["hard_fraction"] == pytest.approx(0.3, abs=0.01)
     assert float(llm_0.threshold) != 0.0
-    assert (tmp_path / "stage_0" / "handover" / "train" / "manifest.json").is_file()
+    assert (tmp_path / "stage_0" / "handover" / "train" / "part-00000-of-00001" / "manifest.json").is_file()
     assert math.isfinite(stats["ppl"]) and stats["ppl"] < before["ppl"] / 4
     assert stats["llm_stats"][1]["input_tokens"] > 0
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cascade import Ensemble, SequenceData
+from cascade import Ensemble
+from cascade.shards import load_parts
 from cascade.fit import CascadeCLI, main
 from conftest import SHARED_DATA, write_corpus
 
@@ -101,8 +102,8 @@ def test_two_stage_run_through_the_cli(tmp_path):
     # stage 1 trained on exactly the hard tokens stage 0 handed over (one epoch)
     records = [json.loads(line) for line in counts.read_text().splitlines()]
     assert [r["stage"] for r in records] == [0, 1]
-    handed = json.loads((run / "stage_0" / "handover" / "train" / "manifest.json").read_text())
-    stage0_tokens = SequenceData.load(run / "stage_1" / "handover" / "train").num_tokens  # stage 1's own hand-over
+    handed = json.loads((run / "stage_0" / "handover" / "train" / "part-00000-of-00001" / "manifest.json").read_text())
+    stage0_tokens = load_parts(run / "stage_1" / "handover" / "train").num_tokens  # stage 1's own hand-over
     assert records[1]["train_tokens"] == handed["num_tokens"] > stage0_tokens
     assert records[0]["train_tokens"] > handed["num_tokens"]
     assert abs(handed["num_tokens"] / records[0]["train_tokens"] - 0.3) < 0.01
