@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.handover import StageHandover
 from cascade.ensemble import Ensemble, stage_dir
 from cascade.hf_models import max_positions
 from cascade.report import format_eval_table
+from cascade.run_state import latest_checkpoint, mark_stage_done, stage_is_done
 from cascade.shards import is_complete
 from datamodules.sequence import SequenceDataModule
 from datamodules.text import TextDataModule
@@ -58,7 +61,14 @@ class CascadeCLI(LightningCLI):
             help="Train only stage k (it reads stage k-1's hand-over); default: every stage in turn.",
         )
         parser.add_argument("--eval_batch_size", type=Optional[int], default=None, help="Rows per batch in the final evaluation.")
+        parser.add_argument(
+            "--ckpt_path", type=Optional[str], default=None,
+            help="Checkpoint to resume the first stage trained from ('last' or a path). By default an unfinished "
+            "stage resumes from its newest checkpoint and finished stages are skipped.",
+        )
         parser.add_lightning_class_args(StageHandover, "handover")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100})
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
     def instantiate_classes(self) -> None:
@@ -81,18 +91,25 @@ class CascadeCLI(LightningCLI):
                     f"stage {config.stage} reads {previous}, which does not exist: train stage {config.stage - 1} first"
                 )
         stages = range(config.num_stages) if config.stage is None else [config.stage]
+        ckpt_path = config.ckpt_path
         for k in stages:
-            text = self.fit_stage(k)
-        if not self.trainer.is_global_zero:
+            if ckpt_path is None and stage_is_done(stage_dir(self.run_dir, k)):
+                rank_zero_info(f"stage {k}: complete in {stage_dir(self.run_dir, k)} (checked against its manifests), skipped")
+                continue
+            self.fit_stage(k, ckpt_path)
+            ckpt_path = None
+        if rank_zero_only.rank != 0:
             return None
-        return self.evaluate(text, num_llms=stages[-1] + 1)
+        return self.evaluate(TextDataModule(**config.data.as_dict()), num_llms=stages[-1] + 1)
 
-    def fit_stage(self, k: int) -> TextDataModule:
-        """Train stage k with a fresh model, data module and Trainer; save its LLM in HF format."""
+    def fit_stage(self, k: int, ckpt_path: str | None) -> None:
+        """Train stage k with a fresh model, data module and Trainer (resuming from `ckpt_path` or the stage's
+        newest checkpoint); save its LLM in HF format and mark it done."""
         stage_path = stage_dir(self.run_dir, k)
         config = self.config.clone()
         config.model.stage = k
         config.handover.output_dir = str(stage_path / "handover")
+        config.checkpoint.dirpath = str(stage_path / "checkpoints")
         self.config_init = self.parser.instantiate_classes(config)
         text, model = self.config_init.data, self.config_init.model
         limit = max_positions(model.llm.config)
@@ -110,11 +127,16 @@ class CascadeCLI(LightningCLI):
         saved, self.config = self.config, config  # SaveConfigCallback writes the stage's resolved config
         self.trainer = self.instantiate_trainer(**overrides)
         self.config = saved
-        self.trainer.fit(model, datamodule=datamodule)
+        if ckpt_path is None and (resume := latest_checkpoint(stage_path / "checkpoints")) is not None:
+            rank_zero_info(f"stage {k}: resuming from {resume}")
+            ckpt_path = str(resume)
+        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         if self.trainer.is_global_zero:
             model.llm.save_pretrained(stage_path / "llm")
             text.save_tokenizer(self.run_dir / "tokenizer")
-        return text
+            handover = self.config_init.handover
+            mark_stage_done(stage_path, {"stage": k, "global_step": self.trainer.global_step, **handover.stats})
+        self.trainer.strategy.barrier()
 
     def evaluate(self, text: TextDataModule, num_llms: int) -> dict:
         """True early exit of the trained ensemble on the validation split; prints the table, writes eval.json."""

@@ -49,3 +49,9 @@ def load_parts(path: str | os.PathLike, verify: bool = True) -> SequenceData:
     """All parts of `path`, in order; a single part stays memory-mapped."""
     parts = [SequenceData.load(p, verify=verify) for p in _complete_parts(Path(path))]
     return parts[0] if len(parts) == 1 else SequenceData.concat(parts)
+
+
+def verify_parts(path: str | os.PathLike) -> None:
+    """Check every part of `path` against its manifest (sizes and checksums) without keeping it."""
+    for part in _complete_parts(Path(path)):
+        SequenceData.load(part, verify=True)

@@ -99,6 +99,18 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict
     _fsync_dir(path.parent)
 
 
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as JSON to `path` through a temporary file, fsync and rename: readers see all of it or nothing."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
     file = path / MANIFEST

@@ -1,9 +1,11 @@
-"""A SequenceData as a map-style dataset of ready-made batches, so that samplers (and DDP) split batches."""
+"""A SequenceData as a map-style dataset of ready-made batches, and its resumable sampler."""
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cascade.sequence_data import Batch, SequenceData
 
@@ -23,6 +25,30 @@ class PackedBatches(Dataset):
         return self.data.make_batch(*self.plan[i])
 
 
-def batch_loader(batches: PackedBatches, shuffle: bool, num_workers: int) -> DataLoader:
-    """Items are whole batches (batch_size=None); Lightning swaps in a DistributedSampler under DDP."""
-    return DataLoader(batches, batch_size=None, shuffle=shuffle, num_workers=num_workers, persistent_workers=num_workers > 0)
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler (order fixed by seed and epoch, equal counts per process) that can start mid-epoch.
+
+    Set `skip` to the number of this process's batches already trained in the current epoch;
+    the next pass starts after them, and later passes start at the beginning.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())[self.skip :]
+        self.skip = 0
+        return iter(indices)
+
+
+def batch_loader(batches: PackedBatches, sampler: ResumableSampler, num_workers: int) -> DataLoader:
+    """Items are whole batches (batch_size=None); the sampler already splits them between processes.
+
+    The loader gets a generator of its own: by default each new iterator (every epoch, every
+    validation) draws from the global one, which would shift dropout after a resume.
+    """
+    return DataLoader(
+        batches, batch_size=None, sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(sampler.seed),
+    )

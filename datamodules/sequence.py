@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning.pytorch import LightningDataModule
-
 from cascade.sequence_data import SequenceData
 from cascade.shards import is_complete, load_parts
-from datamodules.batches import PackedBatches, batch_loader
+from datamodules.base import PackedDataModule
 
 
-class SequenceDataModule(LightningDataModule):
+class SequenceDataModule(PackedDataModule):
     """Reads `path/train` and `path/val`, the parts written by the previous stage's hand-over.
 
     Args:
@@ -23,14 +21,9 @@ class SequenceDataModule(LightningDataModule):
     """
 
     def __init__(self, path: str, batch_size: int = 16, row_length: int | None = None, num_workers: int = 0, seed: int = 0):
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed)
         self.path = Path(path)
-        self.batch_size = batch_size
         self.row_length = row_length
-        self.num_workers = num_workers
-        self.seed = seed
-        self.train_data: SequenceData | None = None
-        self.val_data: SequenceData | None = None
 
     @classmethod
     def from_data(cls, train_data: SequenceData, val_data: SequenceData, batch_size: int = 16, **kwargs) -> "SequenceDataModule":
@@ -50,10 +43,3 @@ class SequenceDataModule(LightningDataModule):
                 )
         self.train_data = load_parts(self.path / "train")
         self.val_data = load_parts(self.path / "val")
-
-    def train_dataloader(self):
-        batches = PackedBatches(self.train_data, self.batch_size, self.row_length, shuffle=True, seed=self.seed)
-        return batch_loader(batches, shuffle=True, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return batch_loader(PackedBatches(self.val_data, self.batch_size, self.row_length), False, self.num_workers)

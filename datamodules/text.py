@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule
-
 from cascade.sequence_data import SequenceData
-from datamodules.batches import PackedBatches, batch_loader
+from datamodules.base import PackedDataModule
 from datamodules.corpus import load_corpus
 from datamodules.tokens import default_cache_dir, fingerprint, load_tokenizer, load_tokens, tokenize_to_cache, train_bpe
 
@@ -31,7 +29,7 @@ def windows(tokens: torch.Tensor, seq_len: int, split: str) -> SequenceData:
     )
 
 
-class TextDataModule(LightningDataModule):
+class TextDataModule(PackedDataModule):
     """A corpus, tokenized once into a memory-mapped cache, cut into windows of `seq_len` tokens.
 
     Args:
@@ -69,7 +67,7 @@ class TextDataModule(LightningDataModule):
         cache_dir: str | None = None,
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
         if tokenizer is None and vocab_size < 257:
@@ -81,14 +79,9 @@ class TextDataModule(LightningDataModule):
                            text_column=text_column, val_fraction=val_fraction, seed=seed)
         self.tokenizer_name = tokenizer
         self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         self._vocab_size = len(self.tokenizer) if self.tokenizer else vocab_size
-        self.train_data: SequenceData | None = None
-        self.val_data: SequenceData | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -154,10 +147,3 @@ class TextDataModule(LightningDataModule):
         y = data.targets.long().view(-1, self.seq_len)
         b = batch_size or self.batch_size
         return [(x[i : i + b], y[i : i + b]) for i in range(0, x.shape[0], b)]
-
-    def train_dataloader(self):
-        batches = PackedBatches(self.train_data, self.batch_size, shuffle=True, seed=self.seed)
-        return batch_loader(batches, shuffle=True, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return batch_loader(PackedBatches(self.val_data, self.batch_size), shuffle=False, num_workers=self.num_workers)

@@ -95,6 +95,19 @@ class StageModule(LightningModule):
             )
         return loss, batch.num_tokens
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # dropout draws from the global generators: a resumed run continues them where they were
+        checkpoint["rng_states"] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states", {})
+        if "cpu" in states:
+            torch.set_rng_state(states["cpu"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
+
     def on_fit_start(self) -> None:
         self.llm.train()  # HF's from_pretrained returns eval mode; pre-training wants dropout as configured
 
