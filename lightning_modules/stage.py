@@ -15,6 +15,8 @@ from cascade.hf_models import build_causal_lm
 from cascade.llm import LLM
 from cascade.sequence_data import IGNORE_INDEX, Batch
 
+FINITE_CHECK_EVERY = 20  # steps between checks for a non-finite loss (each check waits for the GPU)
+
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
     """LR multiplier: linear warm-up to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
@@ -75,6 +77,7 @@ class StageModule(LightningModule):
             )
         self.llm = llm
         self.val_nll = MeanMetric()
+        self._all_finite: torch.Tensor | None = None
         self._step_start = 0.0
 
     @property
@@ -88,12 +91,17 @@ class StageModule(LightningModule):
         h_out, _ = self.llm(batch.inputs, input_type, batch.position_ids, segment_ids, history=())
         logits = self.llm.get_logits(h_out)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
-        if not torch.isfinite(loss):
+        return loss, batch.num_tokens
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Raise on a non-finite loss; reading the flag waits for the GPU, so training looks every few steps."""
+        finite = torch.isfinite(loss.detach())
+        self._all_finite = finite if self._all_finite is None else self._all_finite & finite
+        if self.global_step % FINITE_CHECK_EVERY == 0 and not bool(self._all_finite):
             raise FloatingPointError(
-                f"stage {self.hparams.stage}: the loss is {loss.item()} at step {self.global_step}; "
+                f"stage {self.hparams.stage}: the loss became {loss.item()} at or before step {self.global_step}; "
                 "lower the learning rate or enable gradient clipping (--trainer.gradient_clip_val 1.0)"
             )
-        return loss, batch.num_tokens
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # dropout draws from the global generators: a resumed run continues them where they were
@@ -116,6 +124,7 @@ class StageModule(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, tokens = self.loss(batch)
+        self._check_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])

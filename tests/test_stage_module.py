@@ -77,3 +77,14 @@ def test_training_lowers_the_validation_loss():
     trainer.fit(module, datamodule=SequenceDataModule.from_data(data, data, batch_size=8))
     after = trainer.callback_metrics["val/loss"].item()
     assert after < before / 2 and math.isfinite(after)
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error():
+    llm = LLM(tiny_model("gpt2"))
+    with torch.no_grad():
+        llm.base_llm.lm_head.weight[0, 0] = float("nan")
+    t = torch.randint(0, VOCAB, (8, 9))
+    data = SequenceData.from_token_batches([(t[:, :-1], t[:, 1:])])
+    trainer = Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(FloatingPointError, match="stage 0: the loss became nan at or before step 0"):
+        trainer.fit(StageModule(llm=llm), datamodule=SequenceDataModule.from_data(data, data, batch_size=4))
