@@ -30,7 +30,7 @@ def gather_variable(strategy: Strategy, t: Tensor) -> Tensor:
 class StageHandover(Callback):
     """Collects exit scores on the stage's training tokens, sets the threshold, keeps the hard tokens.
 
-    Each process scores its own block of the training and validation sequences; the threshold
+    Each process scores its own block of whole batches of the training and validation data; the threshold
     is the `hard_ratio` quantile of all processes' scores together (exact). Each process
     writes its hard tokens as one part of `output_dir/train` and `output_dir/val` (atomically,
     with manifests). The exit-score histogram, the threshold and the hard fractions go to the
@@ -56,12 +56,16 @@ class StageHandover(Callback):
         rank, world_size = trainer.global_rank, trainer.world_size
         batch_size = self.batch_size or data.batch_size
         llm = pl_module.llm
-        train_share = data.train_data.shard(rank, world_size)
-        val_share = data.val_data.shard(rank, world_size)
+        # shares are whole batches of the one-process plan, so every process computes what one would
+        shares = {}
+        for split, split_data in (("train", data.train_data), ("val", data.val_data)):
+            row_length = int(split_data.lengths.max()) if split_data.num_sequences else None
+            shares[split] = (split_data.shard(rank, world_size, batch_size, row_length), row_length)
+        (train_share, train_rows), (val_share, val_rows) = shares["train"], shares["val"]
         train, scores = collect_hard_tokens(
-            llm, train_share, self.hard_ratio, batch_size, all_gather=lambda t: gather_variable(strategy, t)
+            llm, train_share, self.hard_ratio, batch_size, all_gather=lambda t: gather_variable(strategy, t), row_length=train_rows
         )
-        val = route_hard_tokens(llm, val_share, batch_size)
+        val = route_hard_tokens(llm, val_share, batch_size, val_rows)
         self.train_next, self.val_next = train, val
         if self.output_dir:
             self._write(strategy, train, val, rank, world_size)

@@ -21,6 +21,7 @@ def collect_hard_tokens(
     hard_ratio: float,
     batch_size: int,
     all_gather: Callable[[Tensor], Tensor] | None = None,
+    row_length: int | None = None,
 ) -> tuple[SequenceData, Tensor]:
     """Set `llm.threshold` to the `hard_ratio` quantile of the exit scores and keep the hard tokens of `data`.
 
@@ -30,7 +31,7 @@ def collect_hard_tokens(
     threshold was computed from.
     """
     check_hard_ratio(hard_ratio)
-    out = run_llm(llm, data, batch_size, scores=True, hidden=True) if data.num_tokens else None
+    out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length) if data.num_tokens else None
     local_scores = out.scores if out else torch.empty(0)
     scores = local_scores if all_gather is None else all_gather(local_scores)  # every process takes part
     if scores.numel() == 0:
@@ -46,9 +47,9 @@ def collect_hard_tokens(
     return compact_hard_tokens(data, hard_mask(local_scores, threshold), hidden), scores
 
 
-def route_hard_tokens(llm: "LLM", data: SequenceData, batch_size: int) -> SequenceData:
+def route_hard_tokens(llm: "LLM", data: SequenceData, batch_size: int, row_length: int | None = None) -> SequenceData:
     """The tokens of `data` that do not exit at `llm` under its current threshold (e.g. the validation split)."""
     if data.num_tokens == 0:
         return compact_hard_tokens(data, torch.zeros(0, dtype=torch.bool), torch.empty(0, llm.dim, dtype=torch.bfloat16))
-    out = run_llm(llm, data, batch_size, scores=True, hidden=True)
+    out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length)
     return compact_hard_tokens(data, hard_mask(out.scores, float(llm.threshold)), out.hidden)

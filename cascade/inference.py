@@ -44,8 +44,9 @@ def run_llm(
     scores: bool = False,
     hidden: bool = False,
     nll: bool = False,
+    row_length: int | None = None,
 ) -> TokenOutputs:
-    """Run `llm` (in eval mode) over every token of `data` in packed batches of `batch_size` rows."""
+    """Run `llm` (in eval mode) over every token of `data` in packed batches of `batch_size` rows of `row_length`."""
     if data.num_tokens == 0:
         raise ValueError("the data holds no tokens: nothing to run the LLM on")
     n, device = data.num_tokens, llm.device
@@ -58,7 +59,7 @@ def run_llm(
     was_training = llm.training
     llm.eval()
     try:
-        for batch in data.batches(batch_size):
+        for batch in data.batches(batch_size, row_length):
             positions += batch.num_positions
             where = batch.token_index >= 0
             index = batch.token_index[where]  # CPU

@@ -123,10 +123,20 @@ class SequenceData:
             self.positions.index_select(0, token), offsets, self.sequence_ids[seqs],
         )
 
-    def shard(self, rank: int, world_size: int) -> "SequenceData":
-        """Process `rank`'s contiguous block of sequences (sizes differ by at most one)."""
-        begin, end = (self.num_sequences * r // world_size for r in (rank, rank + 1))
-        return self.select(torch.arange(begin, end))
+    def shard(self, rank: int, world_size: int, batch_size: int | None = None, row_length: int | None = None) -> "SequenceData":
+        """Process `rank`'s contiguous block of sequences, one of `world_size` nearly equal blocks.
+
+        With `batch_size`, blocks are whole batches of `batches(batch_size, row_length)`: each
+        process then forms exactly the batches a single process would (same shapes, so the same
+        kernels and bitwise the same results), only fewer of them.
+        """
+        if batch_size is None:
+            bounds = [self.num_sequences * r // world_size for r in (rank, rank + 1)]
+        else:
+            batch_starts = self.row_starts(row_length)[::batch_size].tolist() + [self.num_sequences]
+            count = len(batch_starts) - 1
+            bounds = [batch_starts[count * r // world_size] for r in (rank, rank + 1)]
+        return self.select(torch.arange(bounds[0], bounds[1]))
 
     @classmethod
     def concat(cls, parts: Sequence["SequenceData"]) -> "SequenceData":

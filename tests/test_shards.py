@@ -39,3 +39,16 @@ def test_parts_load_in_rank_order_and_incomplete_sets_are_refused(tmp_path):
         load_parts(tmp_path / "train")
     with pytest.raises(FileNotFoundError):
         load_parts(tmp_path / "nothing")
+
+
+def test_batch_aligned_shards_form_exactly_the_batches_of_one_process():
+    data = random_data(torch.randint(1, 9, (53,), generator=torch.Generator().manual_seed(1)), width=4)
+    whole = [b.token_index[b.token_index >= 0].tolist() for b in data.batches(4, row_length=12)]
+    formed, offset = [], 0
+    for rank in range(3):
+        share = data.shard(rank, 3, batch_size=4, row_length=12)
+        for b in share.batches(4, row_length=12):
+            formed.append([i + offset for i in b.token_index[b.token_index >= 0].tolist()])
+        offset += share.num_tokens
+    assert formed == whole
+    assert sum(data.shard(r, 3, 4, 12).num_sequences for r in range(3)) == data.num_sequences
