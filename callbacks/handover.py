@@ -11,8 +11,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
-from cascade.handover import collect_hard_tokens, route_hard_tokens
-from cascade.shards import save_part
+from cascade.handover import calibrate_threshold, collect_hard_tokens, route_hard_tokens
+from cascade.handover_disk import hand_over_to_disk
+from cascade.sequence_data import SequenceData
+from cascade.shards import part_name
 
 
 def gather_variable(strategy: Strategy, t: Tensor) -> Tensor:
@@ -32,8 +34,8 @@ class StageHandover(Callback):
 
     Each process scores its own block of whole batches of the training and validation data; the threshold
     is the `hard_ratio` quantile of all processes' scores together (exact). Each process
-    writes its hard tokens as one part of `output_dir/train` and `output_dir/val` (atomically,
-    with manifests). The exit-score histogram, the threshold and the hard fractions go to the
+    streams its hard tokens into one part of `output_dir/train` and `output_dir/val` (atomically,
+    with manifests; host memory holds a batch of hidden states and 4 bytes a token of scores). The exit-score histogram, the threshold and the hard fractions go to the
     logger.
 
     Args:
@@ -62,13 +64,13 @@ class StageHandover(Callback):
             row_length = int(split_data.lengths.max()) if split_data.num_sequences else None
             shares[split] = (split_data.shard(rank, world_size, batch_size, row_length), row_length)
         (train_share, train_rows), (val_share, val_rows) = shares["train"], shares["val"]
-        train, scores = collect_hard_tokens(
-            llm, train_share, self.hard_ratio, batch_size, all_gather=lambda t: gather_variable(strategy, t), row_length=train_rows
-        )
-        val = route_hard_tokens(llm, val_share, batch_size, val_rows)
-        self.train_next, self.val_next = train, val
+        gather = lambda t: gather_variable(strategy, t)  # noqa: E731
         if self.output_dir:
-            self._write(strategy, train, val, rank, world_size)
+            train, val, scores = self._hand_over_to_disk(trainer, llm, shares, batch_size)
+        else:
+            train, scores = collect_hard_tokens(llm, train_share, self.hard_ratio, batch_size, gather, train_rows)
+            val = route_hard_tokens(llm, val_share, batch_size, val_rows)
+        self.train_next, self.val_next = train, val
         counts = gather_variable(strategy, torch.tensor([train.num_tokens, val.num_tokens, train.num_sequences]))
         hard_train, hard_val, hard_sequences = counts.view(-1, 3).sum(0).tolist()
         self.stats = {
@@ -84,15 +86,27 @@ class StageHandover(Callback):
                 logger.experiment.add_histogram("handover/exit_scores", scores, trainer.global_step)
                 logger.experiment.flush()
 
-    def _write(self, strategy: Strategy, train, val, rank: int, world_size: int) -> None:
+    def _hand_over_to_disk(self, trainer: Trainer, llm, shares: dict, batch_size: int):
+        """Each process streams its part of `output_dir/train` and `output_dir/val`; returns them memory-mapped."""
+        strategy, rank, world_size = trainer.strategy, trainer.global_rank, trainer.world_size
         out = Path(self.output_dir)
         if rank == 0:  # parts of an earlier hand-over, perhaps by another number of processes, go first
             for split in ("train", "val"):
                 shutil.rmtree(out / split, ignore_errors=True)
         strategy.barrier()
-        save_part(train, out / "train", rank, world_size)
-        save_part(val, out / "val", rank, world_size)
+        everyone: list[Tensor] = []
+
+        def calibrate(local: Tensor) -> float:
+            threshold, scores = calibrate_threshold(llm, local, self.hard_ratio, lambda t: gather_variable(strategy, t))
+            everyone.append(scores)
+            return threshold
+
+        parts = {split: out / split / part_name(rank, world_size) for split in ("train", "val")}
+        (train_share, train_rows), (val_share, val_rows) = shares["train"], shares["val"]
+        hand_over_to_disk(llm, train_share, batch_size, parts["train"], calibrate, train_rows)
+        hand_over_to_disk(llm, val_share, batch_size, parts["val"], lambda local: float(llm.threshold), val_rows)
         strategy.barrier()
+        return SequenceData.load(parts["train"]), SequenceData.load(parts["val"]), everyone[0]
 
     def state_dict(self) -> dict:
         return {"hard_ratio": self.hard_ratio, "stats": self.stats}

@@ -33,6 +33,16 @@ def collect_hard_tokens(
     check_hard_ratio(hard_ratio)
     out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length) if data.num_tokens else None
     local_scores = out.scores if out else torch.empty(0)
+    threshold, scores = calibrate_threshold(llm, local_scores, hard_ratio, all_gather)
+    hidden = out.hidden if out else torch.empty(0, llm.dim, dtype=torch.bfloat16)
+    return compact_hard_tokens(data, hard_mask(local_scores, threshold), hidden), scores
+
+
+def calibrate_threshold(
+    llm: "LLM", local_scores: Tensor, hard_ratio: float, all_gather: Callable[[Tensor], Tensor] | None = None
+) -> tuple[float, Tensor]:
+    """Set `llm.threshold` to the `hard_ratio` quantile of every process's scores; returns it and those scores."""
+    check_hard_ratio(hard_ratio)
     scores = local_scores if all_gather is None else all_gather(local_scores)  # every process takes part
     if scores.numel() == 0:
         raise ValueError("the data holds no tokens: there are no exit scores to set a threshold from")
@@ -43,8 +53,7 @@ def collect_hard_tokens(
             "hard set is empty; train the LLM first or choose another exit function"
         )
     llm.threshold.fill_(threshold)
-    hidden = out.hidden if out else torch.empty(0, llm.dim, dtype=torch.bfloat16)
-    return compact_hard_tokens(data, hard_mask(local_scores, threshold), hidden), scores
+    return threshold, scores
 
 
 def route_hard_tokens(llm: "LLM", data: SequenceData, batch_size: int, row_length: int | None = None) -> SequenceData:

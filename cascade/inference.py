@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +45,19 @@ def run_llm(
     hidden: bool = False,
     nll: bool = False,
     row_length: int | None = None,
+    hidden_file: BinaryIO | None = None,
 ) -> TokenOutputs:
-    """Run `llm` (in eval mode) over every token of `data` in packed batches of `batch_size` rows of `row_length`."""
+    """Run `llm` (in eval mode) over every token of `data` in packed batches of `batch_size` rows of `row_length`.
+
+    With `hidden_file`, the output hidden states are not kept but written there as raw bf16 rows
+    in token order (batches come in token order), so host memory holds one batch of them.
+    """
     if data.num_tokens == 0:
         raise ValueError("the data holds no tokens: nothing to run the LLM on")
     n, device = data.num_tokens, llm.device
     out_scores = torch.empty(n, dtype=torch.float32) if scores else None
-    out_hidden = torch.empty(n, llm.dim, dtype=torch.bfloat16) if hidden else None
+    out_hidden = torch.empty(n, llm.dim, dtype=torch.bfloat16) if hidden and hidden_file is None else None
+    written = 0
     out_nll = torch.empty(n, dtype=torch.float32) if nll else None
     out_correct = torch.empty(n, dtype=torch.bool) if nll else None
     history = history_indices(llm.exit_fn) if scores else ()
@@ -71,7 +77,11 @@ def run_llm(
                 if scores:
                     out_scores[index] = llm.exit_scores(hidden_history, h_out)[valid].float().cpu()
                 h = h_out[valid]
-                if hidden:
+                if hidden and hidden_file is not None:
+                    assert int(index[0]) == written and int(index[-1]) == written + index.numel() - 1, "token order"
+                    hidden_file.write(h.to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes())
+                    written += index.numel()
+                elif hidden:
                     out_hidden[index] = h.to(torch.bfloat16).cpu()
                 if nll:
                     logits = llm.get_logits(h).float()

@@ -33,6 +33,14 @@ def hard_mask(scores: Tensor, threshold: float) -> Tensor:
     return scores < threshold
 
 
+def compacted_offsets(offsets: Tensor, hard: Tensor) -> tuple[Tensor, Tensor]:
+    """Offsets of the sequences after compaction, and which sequences survive (hold a hard token)."""
+    kept = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(hard.long(), 0)])
+    counts = kept[offsets[1:]] - kept[offsets[:-1]]  # hard tokens per sequence
+    survives = counts > 0
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts[survives], 0)]), survives
+
+
 def compact_hard_tokens(data: SequenceData, hard: Tensor, inputs: Tensor | None = None) -> SequenceData:
     """Keep, for each sequence, only its hard tokens, in order, with their targets and positions.
 
@@ -42,11 +50,8 @@ def compact_hard_tokens(data: SequenceData, hard: Tensor, inputs: Tensor | None 
     assert hard.shape == (data.num_tokens,), "one hard flag per token"
     source = data.inputs if inputs is None else inputs
     assert source.shape[0] == data.num_tokens, "one input per token"
-    kept = torch.cat([hard.new_zeros(1, dtype=torch.long), torch.cumsum(hard.long(), 0)])
-    counts = kept[data.offsets[1:]] - kept[data.offsets[:-1]]  # hard tokens per sequence
-    survives = counts > 0
+    offsets, survives = compacted_offsets(data.offsets, hard)
     index = hard.nonzero().squeeze(1)
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts[survives], 0)])
     return SequenceData(
         inputs=source.index_select(0, index),
         targets=data.targets.index_select(0, index),

@@ -16,6 +16,11 @@ IGNORE_INDEX = -100  # target of padding, ignored by cross-entropy
 FORMAT = "cascade.SequenceData/1"
 
 
+def manifest_meta(num_tokens: int, num_sequences: int, input_type: str) -> dict:
+    """What a saved SequenceData's manifest says besides its arrays."""
+    return {"format": FORMAT, "num_tokens": num_tokens, "num_sequences": num_sequences, "input_type": input_type}
+
+
 @dataclass
 class Batch:
     """Rows of packed or padded sequences, ready for `LLM.forward`.
@@ -250,12 +255,7 @@ class SequenceData:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to directory `path` atomically, with a manifest of counts, shapes, dtypes and checksums."""
-        meta = {
-            "format": FORMAT,
-            "num_tokens": self.num_tokens,
-            "num_sequences": self.num_sequences,
-            "input_type": self.input_type,
-        }
+        meta = manifest_meta(self.num_tokens, self.num_sequences, self.input_type)
         save_tensors(path, {f.name: getattr(self, f.name) for f in fields(self)}, meta)
 
     @classmethod

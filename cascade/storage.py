@@ -56,47 +56,66 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> None:
-    """Write `tensors` and `meta` to directory `path` atomically, replacing what was there."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    arrays = {}
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _DTYPES:
-            raise TypeError(f"cannot store {name} of dtype {tensor.dtype}; supported: {sorted(n for n, _ in _DTYPES.values())}")
-        array = _as_numpy(tensor)
-        digest = hashlib.sha256()
-        file = tmp / f"{name}.bin"
-        with open(file, "wb") as f:
-            flat = memoryview(array.reshape(-1)).cast("B")
-            for begin in range(0, len(flat), _CHUNK):
-                block = flat[begin : begin + _CHUNK]
-                digest.update(block)
-                f.write(block)
+class TensorDirWriter:
+    """Write a directory of arrays chunk by chunk (bounded memory), then commit it atomically.
+
+    `append(name, chunk)` adds rows to array `name` (all chunks share dtype and trailing shape);
+    `commit(meta)` fsyncs every file, writes the manifest and renames the directory into place.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self._files: dict[str, object] = {}
+        self._arrays: dict[str, dict] = {}
+        self._digests: dict[str, "hashlib._Hash"] = {}
+
+    def append(self, name: str, chunk: Tensor) -> None:
+        if chunk.dtype not in _DTYPES:
+            raise TypeError(f"cannot store {name} of dtype {chunk.dtype}; supported: {sorted(n for n, _ in _DTYPES.values())}")
+        if name not in self._files:
+            self._files[name] = open(self.tmp / f"{name}.bin", "wb")
+            self._digests[name] = hashlib.sha256()
+            self._arrays[name] = {"file": f"{name}.bin", "dtype": _DTYPES[chunk.dtype][0], "shape": [0, *chunk.shape[1:]], "bytes": 0}
+        entry = self._arrays[name]
+        assert entry["dtype"] == _DTYPES[chunk.dtype][0] and entry["shape"][1:] == list(chunk.shape[1:]), "chunks of one array agree"
+        flat = memoryview(_as_numpy(chunk).reshape(-1)).cast("B")
+        for begin in range(0, len(flat), _CHUNK):
+            block = flat[begin : begin + _CHUNK]
+            self._digests[name].update(block)
+            self._files[name].write(block)
+        entry["shape"][0] += chunk.shape[0] if chunk.dim() else 1
+        entry["bytes"] += len(flat)
+
+    def commit(self, meta: dict) -> None:
+        for name, f in self._files.items():
             f.flush()
             os.fsync(f.fileno())
-        arrays[name] = {
-            "file": file.name,
-            "dtype": _DTYPES[tensor.dtype][0],
-            "shape": list(tensor.shape),
-            "bytes": array.nbytes,
-            "sha256": digest.hexdigest(),
-        }
-    with open(tmp / MANIFEST, "w") as f:
-        json.dump({**meta, "arrays": arrays}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
-    _fsync_dir(path.parent)
+            f.close()
+            self._arrays[name]["sha256"] = self._digests[name].hexdigest()
+        with open(self.tmp / MANIFEST, "w") as f:
+            json.dump({**meta, "arrays": self._arrays}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.tmp)
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            self.path.rename(old)
+            self.tmp.rename(self.path)
+            shutil.rmtree(old)
+        else:
+            self.tmp.rename(self.path)
+        _fsync_dir(self.path.parent)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], meta: dict) -> None:
+    """Write `tensors` and `meta` to directory `path` atomically, replacing what was there."""
+    writer = TensorDirWriter(path)
+    for name, tensor in tensors.items():
+        writer.append(name, tensor)
+    writer.commit(meta)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
