@@ -73,6 +73,7 @@ class TensorDirWriter:
         self._digests: dict[str, "hashlib._Hash"] = {}
 
     def append(self, name: str, chunk: Tensor) -> None:
+        assert chunk.dim() >= 1, "chunks are rows of an array"
         if chunk.dtype not in _DTYPES:
             raise TypeError(f"cannot store {name} of dtype {chunk.dtype}; supported: {sorted(n for n, _ in _DTYPES.values())}")
         if name not in self._files:
@@ -86,7 +87,7 @@ class TensorDirWriter:
             block = flat[begin : begin + _CHUNK]
             self._digests[name].update(block)
             self._files[name].write(block)
-        entry["shape"][0] += chunk.shape[0] if chunk.dim() else 1
+        entry["shape"][0] += chunk.shape[0]
         entry["bytes"] += len(flat)
 
     def commit(self, meta: dict) -> None:

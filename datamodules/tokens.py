@@ -13,7 +13,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from cascade.storage import load_tensors, save_tensors
+from cascade.storage import TensorDirWriter, load_tensors
 
 DOCUMENT_SEPARATOR = "<|endoftext|>"
 
@@ -52,9 +52,14 @@ def tokenize_to_cache(split: datasets.Dataset, tokenizer, text_column: str, path
         return {"ids": [ids + separator for ids in tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]]}
 
     encoded = split.map(encode, batched=True, remove_columns=split.column_names, desc=f"tokenizing {path.name}")
-    chunks = [chunk.flatten().to_numpy().astype(np.int32) for chunk in encoded.data.column("ids").chunks]
-    ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
-    save_tensors(path, {"ids": torch.from_numpy(ids)}, {"format": "cascade.tokens/1", "tokens": int(ids.size)})
+    writer = TensorDirWriter(path)  # one arrow chunk at a time: memory stays bounded however large the corpus
+    writer.append("ids", torch.zeros(0, dtype=torch.int32))
+    tokens = 0
+    for chunk in encoded.data.column("ids").chunks:
+        ids = torch.from_numpy(chunk.flatten().to_numpy().astype(np.int32))
+        writer.append("ids", ids)
+        tokens += ids.numel()
+    writer.commit({"format": "cascade.tokens/1", "tokens": tokens})
     return load_tokens(path)
 
 
