@@ -14,7 +14,7 @@ from torch import Tensor
 from cascade.handover import calibrate_threshold, collect_hard_tokens, route_hard_tokens
 from cascade.handover_disk import hand_over_to_disk
 from cascade.sequence_data import SequenceData
-from cascade.shards import part_name
+from cascade.shards import merge_parts, part_name
 
 
 def gather_variable(strategy: Strategy, t: Tensor) -> Tensor:
@@ -106,7 +106,12 @@ class StageHandover(Callback):
         hand_over_to_disk(llm, train_share, batch_size, parts["train"], calibrate, train_rows)
         hand_over_to_disk(llm, val_share, batch_size, parts["val"], lambda local: float(llm.threshold), val_rows)
         strategy.barrier()
-        return SequenceData.load(parts["train"]), SequenceData.load(parts["val"]), everyone[0]
+        train, val = SequenceData.load(parts["train"]), SequenceData.load(parts["val"])
+        if rank == 0 and world_size > 1:  # one part, so that the next stage memory-maps it whole
+            for split in ("train", "val"):
+                merge_parts(out / split)
+        strategy.barrier()
+        return train, val, everyone[0]
 
     def state_dict(self) -> dict:
         return {"hard_ratio": self.hard_ratio, "stats": self.stats}

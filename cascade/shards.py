@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
-from cascade.sequence_data import SequenceData
+import torch
+
+from cascade.sequence_data import SequenceData, manifest_meta
+from cascade.storage import TensorDirWriter, read_manifest
 
 _PART = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 
@@ -55,3 +59,31 @@ def verify_parts(path: str | os.PathLike) -> None:
     """Check every part of `path` against its manifest (sizes and checksums) without keeping it."""
     for part in _complete_parts(Path(path)):
         SequenceData.load(part, verify=True)
+
+
+def merge_parts(path: str | os.PathLike) -> None:
+    """Replace the complete parts of `path` by one part holding them all, copying files chunk by chunk.
+
+    The merged part is written under a temporary name and renamed into place before the old
+    parts are removed; a reader sees the old parts or the merged one (a kill in between leaves
+    both, which `load_parts` reports).
+    """
+    path = Path(path)
+    parts = _complete_parts(path)
+    if len(parts) == 1:
+        return
+    manifests = [read_manifest(p) for p in parts]
+    writer = TensorDirWriter(path / part_name(0, 1))
+    for name in ("inputs", "targets", "positions", "sequence_ids"):
+        for part, manifest in zip(parts, manifests):
+            writer.append_stored(name, part, manifest["arrays"][name])
+    offsets = [torch.zeros(1, dtype=torch.long)]
+    for part in parts:
+        part_offsets = SequenceData.load(part, verify=False).offsets
+        offsets.append(part_offsets[1:] + offsets[-1][-1])
+    writer.append("offsets", torch.cat(offsets))
+    tokens = sum(m["num_tokens"] for m in manifests)
+    sequences = sum(m["num_sequences"] for m in manifests)
+    writer.commit(manifest_meta(tokens, sequences, manifests[0]["input_type"]))
+    for part in parts:
+        shutil.rmtree(part)

@@ -90,6 +90,17 @@ class TensorDirWriter:
         entry["shape"][0] += chunk.shape[0]
         entry["bytes"] += len(flat)
 
+    def append_stored(self, name: str, directory: str | os.PathLike, entry: dict) -> None:
+        """Append array `entry` (a manifest entry of `directory`) by copying its file's bytes, chunk by chunk."""
+        dtype = _BY_NAME[entry["dtype"]][0]
+        self.append(name, torch.empty(0, *entry["shape"][1:], dtype=dtype))  # opens the file, checks dtype and shape
+        with open(Path(directory) / entry["file"], "rb") as source:
+            while block := source.read(_CHUNK):
+                self._digests[name].update(block)
+                self._files[name].write(block)
+        self._arrays[name]["shape"][0] += entry["shape"][0]
+        self._arrays[name]["bytes"] += entry["bytes"]
+
     def commit(self, meta: dict) -> None:
         for name, f in self._files.items():
             f.flush()

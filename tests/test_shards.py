@@ -52,3 +52,16 @@ def test_batch_aligned_shards_form_exactly_the_batches_of_one_process():
         offset += share.num_tokens
     assert formed == whole
     assert sum(data.shard(r, 3, 4, 12).num_sequences for r in range(3)) == data.num_sequences
+
+
+def test_merging_parts_streams_them_into_one_identical_part(tmp_path):
+    from cascade.shards import merge_parts
+
+    data = random_data([3, 1, 4, 1, 5, 9, 2], width=4)
+    for rank in range(3):
+        save_part(data.shard(rank, 3), tmp_path / "train", rank, 3)
+    merge_parts(tmp_path / "train")
+    assert [p.name for p in (tmp_path / "train").iterdir()] == ["part-00000-of-00001"]
+    merged = load_parts(tmp_path / "train", verify=True)
+    for name in ("inputs", "targets", "positions", "offsets", "sequence_ids"):
+        assert torch.equal(getattr(merged, name), getattr(data, name)), name
