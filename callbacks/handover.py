@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -27,6 +29,17 @@ def gather_variable(strategy: Strategy, t: Tensor) -> Tensor:
     padded[: t.numel()] = t.to(device)
     gathered = strategy.all_gather(padded).view(len(sizes), -1)
     return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)]).cpu()
+
+
+class Share(NamedTuple):
+    data: SequenceData
+    row_length: int | None
+
+
+def share(data: SequenceData, rank: int, world_size: int, batch_size: int) -> Share:
+    """This process's whole batches of the one-process plan: every process computes what one process would."""
+    row_length = int(data.lengths.max()) if data.num_sequences else None
+    return Share(data.shard(rank, world_size, batch_size, row_length), row_length)
 
 
 class StageHandover(Callback):
@@ -54,25 +67,18 @@ class StageHandover(Callback):
         self.train_next = self.val_next = None  # this process's part of the hand-over, for the Python API
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        data, strategy = trainer.datamodule, trainer.strategy
-        rank, world_size = trainer.global_rank, trainer.world_size
+        data, llm = trainer.datamodule, pl_module.llm
         batch_size = self.batch_size or data.batch_size
-        llm = pl_module.llm
-        # shares are whole batches of the one-process plan, so every process computes what one would
-        shares = {}
-        for split, split_data in (("train", data.train_data), ("val", data.val_data)):
-            row_length = int(split_data.lengths.max()) if split_data.num_sequences else None
-            shares[split] = (split_data.shard(rank, world_size, batch_size, row_length), row_length)
-        (train_share, train_rows), (val_share, val_rows) = shares["train"], shares["val"]
-        gather = lambda t: gather_variable(strategy, t)  # noqa: E731
+        gather = partial(gather_variable, trainer.strategy)
+        train_share = share(data.train_data, trainer.global_rank, trainer.world_size, batch_size)
+        val_share = share(data.val_data, trainer.global_rank, trainer.world_size, batch_size)
         if self.output_dir:
-            train, val, scores = self._hand_over_to_disk(trainer, llm, shares, batch_size)
+            train, val, scores = self._hand_over_to_disk(trainer, llm, train_share, val_share, batch_size)
         else:
-            train, scores = collect_hard_tokens(llm, train_share, self.hard_ratio, batch_size, gather, train_rows)
-            val = route_hard_tokens(llm, val_share, batch_size, val_rows)
+            train, scores = collect_hard_tokens(llm, train_share.data, self.hard_ratio, batch_size, gather, train_share.row_length)
+            val = route_hard_tokens(llm, val_share.data, batch_size, val_share.row_length)
         self.train_next, self.val_next = train, val
-        counts = gather_variable(strategy, torch.tensor([train.num_tokens, val.num_tokens, train.num_sequences]))
-        hard_train, hard_val, hard_sequences = counts.view(-1, 3).sum(0).tolist()
+        hard_train, hard_val, hard_sequences = gather(torch.tensor([train.num_tokens, val.num_tokens, train.num_sequences])).view(-1, 3).sum(0).tolist()
         self.stats = {
             "threshold": float(llm.threshold),
             "hard_fraction": hard_train / data.train_data.num_tokens,
@@ -86,7 +92,7 @@ class StageHandover(Callback):
                 logger.experiment.add_histogram("handover/exit_scores", scores, trainer.global_step)
                 logger.experiment.flush()
 
-    def _hand_over_to_disk(self, trainer: Trainer, llm, shares: dict, batch_size: int):
+    def _hand_over_to_disk(self, trainer: Trainer, llm, train_share: "Share", val_share: "Share", batch_size: int):
         """Each process streams its part of `output_dir/train` and `output_dir/val`; returns them memory-mapped."""
         strategy, rank, world_size = trainer.strategy, trainer.global_rank, trainer.world_size
         out = Path(self.output_dir)
@@ -97,16 +103,15 @@ class StageHandover(Callback):
         everyone: list[Tensor] = []
 
         def calibrate(local: Tensor) -> float:
-            threshold, scores = calibrate_threshold(llm, local, self.hard_ratio, lambda t: gather_variable(strategy, t))
+            threshold, scores = calibrate_threshold(llm, local, self.hard_ratio, partial(gather_variable, strategy))
             everyone.append(scores)
             return threshold
 
-        parts = {split: out / split / part_name(rank, world_size) for split in ("train", "val")}
-        (train_share, train_rows), (val_share, val_rows) = shares["train"], shares["val"]
-        hand_over_to_disk(llm, train_share, batch_size, parts["train"], calibrate, train_rows)
-        hand_over_to_disk(llm, val_share, batch_size, parts["val"], lambda local: float(llm.threshold), val_rows)
+        train_part, val_part = (out / split / part_name(rank, world_size) for split in ("train", "val"))
+        hand_over_to_disk(llm, train_share.data, batch_size, train_part, calibrate, train_share.row_length)
+        hand_over_to_disk(llm, val_share.data, batch_size, val_part, lambda local: float(llm.threshold), val_share.row_length)
         strategy.barrier()
-        train, val = SequenceData.load(parts["train"]), SequenceData.load(parts["val"])
+        train, val = SequenceData.load(train_part), SequenceData.load(val_part)
         if rank == 0 and world_size > 1:  # one part, so that the next stage memory-maps it whole
             for split in ("train", "val"):
                 merge_parts(out / split)
