@@ -6,14 +6,14 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from cascade.hf_models import build_causal_lm
+from cascade.layer_exits import check_layer_weights, layer_weighted_loss
 from cascade.llm import LLM
-from cascade.sequence_data import IGNORE_INDEX, Batch
+from cascade.sequence_data import Batch
 
 FINITE_CHECK_EVERY = 20  # steps between checks for a non-finite loss (each check waits for the GPU)
 
@@ -47,6 +47,9 @@ class StageModule(LightningModule):
         betas: AdamW betas.
         warmup_steps: Linear warm-up steps before the cosine decay.
         min_lr_ratio: The cosine decay ends at `min_lr_ratio` times the peak.
+        layer_weights: Per-layer loss weights {layer: weight}, 1-indexed (last layer = L): the loss is
+            the weighted sum of each layer's cross-entropy through the model's own final norm and LM
+            head. Default {L: 1}, standard training; {1: 0.5, L: 0.5} is auxiliary-loss (DEED) training.
         llm: An existing LLM to train (Python API); when given, the model arguments are unused.
     """
 
@@ -64,6 +67,7 @@ class StageModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        layer_weights: dict[int, float] | None = None,
         llm: LLM | None = None,
     ):
         super().__init__()
@@ -75,6 +79,8 @@ class StageModule(LightningModule):
                 f"the tokenizer has {vocab_size} tokens but the model's vocabulary only {llm.vocab_size}; "
                 "use the model's own tokenizer or a model with a larger vocab_size"
             )
+        self.layer_weights = dict(layer_weights or {llm.num_layers: 1.0})
+        check_layer_weights(self.layer_weights, llm.num_layers)
         self.llm = llm
         self.val_nll = MeanMetric()
         self._all_finite: torch.Tensor | None = None
@@ -85,13 +91,16 @@ class StageModule(LightningModule):
         return self.hparams.lr * self.hparams.lr_decay**self.hparams.stage
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
-        """Mean next-token cross-entropy over the batch's real tokens, and their count."""
+        """Layer-weighted mean next-token cross-entropy over the batch's real tokens, and their count."""
+        loss, _ = self.layer_losses(batch)
+        return loss, batch.num_tokens
+
+    def layer_losses(self, batch: Batch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         input_type = "token_ids" if batch.inputs.dim() == 2 else "hidden_states"
         segment_ids = None if batch.single_sequence_rows else batch.segment_ids
-        h_out, _ = self.llm(batch.inputs, input_type, batch.position_ids, segment_ids, history=())
-        logits = self.llm.get_logits(h_out)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
-        return loss, batch.num_tokens
+        history = tuple(layer for layer in self.layer_weights if layer != self.llm.num_layers)
+        h_out, hidden_history = self.llm(batch.inputs, input_type, batch.position_ids, segment_ids, history=history)
+        return layer_weighted_loss(self.llm, hidden_history, h_out, batch.targets, self.layer_weights)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Raise on a non-finite loss; reading the flag waits for the GPU, so training looks every few steps."""
@@ -123,8 +132,11 @@ class StageModule(LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss, tokens = self.loss(batch)
+        loss, per_layer = self.layer_losses(batch)
+        tokens = batch.num_tokens
         self._check_finite(loss)
+        if len(per_layer) > 1:
+            self.log_dict({f"train/ce_layer_{layer}": ce.detach() for layer, ce in per_layer.items()})
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])

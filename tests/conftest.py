@@ -11,29 +11,26 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 _SPECIAL = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
-TINY_CONFIGS = {
-    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, **_SPECIAL),
-    "llama": lambda: LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **_SPECIAL,
-    ),
-    "qwen2": lambda: Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **_SPECIAL,
-    ),
-    "gpt_neox": lambda: GPTNeoXConfig(
+_LLAMA_LIKE = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **_SPECIAL,
+)
+TINY_CONFIGS = {  # config class and its tiny settings; overrides go to the constructor (derived fields follow)
+    "gpt2": (GPT2Config, dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, **_SPECIAL)),
+    "llama": (LlamaConfig, _LLAMA_LIKE),
+    "qwen2": (Qwen2Config, _LLAMA_LIKE),
+    "gpt_neox": (GPTNeoXConfig, dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=64, **_SPECIAL,
-    ),
+    )),
 }
 ARCHS = sorted(TINY_CONFIGS)
 
 
 def tiny_model(arch: str = "gpt2", seed: int = 0, attn: str = "sdpa", **overrides):
     """A randomly initialised tiny HF CausalLM in eval mode."""
-    config = TINY_CONFIGS[arch]()
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config_class, settings = TINY_CONFIGS[arch]
+    config = config_class(**{**settings, **overrides})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
 

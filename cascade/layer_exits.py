@@ -1,0 +1,55 @@
+"""Layer exits inside one LLM (DESIGN rule 6): the logit lens of any layer and the layer-weighted loss."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from cascade.sequence_data import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from cascade.llm import LLM
+
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm")
+
+
+def final_norm(model: PreTrainedModel) -> nn.Module:
+    """The norm the base model applies after its last layer (`norm`, `ln_f`, `final_layer_norm`, ...)."""
+    for name in _FINAL_NORM_NAMES:
+        module = getattr(model.base_model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"cannot find the final norm of {type(model).__name__}: none of {_FINAL_NORM_NAMES} in its base model")
+
+
+def logit_lens(llm: "LLM", h: Tensor) -> Tensor:
+    """Logits of a residual-stream state through the model's own final norm and LM head."""
+    return llm.get_logits(final_norm(llm.base_llm)(h))
+
+
+def check_layer_weights(layer_weights: Mapping[int, float], num_layers: int) -> None:
+    bad = [layer for layer in layer_weights if not 1 <= layer <= num_layers]
+    if bad:
+        raise ValueError(f"layer_weights names layers {bad}, but the model's layers are 1..{num_layers} (1-indexed)")
+    if any(w < 0 for w in layer_weights.values()) or sum(layer_weights.values()) <= 0:
+        raise ValueError(f"layer_weights must be >= 0 with a positive sum, got {dict(layer_weights)}")
+
+
+def layer_weighted_loss(
+    llm: "LLM", hidden_history: Sequence[Tensor | None], h_out: Tensor, targets: Tensor, layer_weights: Mapping[int, float]
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """Σ_l w_l · CE_l, CE_l the mean next-token cross-entropy of layer l's logit lens; also each CE_l.
+
+    The last layer reads `h_out` (its lens is exactly the model's own output).
+    """
+    total, per_layer = 0.0, {}
+    for layer, weight in sorted(layer_weights.items()):
+        if weight == 0:
+            continue
+        logits = llm.get_logits(h_out) if layer == llm.num_layers else logit_lens(llm, hidden_history[layer])
+        per_layer[layer] = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        total = total + weight * per_layer[layer]
+    return total, per_layer

@@ -1,0 +1,67 @@
+"""Layer exits inside one LLM: the logit lens and the layer-weighted loss (DESIGN rule 6)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from cascade import LLM, SequenceData
+from cascade.layer_exits import final_norm, logit_lens
+from conftest import ARCHS, VOCAB, tiny_model
+from lightning_modules import StageModule
+
+
+def windows_batch(seed=0, rows=4, length=12):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, VOCAB, (rows, length + 1), generator=g)
+    return t, next(SequenceData.from_token_batches([(t[:, :-1], t[:, 1:])]).batches(rows))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logit_lens_is_final_norm_and_head_on_hf_hidden_states(arch):
+    model = tiny_model(arch, num_hidden_layers=3) if arch != "gpt2" else tiny_model(arch, n_layer=3)
+    llm = LLM(model)
+    x = torch.randint(0, VOCAB, (2, 9))
+    _, history = llm(x)
+    reference = model(x, output_hidden_states=True)
+    for layer in (1, 2):  # HF's hidden_states[l] is the residual stream after layer l, for l < L
+        expected = model.get_output_embeddings()(final_norm(model)(reference.hidden_states[layer]))
+        assert_close(logit_lens(llm, history[layer]), expected)
+    assert_close(logit_lens(llm, history[3]), reference.logits)  # the last layer's lens is the model's output
+
+
+def test_last_layer_weight_one_equals_plain_training_loss_and_gradients():
+    llm = LLM(tiny_model("llama"))
+    twin = copy.deepcopy(llm)
+    _, batch = windows_batch()
+    plain = StageModule(llm=llm)
+    explicit = StageModule(llm=twin, layer_weights={2: 1.0})
+    a, _ = plain.loss(batch)
+    b, _ = explicit.loss(batch)
+    assert torch.equal(a, b)
+    a.backward()
+    b.backward()
+    for (name, p), q in zip(llm.named_parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_auxiliary_loss_is_the_weighted_sum_of_layer_cross_entropies():
+    model = tiny_model("gpt2", n_layer=3)
+    module = StageModule(llm=LLM(model), layer_weights={1: 0.7, 3: 0.3})
+    t, batch = windows_batch(seed=1)
+    loss, per_layer = module.layer_losses(batch)
+    hidden = model(t[:, :-1], output_hidden_states=True)
+    ce1 = F.cross_entropy(model.lm_head(model.transformer.ln_f(hidden.hidden_states[1])).flatten(0, 1), t[:, 1:].flatten())
+    ce3 = F.cross_entropy(hidden.logits.flatten(0, 1), t[:, 1:].flatten())
+    assert_close(per_layer[1], ce1)
+    assert_close(per_layer[3], ce3)
+    assert_close(loss, 0.7 * ce1 + 0.3 * ce3)
+
+
+@pytest.mark.parametrize("weights,message", [({0: 1.0}, r"names layers \[0\]"), ({3: 1.0}, r"names layers \[3\]"),
+                                             ({1: -1.0, 2: 1.0}, "must be >= 0"), ({1: 0.0}, "positive sum")])
+def test_bad_layer_weights_are_rejected(weights, message):
+    with pytest.raises(ValueError, match=message):
+        StageModule(llm=LLM(tiny_model("gpt2")), layer_weights=weights)
