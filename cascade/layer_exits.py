@@ -53,3 +53,27 @@ def layer_weighted_loss(
         per_layer[layer] = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         total = total + weight * per_layer[layer]
     return total, per_layer
+
+
+def parameters_by_layer(llm: "LLM") -> dict[int | str, list[nn.Parameter]]:
+    """The LLM's trainable parameters keyed by where they act: layer l (1-indexed), "embeddings"
+    (everything before the first layer) or "head" (the final norm and an LM head not tied to the embedding)."""
+    owner: dict[int, int | str] = {}
+    for i, layer in enumerate(llm.layers, start=1):
+        owner.update({id(p): i for p in layer.parameters()})
+    head = [*final_norm(llm.base_llm).parameters(), *llm.base_llm.get_output_embeddings().parameters()]
+    embedding = llm.base_llm.get_input_embeddings().weight
+    owner.update({id(p): "head" for p in head if p is not embedding})
+    groups: dict[int | str, list[nn.Parameter]] = {}
+    for p in llm.parameters():
+        if p.requires_grad:
+            groups.setdefault(owner.get(id(p), "embeddings"), []).append(p)
+    return groups
+
+
+def check_lr_scales(layer_lr_scales: Mapping[int | str, float], num_layers: int) -> None:
+    bad = [k for k in layer_lr_scales if k not in ("embeddings", "head") and not (isinstance(k, int) and 1 <= k <= num_layers)]
+    if bad:
+        raise ValueError(f"layer_lr_scales names {bad}; use layers 1..{num_layers}, 'embeddings' or 'head'")
+    if any(scale < 0 for scale in layer_lr_scales.values()):
+        raise ValueError(f"layer_lr_scales must be >= 0, got {dict(layer_lr_scales)}")

@@ -11,7 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from cascade.hf_models import build_causal_lm
-from cascade.layer_exits import check_layer_weights, layer_weighted_loss
+from cascade.layer_exits import check_layer_weights, check_lr_scales, layer_weighted_loss, parameters_by_layer
 from cascade.llm import LLM
 from cascade.sequence_data import Batch
 
@@ -50,6 +50,8 @@ class StageModule(LightningModule):
         layer_weights: Per-layer loss weights {layer: weight}, 1-indexed (last layer = L): the loss is
             the weighted sum of each layer's cross-entropy through the model's own final norm and LM
             head. Default {L: 1}, standard training; {1: 0.5, L: 0.5} is auxiliary-loss (DEED) training.
+        layer_lr_scales: Learning-rate multipliers {layer: scale} (discriminative fine-tuning), with
+            "embeddings" and "head" (final norm and an untied LM head) as keys of their own; 1 elsewhere.
         llm: An existing LLM to train (Python API); when given, the model arguments are unused.
     """
 
@@ -68,6 +70,7 @@ class StageModule(LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         layer_weights: dict[int, float] | None = None,
+        layer_lr_scales: dict[int | str, float] | None = None,
         llm: LLM | None = None,
     ):
         super().__init__()
@@ -81,6 +84,8 @@ class StageModule(LightningModule):
             )
         self.layer_weights = dict(layer_weights or {llm.num_layers: 1.0})
         check_layer_weights(self.layer_weights, llm.num_layers)
+        self.layer_lr_scales = dict(layer_lr_scales or {})
+        check_lr_scales(self.layer_lr_scales, llm.num_layers)
         self.llm = llm
         self.val_nll = MeanMetric()
         self._all_finite: torch.Tensor | None = None
@@ -168,12 +173,18 @@ class StageModule(LightningModule):
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     def configure_optimizers(self):
+        # one group per (layer, decay or not): matrices decay, biases, norms and the embedding do not
         embedding = self.llm.base_llm.get_input_embeddings().weight
-        params = [p for p in self.llm.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2 and p is not embedding]
-        no_decay = [p for p in params if p.dim() < 2 or p is embedding]
+        groups = []
+        for key, params in parameters_by_layer(self.llm).items():
+            lr = self.peak_lr * self.layer_lr_scales.get(key, 1.0)
+            decay = [p for p in params if p.dim() >= 2 and p is not embedding]
+            no_decay = [p for p in params if p.dim() < 2 or p is embedding]
+            for members, weight_decay in ((decay, self.hparams.weight_decay), (no_decay, 0.0)):
+                if members:
+                    groups.append({"params": members, "weight_decay": weight_decay, "lr": lr, "name": str(key)})
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            groups,
             lr=self.peak_lr,
             betas=self.hparams.betas,
             fused=self.device.type == "cuda" and self.trainer.precision != "16-mixed",

@@ -65,3 +65,26 @@ def test_auxiliary_loss_is_the_weighted_sum_of_layer_cross_entropies():
 def test_bad_layer_weights_are_rejected(weights, message):
     with pytest.raises(ValueError, match=message):
         StageModule(llm=LLM(tiny_model("gpt2")), layer_weights=weights)
+
+
+def test_per_layer_learning_rates_land_in_the_optimizer_groups():
+    from lightning.pytorch import Trainer
+
+    from datamodules import SequenceDataModule
+
+    llm = LLM(tiny_model("llama", num_hidden_layers=3))
+    scales = {1: 1.0, 2: 0.5, 3: 0.1, "embeddings": 0.2, "head": 2.0}
+    module = StageModule(llm=llm, lr=1e-3, warmup_steps=1, layer_lr_scales=scales)
+    t, _ = windows_batch()
+    data = SequenceData.from_token_batches([(t[:, :-1], t[:, 1:])])
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=SequenceDataModule.from_data(data, data, batch_size=4))
+    lr_of = {id(p): g["initial_lr"] for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    for i, layer in enumerate(llm.layers, start=1):
+        assert all(lr_of[id(p)] == pytest.approx(1e-3 * scales[i]) for p in layer.parameters()), i
+    assert lr_of[id(llm.base_llm.model.embed_tokens.weight)] == pytest.approx(1e-3 * 0.2)
+    assert lr_of[id(llm.base_llm.model.norm.weight)] == pytest.approx(1e-3 * 2.0)
+    assert lr_of[id(llm.base_llm.lm_head.weight)] == pytest.approx(1e-3 * 2.0)  # untied in Llama
+    assert len(lr_of) == sum(1 for _ in llm.parameters())
+    with pytest.raises(ValueError, match=r"layer_lr_scales names \[4, 'body'\]"):
+        StageModule(llm=llm, layer_lr_scales={4: 1.0, "body": 1.0})
