@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch.nn.functional as F
@@ -77,3 +78,27 @@ def check_lr_scales(layer_lr_scales: Mapping[int | str, float], num_layers: int)
         raise ValueError(f"layer_lr_scales names {bad}; use layers 1..{num_layers}, 'embeddings' or 'head'")
     if any(scale < 0 for scale in layer_lr_scales.values()):
         raise ValueError(f"layer_lr_scales must be >= 0, got {dict(layer_lr_scales)}")
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def scheduled_layer_weights(
+    start: Mapping[int, float],
+    end: Mapping[int, float] | None,
+    schedule: str,
+    progress: float,
+    last_layer: int,
+    warmup_fraction: float = 1.0,
+) -> dict[int, float]:
+    """The layer weights at `progress` (0..1) of training: `start` moved towards `end` by `schedule`,
+    then every intermediate layer's weight scaled by `warmup_fraction` (EE-LLM's warm-up of exits)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"alpha_schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "constant" or end is None:
+        weights = dict(start)
+    else:
+        t = min(max(progress, 0.0), 1.0)
+        f = t if schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * t))
+        weights = {layer: (1 - f) * start.get(layer, 0.0) + f * end.get(layer, 0.0) for layer in {*start, *end}}
+    return {layer: w if layer == last_layer else w * warmup_fraction for layer, w in weights.items()}

@@ -11,7 +11,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from cascade.hf_models import build_causal_lm
-from cascade.layer_exits import check_layer_weights, check_lr_scales, layer_weighted_loss, parameters_by_layer
+from cascade.layer_exits import (
+    SCHEDULES,
+    check_layer_weights,
+    check_lr_scales,
+    layer_weighted_loss,
+    parameters_by_layer,
+    scheduled_layer_weights,
+)
 from cascade.llm import LLM
 from cascade.sequence_data import Batch
 
@@ -50,6 +57,9 @@ class StageModule(LightningModule):
         layer_weights: Per-layer loss weights {layer: weight}, 1-indexed (last layer = L): the loss is
             the weighted sum of each layer's cross-entropy through the model's own final norm and LM
             head. Default {L: 1}, standard training; {1: 0.5, L: 0.5} is auxiliary-loss (DEED) training.
+        layer_weights_end: The weights that `alpha_schedule` moves `layer_weights` to by the last step.
+        alpha_schedule: How the layer weights move during training: constant, linear or cosine.
+        exit_warmup_steps: Intermediate layers' weights ramp up linearly from 0 over these steps.
         layer_lr_scales: Learning-rate multipliers {layer: scale} (discriminative fine-tuning), with
             "embeddings" and "head" (final norm and an untied LM head) as keys of their own; 1 elsewhere.
         llm: An existing LLM to train (Python API); when given, the model arguments are unused.
@@ -70,6 +80,9 @@ class StageModule(LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         layer_weights: dict[int, float] | None = None,
+        layer_weights_end: dict[int, float] | None = None,
+        alpha_schedule: str = "constant",
+        exit_warmup_steps: int = 0,
         layer_lr_scales: dict[int | str, float] | None = None,
         llm: LLM | None = None,
     ):
@@ -84,6 +97,13 @@ class StageModule(LightningModule):
             )
         self.layer_weights = dict(layer_weights or {llm.num_layers: 1.0})
         check_layer_weights(self.layer_weights, llm.num_layers)
+        self.layer_weights_end = dict(layer_weights_end) if layer_weights_end else None
+        if self.layer_weights_end is not None:
+            check_layer_weights(self.layer_weights_end, llm.num_layers)
+        elif alpha_schedule != "constant":
+            raise ValueError(f"alpha_schedule {alpha_schedule!r} moves layer_weights towards layer_weights_end: give it")
+        if alpha_schedule not in SCHEDULES:
+            raise ValueError(f"alpha_schedule must be one of {SCHEDULES}, got {alpha_schedule!r}")
         self.layer_lr_scales = dict(layer_lr_scales or {})
         check_lr_scales(self.layer_lr_scales, llm.num_layers)
         self.llm = llm
@@ -95,17 +115,28 @@ class StageModule(LightningModule):
     def peak_lr(self) -> float:
         return self.hparams.lr * self.hparams.lr_decay**self.hparams.stage
 
+    def current_layer_weights(self) -> dict[int, float]:
+        """The layer weights at this step of training (fixed unless `alpha_schedule` moves them)."""
+        if self._trainer is None:
+            return self.layer_weights
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.hparams.exit_warmup_steps
+        return scheduled_layer_weights(
+            self.layer_weights, self.layer_weights_end, self.hparams.alpha_schedule, self.global_step / total,
+            self.llm.num_layers, min(1.0, self.global_step / warmup) if warmup else 1.0,
+        )
+
     def loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
         """Layer-weighted mean next-token cross-entropy over the batch's real tokens, and their count."""
-        loss, _ = self.layer_losses(batch)
+        loss, _ = self.layer_losses(batch, self.current_layer_weights())
         return loss, batch.num_tokens
 
-    def layer_losses(self, batch: Batch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def layer_losses(self, batch: Batch, weights: dict[int, float]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         input_type = "token_ids" if batch.inputs.dim() == 2 else "hidden_states"
         segment_ids = None if batch.single_sequence_rows else batch.segment_ids
-        history = tuple(layer for layer in self.layer_weights if layer != self.llm.num_layers)
+        history = tuple(layer for layer in weights if layer != self.llm.num_layers)
         h_out, hidden_history = self.llm(batch.inputs, input_type, batch.position_ids, segment_ids, history=history)
-        return layer_weighted_loss(self.llm, hidden_history, h_out, batch.targets, self.layer_weights)
+        return layer_weighted_loss(self.llm, hidden_history, h_out, batch.targets, weights)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Raise on a non-finite loss; reading the flag waits for the GPU, so training looks every few steps."""
@@ -137,11 +168,13 @@ class StageModule(LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss, per_layer = self.layer_losses(batch)
+        weights = self.current_layer_weights()
+        loss, per_layer = self.layer_losses(batch, weights)
         tokens = batch.num_tokens
         self._check_finite(loss)
-        if len(per_layer) > 1:
+        if len(weights) > 1 or self.layer_weights_end is not None:
             self.log_dict({f"train/ce_layer_{layer}": ce.detach() for layer, ce in per_layer.items()})
+            self.log_dict({f"train/layer_weight_{layer}": w for layer, w in weights.items()})
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
@@ -153,8 +186,13 @@ class StageModule(LightningModule):
         self.log("train/tokens_per_s", self._tokens * self.trainer.world_size / elapsed, prog_bar=True)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        loss, tokens = self.loss(batch)
-        self.val_nll.update(loss, weight=tokens)
+        # val/loss and val/ppl are the model's own output (last layer); weighted layers get val/ce_layer_l
+        last = self.llm.num_layers
+        layers = {layer: 1.0 for layer in (*self.layer_weights, *(self.layer_weights_end or {}), last)}
+        _, per_layer = self.layer_losses(batch, layers)
+        self.val_nll.update(per_layer[last], weight=batch.num_tokens)
+        if len(per_layer) > 1:
+            self.log_dict({f"val/ce_layer_{layer}": ce for layer, ce in per_layer.items()}, batch_size=batch.num_tokens)
 
     def on_validation_epoch_end(self) -> None:
         nll = self.val_nll.compute()

@@ -51,7 +51,7 @@ def test_auxiliary_loss_is_the_weighted_sum_of_layer_cross_entropies():
     model = tiny_model("gpt2", n_layer=3)
     module = StageModule(llm=LLM(model), layer_weights={1: 0.7, 3: 0.3})
     t, batch = windows_batch(seed=1)
-    loss, per_layer = module.layer_losses(batch)
+    loss, per_layer = module.layer_losses(batch, module.layer_weights)
     hidden = model(t[:, :-1], output_hidden_states=True)
     ce1 = F.cross_entropy(model.lm_head(model.transformer.ln_f(hidden.hidden_states[1])).flatten(0, 1), t[:, 1:].flatten())
     ce3 = F.cross_entropy(hidden.logits.flatten(0, 1), t[:, 1:].flatten())
@@ -88,3 +88,39 @@ def test_per_layer_learning_rates_land_in_the_optimizer_groups():
     assert len(lr_of) == sum(1 for _ in llm.parameters())
     with pytest.raises(ValueError, match=r"layer_lr_scales names \[4, 'body'\]"):
         StageModule(llm=llm, layer_lr_scales={4: 1.0, "body": 1.0})
+
+
+def test_layer_weight_schedules():
+    from cascade.layer_exits import scheduled_layer_weights
+
+    start, end = {1: 0.5, 3: 0.5}, {1: 0.0, 3: 1.0}
+    assert scheduled_layer_weights(start, end, "constant", 0.7, 3) == start
+    assert scheduled_layer_weights(start, end, "linear", 0.5, 3) == pytest.approx({1: 0.25, 3: 0.75})
+    assert scheduled_layer_weights(start, end, "cosine", 0.5, 3) == pytest.approx({1: 0.25, 3: 0.75})
+    assert scheduled_layer_weights(start, end, "cosine", 0.25, 3)[1] == pytest.approx(0.5 * (1 - 0.5 * (1 - 2**-0.5)))
+    assert scheduled_layer_weights(start, end, "linear", 1.0, 3) == pytest.approx(end)
+    assert scheduled_layer_weights(start, None, "constant", 0.0, 3, warmup_fraction=0.2) == pytest.approx({1: 0.1, 3: 0.5})
+    with pytest.raises(ValueError, match="alpha_schedule must be one of"):
+        scheduled_layer_weights(start, end, "step", 0.5, 3)
+    with pytest.raises(ValueError, match="give it"):
+        StageModule(llm=LLM(tiny_model("gpt2")), layer_weights={1: 0.5, 2: 0.5}, alpha_schedule="linear")
+
+
+def test_scheduled_weights_are_logged_during_training(tmp_path):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from datamodules import SequenceDataModule
+
+    module = StageModule(llm=LLM(tiny_model("gpt2")), layer_weights={1: 1.0, 2: 0.0}, layer_weights_end={1: 0.0, 2: 1.0},
+                         alpha_schedule="linear", warmup_steps=1)
+    t, _ = windows_batch(rows=16)
+    data = SequenceData.from_token_batches([(t[:, :-1], t[:, 1:])])
+    trainer = Trainer(max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=SequenceDataModule.from_data(data, data, batch_size=4))
+    import csv
+
+    rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("train/layer_weight_1")]
+    assert [float(r["train/layer_weight_1"]) for r in rows] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert [float(r["train/layer_weight_2"]) for r in rows] == pytest.approx([0.0, 0.25, 0.5, 0.75])
