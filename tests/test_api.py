@@ -49,3 +49,32 @@ def test_seed_usage_example(tmp_path):
     llm_2 = LLM(AutoModelForCausalLM.from_config(gpt2_config))
     ensemble.add_llm(llm_2)
     assert len(ensemble) == 3
+
+
+def test_experiment_config_builds_a_cascade_of_fresh_llms():
+    from cascade import ExperimentConfig
+
+    config = ExperimentConfig(model="llama", num_llms=3, model_config={
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2})
+    ensemble = config.build_ensemble(vocab_size=50)
+    assert len(ensemble) == 3 and ensemble.vocab_size == 50 and ensemble.dim == 32
+    assert not torch.equal(ensemble.llms[0].base_llm.lm_head.weight, ensemble.llms[1].base_llm.lm_head.weight)
+
+
+def test_wikitext_dataloaders_from_local_files(tmp_path):
+    from cascade import create_wikitext_dataloaders
+    from conftest import SHARED_DATA
+
+    raw, tokenizer = SHARED_DATA / "wikitext-2-raw", SHARED_DATA / "gpt2-tokenizer"
+    if not raw.is_dir() or not tokenizer.is_dir():
+        pytest.skip(f"{raw} or {tokenizer} is absent")
+    train, val = create_wikitext_dataloaders(
+        batch_size=8, seq_len=128, tokenizer=str(tokenizer), train_file=str(raw / "wiki.valid.raw"),
+        val_file=str(raw / "wiki.test.raw"), cache_dir=str(tmp_path),
+    )
+    x, y = train[0]
+    assert x.shape == y.shape == (8, 128) and x.dtype == torch.long
+    assert torch.equal(x[0, 1:], y[0, :-1])
+    windows = sum(b[0].shape[0] for b in train)
+    assert 240_000 // 128 < windows < 260_000 // 128  # wiki.valid.raw is about 250K GPT-2 tokens
+    assert sum(b[0].shape[0] for b in val) > windows
