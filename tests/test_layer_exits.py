@@ -124,3 +124,51 @@ def test_scheduled_weights_are_logged_during_training(tmp_path):
     rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("train/layer_weight_1")]
     assert [float(r["train/layer_weight_1"]) for r in rows] == pytest.approx([1.0, 0.75, 0.5, 0.25])
     assert [float(r["train/layer_weight_2"]) for r in rows] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+
+
+def _count_positions(module):
+    counts = {"positions": 0}
+
+    def hook(mod, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        counts["positions"] += h.shape[0] * h.shape[1]
+
+    module.register_forward_hook(hook)
+    return counts
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_exit_with_no_exit_equals_the_full_model(arch):
+    from cascade import compute_ppl, create_sequence_data, Ensemble
+    from cascade.layer_skip import evaluate_layer_exit
+    from conftest import token_batches
+
+    llm = LLM(tiny_model(arch, n_layer=3) if arch == "gpt2" else tiny_model(arch, num_hidden_layers=3))
+    data = create_sequence_data(Ensemble([llm]), token_batches(num_batches=2, batch_size=3, seq_len=16))
+    stats = evaluate_layer_exit(llm, data, batch_size=4, exit_layer=1, threshold=2.0)  # probabilities never reach 2
+    assert stats["exit_fraction"] == 0.0 and stats["compute_fraction"] == 1.0
+    assert stats["routed_ppl"] == pytest.approx(compute_ppl(llm, data, batch_size=4), rel=1e-5)
+
+
+def test_layer_exit_skips_the_later_layers_for_exiting_tokens():
+    from cascade import create_sequence_data, Ensemble
+    from cascade.layer_skip import evaluate_layer_exit
+    from conftest import token_batches
+
+    llm = LLM(tiny_model("llama", num_hidden_layers=3))
+    data = create_sequence_data(Ensemble([llm]), token_batches(num_batches=2, batch_size=4, seq_len=16))
+    # a threshold at the median confidence: about half the tokens exit after layer 2
+    from cascade.layer_exits import logit_lens
+    with torch.no_grad():
+        h = torch.cat([llm(data.sequence(s).inputs[None], history=(2,))[1][2][0] for s in range(data.num_sequences)])
+        confidence = logit_lens(llm, h).softmax(-1).amax(-1)
+    threshold = float(confidence.median())
+    counts = [_count_positions(layer) for layer in llm.layers]
+    stats = evaluate_layer_exit(llm, data, 4, exit_layer=2, threshold=threshold)
+    continuing = int((confidence < threshold).sum())
+    assert stats["continuing_tokens"] == continuing and 0 < continuing < data.num_tokens
+    assert counts[0]["positions"] == counts[1]["positions"] == data.num_tokens  # every token, windows unpadded
+    assert continuing <= counts[2]["positions"] < data.num_tokens  # only the continuing tokens (plus row padding)
+    assert stats["compute_fraction"] == pytest.approx((data.num_tokens * 2 + continuing) / (data.num_tokens * 3))
+    with pytest.raises(ValueError, match="exit_layer must be one of 1..2"):
+        evaluate_layer_exit(llm, data, 4, exit_layer=3, threshold=0.5)
