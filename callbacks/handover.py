@@ -15,6 +15,7 @@ from torch import Tensor
 
 from cascade.handover import calibrate_threshold, collect_hard_tokens, route_hard_tokens
 from cascade.handover_disk import hand_over_to_disk
+from cascade.routing import check_hard_ratio
 from cascade.sequence_data import SequenceData
 from cascade.shards import merge_parts, part_name
 
@@ -58,8 +59,7 @@ class StageHandover(Callback):
     """
 
     def __init__(self, hard_ratio: float = 0.3, output_dir: str | None = None, batch_size: int | None = None):
-        if not 0.0 < hard_ratio < 1.0:
-            raise ValueError(f"hard_ratio must lie strictly between 0 and 1 (the fraction of tokens passed on), got {hard_ratio}")
+        check_hard_ratio(hard_ratio)
         self.hard_ratio = hard_ratio
         self.output_dir = output_dir
         self.batch_size = batch_size

@@ -16,7 +16,6 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

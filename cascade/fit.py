@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -26,13 +25,10 @@ from cascade.hf_models import max_positions
 from cascade.report import format_eval_table
 from cascade.run_state import latest_checkpoint, mark_stage_done, stage_is_done
 from cascade.shards import is_complete
+from cascade.utils import default_precision, get_device
 from datamodules.sequence import SequenceDataModule
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
-
-
-def default_precision() -> str:
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
 class CascadeCLI(LightningCLI):
@@ -140,8 +136,7 @@ class CascadeCLI(LightningCLI):
 
     def evaluate(self, text: TextDataModule, num_llms: int) -> dict:
         """True early exit of the trained ensemble on the validation split; prints the table, writes eval.json."""
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        ensemble = Ensemble.from_pretrained(self.run_dir, num_llms=num_llms).to(device)
+        ensemble = Ensemble.from_pretrained(self.run_dir, num_llms=num_llms).to(get_device())
         batch_size = self.config.eval_batch_size or text.batch_size
         stats = ensemble.evaluate(text.token_batches("validation", batch_size), batch_size)
         print(f"\nTrue early-exit evaluation of {self.run_dir} on the validation split:")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -12,6 +11,7 @@ from callbacks.handover import StageHandover
 from cascade.config import TrainerConfig
 from cascade.llm import LLM
 from cascade.sequence_data import SequenceData
+from cascade.utils import default_precision
 from datamodules.sequence import SequenceDataModule
 from lightning_modules.stage import StageModule
 
@@ -38,7 +38,7 @@ def train_llm(
     data = SequenceDataModule.from_data(train_data, val_data, config.batch_size)
     stage_path = Path(config.output_dir) / f"stage_{stage}" if config.output_dir else None
     handover = StageHandover(config.hard_ratio, str(stage_path / "handover") if stage_path else None)
-    precision = config.precision or ("bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true")
+    precision = config.precision or default_precision()
     trainer = Trainer(
         max_epochs=config.max_epochs,
         max_steps=config.max_steps,

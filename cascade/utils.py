@@ -22,3 +22,8 @@ def get_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def default_precision() -> str:
+    """Lightning precision: bf16 mixed on a GPU that supports it, full fp32 elsewhere."""
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"

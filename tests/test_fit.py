@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cascade import Ensemble

@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 from cascade import SequenceData
 from cascade.packing import block_causal_mask, next_fit_row_starts, segment_arange
