@@ -72,6 +72,17 @@ def parameters_by_layer(llm: "LLM") -> dict[int | str, list[nn.Parameter]]:
     return groups
 
 
+def check_exit_routing(exit_layer: int | None, threshold: float | None, routed_loss: bool, num_layers: int) -> None:
+    if exit_layer is not None and not 1 <= exit_layer < num_layers:
+        raise ValueError(f"exit_layer must be one of 1..{num_layers - 1} (a layer before the last), got {exit_layer}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"routing_threshold is a max softmax probability in [0, 1], got {threshold}")
+    if (exit_layer is None) != (threshold is None):
+        raise ValueError("exit_layer and routing_threshold go together: give both or neither")
+    if routed_loss and exit_layer is None:
+        raise ValueError("routed_loss needs exit_layer and routing_threshold: where tokens exit and how confident they must be")
+
+
 def check_lr_scales(layer_lr_scales: Mapping[int | str, float], num_layers: int) -> None:
     bad = [k for k in layer_lr_scales if k not in ("embeddings", "head") and not (isinstance(k, int) and 1 <= k <= num_layers)]
     if bad:

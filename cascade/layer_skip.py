@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,7 @@ from torch import Tensor, nn
 
 from cascade.inference import autocast_for
 from cascade.layer_exits import logit_lens
-from cascade.routing import compact_hard_tokens
-from cascade.sequence_data import SequenceData
+from cascade.sequence_data import Batch, SequenceData
 
 if TYPE_CHECKING:
     from cascade.llm import LLM
@@ -83,47 +82,102 @@ def run_from(llm: "LLM", h: Tensor, position_ids: Tensor, segment_ids: Tensor | 
     return h_out
 
 
-@torch.no_grad()
-def evaluate_layer_exit(llm: "LLM", data: SequenceData, batch_size: int, exit_layer: int, threshold: float) -> dict:
-    """Tokens whose max softmax probability at `exit_layer` is >= `threshold` exit there; only the others run
-    the remaining layers. Returns the exit fraction, the routed perplexity, the perplexity of both exits on
-    every token, and the compute fraction (decoder-layer work relative to every layer on every token)."""
+def compact_rows(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """For each row of `keep` (B, T), the columns of its kept tokens in order, left-aligned: `index`
+    (B, T') with T' the largest count, and `real` (B, T') marking entries that are kept tokens (not padding)."""
+    counts = keep.sum(1)
+    width = max(int(counts.max()), 1)
+    index = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
+    real = torch.arange(width, device=keep.device) < counts.unsqueeze(1)
+    return index, real
+
+
+def routed_nll(llm: "LLM", batch: Batch, exit_layer: int, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Per real token of `batch` (row-major order): the NLL of the exit layer's logit lens, its max softmax
+    probability, and for each threshold the routed NLL, computed with true layer skipping. Differentiable
+    (token-routed training): the routing decision itself carries no gradient.
+
+    Layers 1..e run on every token; for each threshold the tokens below it are compacted within
+    their rows (order, positions and segments kept, rule 2) and only they run layers e + 1..L.
+    """
+    input_type = "token_ids" if batch.inputs.dim() == 2 else "hidden_states"
+    real = batch.token_index >= 0  # (B, T)
+    h = run_until(llm, batch.inputs, input_type, batch.position_ids, None if batch.single_sequence_rows else batch.segment_ids, exit_layer)
+    logits = logit_lens(llm, h[real]).float()
+    nll_exit = F.cross_entropy(logits, batch.targets[real], reduction="none")
+    confidence = logits.detach().softmax(-1).amax(-1)
+    routed = []
+    for threshold in thresholds:
+        continuing = torch.zeros_like(real)
+        continuing[real] = confidence < threshold
+        nll = nll_exit.clone()
+        if continuing.any():
+            index, kept = compact_rows(continuing)
+            segments = batch.segment_ids.gather(1, index).masked_fill(~kept, -1)
+            h_out = run_from(llm, h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1])), batch.position_ids.gather(1, index), segments, exit_layer)
+            last = F.cross_entropy(llm.get_logits(h_out[kept]).float(), batch.targets.gather(1, index)[kept], reduction="none")
+            nll[continuing[real]] = last  # row-major order of the continuing tokens is kept by the compaction
+        routed.append(nll)
+    return nll_exit, confidence, routed
+
+
+def threshold_sweep(llm: "LLM", data: SequenceData, batch_size: int, exit_layer: int, thresholds: Sequence[float]) -> list[dict]:
+    """`evaluate_layer_exit` at each threshold (layers 1..e run once per batch for all of them): the
+    perplexity-vs-compute curve of a confidence exit after layer `exit_layer`."""
     if not 1 <= exit_layer < llm.num_layers:
         raise ValueError(f"exit_layer must be one of 1..{llm.num_layers - 1} (a layer before the last), got {exit_layer}")
-    n, device, L = data.num_tokens, llm.device, llm.num_layers
-    h_exit = torch.empty(n, llm.dim, dtype=torch.float32)
-    nll_exit, confidence = torch.empty(n), torch.empty(n)
+    L, device = llm.num_layers, llm.device
+    nll_exit, confidence, routed = [], [], [[] for _ in thresholds]
     was_training = llm.training
     llm.eval()
     try:
         for batch in data.batches(batch_size):
-            index = batch.token_index[batch.token_index >= 0]
-            b = batch.to(device)
-            valid = b.token_index >= 0
-            with autocast_for(device):
-                h = run_until(llm, b.inputs, data.input_type, b.position_ids, None if b.single_sequence_rows else b.segment_ids, exit_layer)[valid]
-                logits = logit_lens(llm, h).float()
-            h_exit[index] = h.float().cpu()
-            nll_exit[index] = F.cross_entropy(logits, b.targets[valid], reduction="none").cpu()
-            confidence[index] = logits.softmax(-1).amax(-1).cpu()
-        exits = confidence >= threshold
-        continuing = compact_hard_tokens(data, ~exits, h_exit)
-        nll_last = torch.full((n,), float("nan"))
-        index_of = (~exits).nonzero().squeeze(1)  # continuing token j is token index_of[j] of `data`
-        for batch in continuing.batches(batch_size):
-            where = batch.token_index >= 0
-            b = batch.to(device)
-            with autocast_for(device):
-                h_out = run_from(llm, b.inputs, b.position_ids, None if b.single_sequence_rows else b.segment_ids, exit_layer)
-                logits = llm.get_logits(h_out[where.to(device)]).float()
-            nll_last[index_of[batch.token_index[where]]] = F.cross_entropy(logits, b.targets[where.to(device)], reduction="none").cpu()
+            with torch.no_grad(), autocast_for(device):
+                exit_nll, conf, nlls = routed_nll(llm, batch.to(device), exit_layer, thresholds)
+            nll_exit.append(exit_nll.cpu())
+            confidence.append(conf.cpu())
+            for out, nll in zip(routed, nlls):
+                out.append(nll.cpu())
     finally:
         llm.train(was_training)
-    routed = torch.where(exits, nll_exit, nll_last)
-    return {
-        "exit_fraction": exits.float().mean().item(),
-        "routed_ppl": math.exp(routed.double().mean().item()),
-        "exit_layer_ppl": math.exp(nll_exit.double().mean().item()),
-        "continuing_tokens": int((~exits).sum()),
-        "compute_fraction": (n * exit_layer + int((~exits).sum()) * (L - exit_layer)) / (n * L),
-    }
+    nll_exit, confidence = torch.cat(nll_exit).double(), torch.cat(confidence)
+    n, results = nll_exit.numel(), []
+    for threshold, nll in zip(thresholds, routed):
+        continuing = int((confidence < threshold).sum())
+        results.append({
+            "threshold": float(threshold),
+            "exit_fraction": 1 - continuing / n,
+            "routed_ppl": math.exp(torch.cat(nll).double().mean().item()),
+            "exit_layer_ppl": math.exp(nll_exit.mean().item()),
+            "continuing_tokens": continuing,
+            "compute_fraction": (n * exit_layer + continuing * (L - exit_layer)) / (n * L),
+        })
+    return results
+
+
+def evaluate_layer_exit(llm: "LLM", data: SequenceData, batch_size: int, exit_layer: int, threshold: float) -> dict:
+    """Tokens whose max softmax probability at `exit_layer` is >= `threshold` exit there; only the others run
+    the remaining layers. Returns the exit fraction, the routed perplexity, the exit layer's perplexity on
+    every token, and the compute fraction (decoder-layer work relative to every layer on every token)."""
+    return threshold_sweep(llm, data, batch_size, exit_layer, [threshold])[0]
+
+
+@torch.no_grad()
+def layer_perplexities(llm: "LLM", data: SequenceData, batch_size: int) -> dict[int, float]:
+    """Perplexity of every layer's logit lens on every token ({l: ppl}, l = 1..L): the quality of each possible exit."""
+    L, device = llm.num_layers, llm.device
+    total = torch.zeros(L + 1, dtype=torch.float64)
+    was_training = llm.training
+    llm.eval()
+    try:
+        for batch in data.batches(batch_size):
+            b = batch.to(device)
+            real = b.token_index >= 0
+            with autocast_for(device):
+                h_out, history = llm(b.inputs, data.input_type, b.position_ids, None if b.single_sequence_rows else b.segment_ids, history=range(1, L))
+                for layer in range(1, L + 1):
+                    logits = llm.get_logits(h_out[real]) if layer == L else logit_lens(llm, history[layer][real])
+                    total[layer] += F.cross_entropy(logits.float(), b.targets[real], reduction="sum").double().cpu()
+    finally:
+        llm.train(was_training)
+    return {layer: math.exp(total[layer].item() / data.num_tokens) for layer in range(1, L + 1)}

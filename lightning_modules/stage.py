@@ -13,12 +13,14 @@ from torchmetrics import MeanMetric
 from cascade.hf_models import build_causal_lm
 from cascade.layer_exits import (
     SCHEDULES,
+    check_exit_routing,
     check_layer_weights,
     check_lr_scales,
     layer_weighted_loss,
     parameters_by_layer,
     scheduled_layer_weights,
 )
+from cascade.layer_skip import routed_nll
 from cascade.llm import LLM
 from cascade.sequence_data import Batch
 
@@ -62,6 +64,12 @@ class StageModule(LightningModule):
         exit_warmup_steps: Intermediate layers' weights ramp up linearly from 0 over these steps.
         layer_lr_scales: Learning-rate multipliers {layer: scale} (discriminative fine-tuning), with
             "embeddings" and "head" (final norm and an untied LM head) as keys of their own; 1 elsewhere.
+        exit_layer: A layer e < L after which confident tokens exit (true layer skipping): validation then
+            reports the routed perplexity, exit fraction and compute fraction at `routing_threshold`.
+        routing_threshold: A token exits at `exit_layer` iff its max softmax probability there is >= this.
+        routed_loss: Token-routed training: tokens confident at `exit_layer` take their loss there, the
+            others at the last layer, and layers after `exit_layer` run only on the others (replaces
+            `layer_weights`).
         llm: An existing LLM to train (Python API); when given, the model arguments are unused.
     """
 
@@ -84,6 +92,9 @@ class StageModule(LightningModule):
         alpha_schedule: str = "constant",
         exit_warmup_steps: int = 0,
         layer_lr_scales: dict[int | str, float] | None = None,
+        exit_layer: int | None = None,
+        routing_threshold: float | None = None,
+        routed_loss: bool = False,
         llm: LLM | None = None,
     ):
         super().__init__()
@@ -106,8 +117,13 @@ class StageModule(LightningModule):
             raise ValueError(f"alpha_schedule must be one of {SCHEDULES}, got {alpha_schedule!r}")
         self.layer_lr_scales = dict(layer_lr_scales or {})
         check_lr_scales(self.layer_lr_scales, llm.num_layers)
+        check_exit_routing(exit_layer, routing_threshold, routed_loss, llm.num_layers)
+        if routed_loss and (layer_weights or layer_weights_end):
+            raise ValueError("routed_loss sets each token's loss layer itself: leave layer_weights and layer_weights_end unset")
         self.llm = llm
         self.val_nll = MeanMetric()
+        self.val_routed_nll = MeanMetric()
+        self.val_exit_fraction = MeanMetric()
         self._all_finite: torch.Tensor | None = None
         self._step_start = 0.0
 
@@ -130,6 +146,12 @@ class StageModule(LightningModule):
         """Layer-weighted mean next-token cross-entropy over the batch's real tokens, and their count."""
         loss, _ = self.layer_losses(batch, self.current_layer_weights())
         return loss, batch.num_tokens
+
+    def routed_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per real token: the routed NLL (exit layer for confident tokens, last layer for the others, with
+        true layer skipping), the exit layer's NLL and whether the token exits."""
+        nll_exit, confidence, (routed,) = routed_nll(self.llm, batch, self.hparams.exit_layer, [self.hparams.routing_threshold])
+        return routed, nll_exit, confidence >= self.hparams.routing_threshold
 
     def layer_losses(self, batch: Batch, weights: dict[int, float]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         input_type = "token_ids" if batch.inputs.dim() == 2 else "hidden_states"
@@ -168,8 +190,13 @@ class StageModule(LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        weights = self.current_layer_weights()
-        loss, per_layer = self.layer_losses(batch, weights)
+        if self.hparams.routed_loss:
+            routed, _, exits = self.routed_losses(batch)
+            loss, weights, per_layer = routed.mean(), {}, {}
+            self.log("train/exit_fraction", exits.float().mean())
+        else:
+            weights = self.current_layer_weights()
+            loss, per_layer = self.layer_losses(batch, weights)
         tokens = batch.num_tokens
         self._check_finite(loss)
         if len(weights) > 1 or self.layer_weights_end is not None:
@@ -189,16 +216,30 @@ class StageModule(LightningModule):
         # val/loss and val/ppl are the model's own output (last layer); weighted layers get val/ce_layer_l
         last = self.llm.num_layers
         layers = {layer: 1.0 for layer in (*self.layer_weights, *(self.layer_weights_end or {}), last)}
+        if self.hparams.exit_layer is not None:
+            layers[self.hparams.exit_layer] = 1.0
         _, per_layer = self.layer_losses(batch, layers)
         self.val_nll.update(per_layer[last], weight=batch.num_tokens)
         if len(per_layer) > 1:
             self.log_dict({f"val/ce_layer_{layer}": ce for layer, ce in per_layer.items()}, batch_size=batch.num_tokens)
+        if self.hparams.routing_threshold is not None:
+            routed, _, exits = self.routed_losses(batch)
+            self.val_routed_nll.update(routed.mean(), weight=batch.num_tokens)
+            self.val_exit_fraction.update(exits.float().mean(), weight=batch.num_tokens)
 
     def on_validation_epoch_end(self) -> None:
         nll = self.val_nll.compute()
         self.log("val/loss", nll, prog_bar=True)
         self.log("val/ppl", nll.exp())
         self.val_nll.reset()
+        if self.hparams.routing_threshold is not None:
+            e, L = self.hparams.exit_layer, self.llm.num_layers
+            exit_fraction = self.val_exit_fraction.compute()
+            self.log("val/routed_ppl", self.val_routed_nll.compute().exp())
+            self.log("val/exit_fraction", exit_fraction)
+            self.log("val/compute_fraction", (e + (1 - exit_fraction) * (L - e)) / L)
+            self.val_routed_nll.reset()
+            self.val_exit_fraction.reset()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning refuses to clip for a fused optimizer under mixed precision because fp16 loss

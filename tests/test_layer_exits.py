@@ -172,3 +172,120 @@ def test_layer_exit_skips_the_later_layers_for_exiting_tokens():
     assert stats["compute_fraction"] == pytest.approx((data.num_tokens * 2 + continuing) / (data.num_tokens * 3))
     with pytest.raises(ValueError, match="exit_layer must be one of 1..2"):
         evaluate_layer_exit(llm, data, 4, exit_layer=3, threshold=0.5)
+
+
+def _three_layer_llm(arch="llama", seed=0):
+    return LLM(tiny_model(arch, seed=seed, n_layer=3) if arch == "gpt2" else tiny_model(arch, seed=seed, num_hidden_layers=3))
+
+
+def _varied_sequences(seed=0):
+    """Stage-k-like data: sequences of different lengths with gaps in their positions (packed several to a row)."""
+    from cascade.routing import compact_hard_tokens
+    from conftest import token_batches
+
+    data = SequenceData.from_token_batches(token_batches(num_batches=2, batch_size=4, seq_len=16, seed=seed))
+    keep = torch.rand(data.num_tokens, generator=torch.Generator().manual_seed(seed)) < 0.6
+    return compact_hard_tokens(data, keep)
+
+
+def _median_confidence(llm, data, layer):
+    from cascade.layer_skip import routed_nll
+
+    with torch.no_grad():
+        return float(torch.cat([routed_nll(llm, b, layer, [])[1] for b in data.batches(4)]).median())
+
+
+def test_threshold_sweep_ends_and_per_layer_perplexities():
+    from cascade import compute_ppl
+    from cascade.layer_skip import layer_perplexities, threshold_sweep
+
+    llm, data = _three_layer_llm(), _varied_sequences()
+    median = _median_confidence(llm, data, 1)
+    never, middle, always = threshold_sweep(llm, data, 4, exit_layer=1, thresholds=[1.01, median, 0.0])
+    per_layer = layer_perplexities(llm, data, 4)
+    assert never["exit_fraction"] == 0.0 and never["compute_fraction"] == 1.0
+    assert never["routed_ppl"] == pytest.approx(compute_ppl(llm, data, 4), rel=1e-5) == pytest.approx(per_layer[3], rel=1e-5)
+    assert always["exit_fraction"] == 1.0 and always["compute_fraction"] == pytest.approx(1 / 3)
+    assert always["routed_ppl"] == pytest.approx(always["exit_layer_ppl"]) == pytest.approx(per_layer[1], rel=1e-5)
+    assert 0 < middle["continuing_tokens"] < data.num_tokens
+    assert never["compute_fraction"] > middle["compute_fraction"] > always["compute_fraction"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_routed_tokens_in_packed_rows_see_only_their_own_sequences_continuing_tokens(arch):
+    """Rule 2 under layer skipping: a continuing token's last-layer NLL equals that of its sequence's
+    continuing tokens run alone (layers 1..e on the whole sequence, layers e+1..L on the continuing ones)."""
+    from cascade.layer_skip import routed_nll, run_from, run_until
+
+    llm, data = _three_layer_llm(arch), _varied_sequences(seed=1)
+    batch = next(data.batches(16, row_length=16))
+    assert not batch.single_sequence_rows and batch.num_tokens == data.num_tokens  # several sequences per row
+    threshold = _median_confidence(llm, data, 2)
+    with torch.no_grad():
+        _, confidence, (routed,) = routed_nll(llm, batch, 2, [threshold])
+        order = batch.token_index[batch.token_index >= 0]  # routed_nll's token order, as indices into data
+        expected = torch.empty(data.num_tokens)
+        for s in range(data.num_sequences):
+            seq = data.sequence(s)
+            pos = seq.positions[None]
+            h = run_until(llm, seq.inputs[None], "token_ids", pos, None, 2)[0]
+            logits = logit_lens(llm, h)
+            exits = logits.softmax(-1).amax(-1) >= threshold
+            nll = F.cross_entropy(logits, seq.targets, reduction="none")
+            if (~exits).any():
+                h_out = run_from(llm, h[~exits][None], pos[:, ~exits], None, 2)[0]
+                nll[~exits] = F.cross_entropy(llm.get_logits(h_out), seq.targets[~exits], reduction="none")
+            expected[int(data.offsets[s]) : int(data.offsets[s + 1])] = nll
+    assert 0 < int((confidence < threshold).sum()) < data.num_tokens
+    assert_close(routed, expected[order], rtol=1e-4, atol=1e-5)
+
+
+def test_token_routed_training_takes_each_tokens_loss_at_its_exit_and_skips_later_layers_for_exits():
+    llm = _three_layer_llm()
+    _, batch = windows_batch(rows=4, length=12)
+    plain, _ = StageModule(llm=copy.deepcopy(llm)).loss(batch)
+    nobody = StageModule(llm=copy.deepcopy(llm), exit_layer=1, routing_threshold=1.0, routed_loss=True)
+    routed, _, exits = nobody.routed_losses(batch)
+    assert not exits.any()
+    assert_close(routed.mean(), plain)
+    everybody = StageModule(llm=llm, exit_layer=1, routing_threshold=0.0, routed_loss=True)
+    routed, nll_exit, exits = everybody.routed_losses(batch)
+    assert exits.all() and torch.equal(routed, nll_exit)
+    routed.mean().backward()
+    assert all(p.grad is None for p in llm.layers[1:].parameters())  # layers after the exit never ran
+    assert all(p.grad is not None for p in llm.layers[0].parameters())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(exit_layer=3, routing_threshold=0.5), "exit_layer must be one of 1..2"),
+    (dict(exit_layer=1), "give both or neither"),
+    (dict(exit_layer=1, routing_threshold=1.5), r"routing_threshold is a max softmax probability in \[0, 1\], got 1.5"),
+    (dict(routed_loss=True), "routed_loss needs exit_layer"),
+    (dict(exit_layer=1, routing_threshold=0.5, routed_loss=True, layer_weights={1: 1.0}), "leave layer_weights"),
+])
+def test_bad_exit_routing_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StageModule(llm=_three_layer_llm(), **kwargs)
+
+
+def test_validation_reports_routed_perplexity_exit_and_compute_fraction(tmp_path):
+    import csv
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from cascade.layer_skip import evaluate_layer_exit
+    from datamodules import SequenceDataModule
+
+    llm, data = _three_layer_llm("gpt2"), _varied_sequences(seed=2)
+    threshold = _median_confidence(llm, data, 2)
+    module = StageModule(llm=llm, exit_layer=2, routing_threshold=threshold, routed_loss=True, lr=1e-3, warmup_steps=1)
+    trainer = Trainer(max_steps=2, logger=CSVLogger(tmp_path), log_every_n_steps=1, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=SequenceDataModule.from_data(data, data, batch_size=64, row_length=16))
+    row = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("val/routed_ppl")][-1]  # after the last step
+    stats = evaluate_layer_exit(llm, data, 64, exit_layer=2, threshold=threshold)  # one batch: the same rows as validation
+    assert 0 < stats["exit_fraction"] < 1
+    assert float(row["val/routed_ppl"]) == pytest.approx(stats["routed_ppl"], rel=1e-4)
+    assert float(row["val/exit_fraction"]) == pytest.approx(stats["exit_fraction"], rel=1e-4)
+    assert float(row["val/compute_fraction"]) == pytest.approx(stats["compute_fraction"], rel=1e-4)
