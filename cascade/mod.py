@@ -1,0 +1,224 @@
+"""Mixture-of-Depths (Raposo et al. 2024) on the model's own decoder layers.
+
+A router (one `nn.Linear(hidden, 1)` per routed layer) scores every token. In training each
+sequence (a row, or a segment of a packed row) keeps its top `ceil(capacity * length)` tokens;
+only those, in their original order, are gathered and run through the real HF layer, under the
+original attention mask restricted to them, so they attend only to kept tokens of their own
+sequence. The others skip the layer through the residual.
+
+Top-k is not causal: whether a token is kept depends on later tokens' scores. So the router is
+also trained, by an auxiliary BCE (`aux_loss`), to predict its own top-k membership, and in
+eval mode a token is processed iff sigmoid(logit) > 0.5. That decision reads only the token's
+own residual state, which depends only on earlier tokens: at sampling time each new token is
+routed as it arrives, and a token that skips a layer would simply write no KV entry there
+(this repository keeps no KV cache; eval runs whole sequences under the same causal rule).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from cascade.llm import LLM
+
+_PER_TOKEN = ("attention_mask", "position_ids", "position_embeddings")  # layer inputs with a T axis that we gather
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def top_k_per_sequence(scores: Tensor, segment_ids: Tensor, capacity: float) -> Tensor:
+    """(B, T) scores -> (B, T) bool: each segment keeps its ceil(capacity * length) best tokens; padding (-1) none.
+
+    Tokens are sorted by score, then (stably) by segment, so each segment's tokens lie together
+    best first and a token's rank is its offset from its segment's start.
+    """
+    T = scores.shape[1]
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    order = order.gather(1, segment_ids.gather(1, order).sort(dim=1, stable=True).indices)
+    segment = segment_ids.gather(1, order)
+    positions = torch.arange(T, device=scores.device).expand_as(segment)
+    starts = torch.ones_like(segment, dtype=torch.bool)
+    starts[:, 1:] = segment[:, 1:] != segment[:, :-1]
+    start = torch.where(starts, positions, 0).cummax(1).values
+    group = starts.long().cumsum(1) - 1
+    length = torch.zeros_like(group).scatter_add_(1, group, torch.ones_like(group)).gather(1, group)
+    k = (length.double() * capacity - 1e-9).ceil().long()  # the epsilon keeps 0.3 * 10 at 3, not 4
+    keep = (positions - start < k) & (segment != -1)
+    return torch.zeros_like(keep).scatter_(1, order, keep)
+
+
+def gather_index(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T) bool -> index (B, K) of the selected positions in order, padded to the row maximum K, and valid (B, K)."""
+    T = selected.shape[1]
+    positions = torch.arange(T, device=selected.device)
+    count = selected.sum(1)
+    K = int(count.max())
+    index = torch.where(selected, positions, positions + T).sort(1).indices[:, :K]  # padding slots: unselected tokens
+    return index, positions[:K] < count[:, None]
+
+
+def gather_mask(mask: Tensor | None, index: Tensor, valid: Tensor) -> Tensor | None:
+    """The layer's 4D attention mask restricted to the gathered tokens; padding slots are seen by no real token
+    and see only themselves (so no softmax row is empty). None (plain causal) stays None while no slot is padding."""
+    B, K = index.shape
+    if mask is None:
+        if bool(valid.all()):
+            return None  # kept tokens are in order: causal over them is causal over the subset
+        mask = index[:, None, :, None] >= index[:, None, None, :]  # (B, 1, K, K) causal by original position
+    else:
+        if mask.dim() != 4:
+            raise ValueError(f"Mixture-of-Depths needs a 4D attention mask (sdpa or eager attention), got shape {tuple(mask.shape)}")
+        mask = mask.expand(B, -1, -1, -1)
+        heads, T = mask.shape[1], mask.shape[-1]
+        rows = mask.gather(2, index[:, None, :, None].expand(B, heads, K, T))
+        mask = rows.gather(3, index[:, None, None, :].expand(B, heads, K, K))
+    if bool(valid.all()):
+        return mask
+    padding_query = ~valid[:, None, :, None]
+    key_ok = valid[:, None, None, :]
+    eye = torch.eye(K, dtype=torch.bool, device=index.device)
+    if mask.dtype == torch.bool:
+        return torch.where(padding_query, eye, mask & key_ok)
+    blocked = torch.finfo(mask.dtype).min
+    own = torch.zeros(K, K, dtype=mask.dtype, device=mask.device).masked_fill(~eye, blocked)
+    return torch.where(padding_query, own, mask.masked_fill(~key_ok, blocked))
+
+
+def _gather_tokens(value: Tensor, index: Tensor) -> Tensor:
+    """(1 or B, T, ...) -> (B, K, ...) at `index` (B, K)."""
+    value = value.expand(index.shape[0], *value.shape[1:])
+    return value.gather(1, index.view(*index.shape, *[1] * (value.dim() - 2)).expand(*index.shape, *value.shape[2:]))
+
+
+class _RoutedLayer(nn.Module):
+    """Stands in for a routed decoder layer during `MixtureOfDepths.routing`: runs the real layer on the kept tokens."""
+
+    def __init__(self, layer: nn.Module, number: int, owner: "MixtureOfDepths"):
+        super().__init__()
+        self.layer, self.number = layer, number
+        self._owner = [owner]  # a list, so the wrapper does not register the routers as its children
+        self._signature = inspect.signature(layer.forward)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        mod = self._owner[0]
+        inputs = self._named_inputs(hidden_states, *args, **kwargs)
+        x = inputs.pop("hidden_states")  # (B, T, D)
+        logits = mod.routers[str(self.number)](x).squeeze(-1).float()  # (B, T)
+        selected = mod.select(self.number, x, logits)
+        if not bool(selected.any()):
+            mod.layer_tokens[self.number] = 0
+            return x
+        index, valid = gather_index(selected)  # (B, K)
+        gathered = {name: self._gather(name, value, index, valid) for name, value in inputs.items()}
+        x_kept = _gather_tokens(x, index)  # (B, K, D)
+        y = _first(self.layer(x_kept, **gathered))
+        mod.layer_tokens[self.number] = index.numel()
+        # Straight-through gate: value exactly 1 (so capacity 1.0 is the plain model), gradient d log sigmoid.
+        log_gate = F.logsigmoid(logits.gather(1, index))[..., None]
+        gate = torch.exp(log_gate - log_gate.detach())
+        mixed = (gate * y + (1 - gate) * x_kept).to(x.dtype)
+        mixed = torch.where(valid[..., None], mixed, x_kept)
+        return x.scatter(1, index[..., None].expand_as(mixed), mixed)
+
+    def _named_inputs(self, hidden_states: Tensor, *args, **kwargs) -> dict:
+        bound = self._signature.bind(hidden_states, *args, **kwargs).arguments
+        extra = [name for name, p in self._signature.parameters.items() if p.kind is p.VAR_KEYWORD]
+        return {**{k: v for k, v in bound.items() if k not in extra}, **{k: v for name in extra for k, v in bound.get(name, {}).items()}}
+
+    def _gather(self, name: str, value, index: Tensor, valid: Tensor):
+        if name == "attention_mask":
+            return gather_mask(value, index, valid)
+        if value is None or not (isinstance(value, Tensor) or isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor)):
+            return value
+        if name not in _PER_TOKEN:
+            raise ValueError(
+                f"Mixture-of-Depths cannot route {type(self.layer).__name__}: it receives {name!r}, a tensor input it "
+                f"does not know how to gather per token (known: {_PER_TOKEN}); route another architecture or extend mod.py"
+            )
+        if isinstance(value, Tensor):
+            return _gather_tokens(value, index)
+        return tuple(_gather_tokens(v, index) for v in value)  # rotary (cos, sin)
+
+
+class MixtureOfDepths(nn.Module):
+    """Routers for the routed layers of one LLM; `routing(llm)` applies them to the calls made inside it.
+
+    `capacity` in (0, 1]: the fraction of each sequence's tokens a routed layer processes in
+    training. `layers` (1-indexed): the routed layers; default every other layer, 2, 4, ...
+    After each forward: `selected[l]` (B, T) bool, `layer_tokens[l]` (tokens the layer ran on,
+    padding slots included) and `aux_loss()`.
+    """
+
+    def __init__(self, llm: "LLM", capacity: float, layers: list[int] | None = None):
+        super().__init__()
+        if not 0 < capacity <= 1:
+            raise ValueError(f"capacity must be in (0, 1], got {capacity}")
+        L = llm.num_layers
+        layers = list(range(2, L + 1, 2)) if layers is None else list(layers)
+        bad = [layer for layer in layers if not (isinstance(layer, int) and 1 <= layer <= L)]
+        if bad or not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"Mixture-of-Depths layers must be distinct layers of 1..{L} (1-indexed), at least one; got {layers}")
+        self.capacity, self.layers, self.num_layers = capacity, sorted(layers), L
+        weight = llm.base_llm.get_input_embeddings().weight
+        self.routers = nn.ModuleDict({str(l): nn.Linear(llm.dim, 1, device=weight.device, dtype=weight.dtype) for l in self.layers})
+        self._reset(None)
+
+    def _reset(self, segment_ids: Tensor | None) -> None:
+        self.segment_ids = segment_ids
+        self.selected: dict[int, Tensor] = {}
+        self.layer_tokens: dict[int, int] = {}
+        self._bce: dict[int, Tensor] = {}
+
+    def select(self, layer: int, x: Tensor, logits: Tensor) -> Tensor:
+        """The tokens layer `layer` processes: per-sequence top-k in training, sigmoid(logit) > 0.5 in eval.
+        Also records the BCE of the router (on `x` detached) against the top-k membership."""
+        segment_ids = self.segment_ids if self.segment_ids is not None else torch.zeros(logits.shape, dtype=torch.long, device=x.device)
+        assert segment_ids.shape == logits.shape, f"segment_ids {tuple(segment_ids.shape)} do not match the tokens {tuple(logits.shape)}"
+        top_k = top_k_per_sequence(logits.detach(), segment_ids, self.capacity)
+        real = segment_ids != -1
+        self.real_tokens = int(real.sum())
+        aux_logits = self.routers[str(layer)](x.detach()).squeeze(-1).float()
+        self._bce[layer] = F.binary_cross_entropy_with_logits(aux_logits[real], top_k[real].float())
+        selected = top_k if self.training else (logits > 0) & real
+        self.selected[layer] = selected
+        return selected
+
+    def aux_loss(self) -> Tensor:
+        """Σ over routed layers of the router's BCE against its own top-k membership, on the last forward."""
+        if not self._bce:
+            raise RuntimeError("aux_loss() needs a forward inside `routing(llm)` first")
+        return sum(self._bce.values())
+
+    def compute_fraction(self) -> float:
+        """Decoder-layer token work of the last forward relative to every layer on every real token."""
+        routed = sum(int(s.sum()) for s in self.selected.values())
+        return (routed + (self.num_layers - len(self.layers)) * self.real_tokens) / (self.num_layers * self.real_tokens)
+
+    @contextmanager
+    def routing(self, llm: "LLM", segment_ids: Tensor | None = None) -> Iterator["MixtureOfDepths"]:
+        """Route the routed layers of `llm` for the calls inside; pass the `segment_ids` given to `llm` (padding -1)."""
+        implementation = llm.base_llm.config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"Mixture-of-Depths needs attn_implementation 'sdpa' or 'eager', got {implementation!r}")
+        if llm.num_layers != self.num_layers:
+            raise ValueError(f"these routers were built for {self.num_layers} layers, but the LLM has {llm.num_layers}")
+        self._reset(segment_ids)
+        layers = llm.layers
+        real = {l: layers[l - 1] for l in self.layers}
+        try:
+            for l, layer in real.items():
+                layers[l - 1] = _RoutedLayer(layer, l, self)
+            yield self
+        finally:
+            for l, layer in real.items():
+                layers[l - 1] = layer
+            self.segment_ids = None
