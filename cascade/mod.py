@@ -12,12 +12,16 @@ eval mode a token is processed iff sigmoid(logit) > 0.5. That decision reads onl
 own residual state, which depends only on earlier tokens: at sampling time each new token is
 routed as it arrives, and a token that skips a layer would simply write no KV entry there
 (this repository keeps no KV cache; eval runs whole sequences under the same causal rule).
+
+The paper scales a kept token's layer update by its router weight, so no capacity reproduces
+the plain model. Here the update is scaled by a straight-through gate whose value is exactly 1
+and whose gradient is that of log sigmoid(logit) (as s / s.detach(), without its 0 / 0 when s
+underflows): capacity 1.0 is the plain model, and the router still learns from the LM loss.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
@@ -122,23 +126,25 @@ class _RoutedLayer(nn.Module):
         x_kept = _gather_tokens(x, index)  # (B, K, D)
         y = _first(self.layer(x_kept, **gathered))
         mod.layer_tokens[self.number] = index.numel()
-        # Straight-through gate: value exactly 1 (so capacity 1.0 is the plain model), gradient d log sigmoid.
+        # gate * y + (1 - gate) * x is y bit for bit when gate == 1; x + gate * (y - x) would round.
         log_gate = F.logsigmoid(logits.gather(1, index))[..., None]
         gate = torch.exp(log_gate - log_gate.detach())
         mixed = (gate * y + (1 - gate) * x_kept).to(x.dtype)
         mixed = torch.where(valid[..., None], mixed, x_kept)
         return x.scatter(1, index[..., None].expand_as(mixed), mixed)
 
-    def _named_inputs(self, hidden_states: Tensor, *args, **kwargs) -> dict:
-        bound = self._signature.bind(hidden_states, *args, **kwargs).arguments
-        extra = [name for name, p in self._signature.parameters.items() if p.kind is p.VAR_KEYWORD]
-        return {**{k: v for k, v in bound.items() if k not in extra}, **{k: v for name in extra for k, v in bound.get(name, {}).items()}}
+    def _named_inputs(self, *args, **kwargs) -> dict:
+        """The layer's inputs by parameter name (GPT-2's block takes its attention mask positionally)."""
+        named = {}
+        for name, value in self._signature.bind(*args, **kwargs).arguments.items():
+            named.update(value if self._signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+        return named
 
     def _gather(self, name: str, value, index: Tensor, valid: Tensor):
         if name == "attention_mask":
             return gather_mask(value, index, valid)
-        if value is None or not (isinstance(value, Tensor) or isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor)):
-            return value
+        if not any(isinstance(v, Tensor) for v in (value if isinstance(value, (tuple, list)) else (value,))):
+            return value  # None, flags, an empty cache
         if name not in _PER_TOKEN:
             raise ValueError(
                 f"Mixture-of-Depths cannot route {type(self.layer).__name__}: it receives {name!r}, a tensor input it "

@@ -76,10 +76,11 @@ def test_half_capacity_runs_the_layer_on_half_the_tokens_and_skipped_tokens_pass
     assert mod.compute_fraction() == pytest.approx((27 + 15) / 54)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_kept_tokens_get_the_layer_run_on_them_alone_at_their_positions(arch, training):
-    llm = LLM(tiny_model(arch))
+def test_kept_tokens_get_the_layer_run_on_them_alone_at_their_positions(arch, training, attn):
+    llm = LLM(tiny_model(arch, attn=attn))
     mod = MixtureOfDepths(llm, capacity=0.5).train(training)
     x = tokens(rows=4, length=12)
     balance_router(llm, mod, x)
@@ -143,10 +144,10 @@ def test_aux_loss_trains_the_router_to_predict_its_top_k():
     llm = LLM(tiny_model("llama", num_hidden_layers=4)).requires_grad_(False)
     mod = MixtureOfDepths(llm, capacity=0.25).train()
     assert mod.layers == [2, 4]
-    optimizer = torch.optim.Adam(mod.parameters(), lr=5e-2)
+    optimizer = torch.optim.Adam(mod.parameters(), lr=1e-1)
     x = tokens(rows=4, length=16)
     losses = []
-    for _ in range(30):
+    for _ in range(15):
         with mod.routing(llm):
             llm(x)
         loss = mod.aux_loss()
