@@ -22,6 +22,7 @@ underflows): capacity 1.0 is the plain model, and the router still learns from t
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
@@ -39,8 +40,13 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def kept_count(length: int, capacity: float) -> int:
+    """ceil(capacity * length); the epsilon keeps 0.3 * 10 at 3, not 4."""
+    return math.ceil(length * capacity - 1e-9)
+
+
 def top_k_per_sequence(scores: Tensor, segment_ids: Tensor, capacity: float) -> Tensor:
-    """(B, T) scores -> (B, T) bool: each segment keeps its ceil(capacity * length) best tokens; padding (-1) none.
+    """(B, T) scores -> (B, T) bool: each segment keeps its `kept_count(length)` best tokens; padding (-1) none.
 
     Tokens are sorted by score, then (stably) by segment, so each segment's tokens lie together
     best first and a token's rank is its offset from its segment's start.
@@ -55,46 +61,40 @@ def top_k_per_sequence(scores: Tensor, segment_ids: Tensor, capacity: float) -> 
     start = torch.where(starts, positions, 0).cummax(1).values
     group = starts.long().cumsum(1) - 1
     length = torch.zeros_like(group).scatter_add_(1, group, torch.ones_like(group)).gather(1, group)
-    k = (length.double() * capacity - 1e-9).ceil().long()  # the epsilon keeps 0.3 * 10 at 3, not 4
-    keep = (positions - start < k) & (segment != -1)
+    keep = (positions - start < (length.double() * capacity - 1e-9).ceil()) & (segment != -1)
     return torch.zeros_like(keep).scatter_(1, order, keep)
 
 
-def gather_index(selected: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, T) bool -> index (B, K) of the selected positions in order, padded to the row maximum K, and valid (B, K)."""
+def gather_index(selected: Tensor, count: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """(B, T) bool -> index (B, K): each row's selected positions in order, then unselected ones as padding slots
+    up to the largest row count K; and valid (B, K), None when no slot is padding.
+    `count`: the number every row selects, when known (saves a device sync)."""
     T = selected.shape[1]
     positions = torch.arange(T, device=selected.device)
-    count = selected.sum(1)
-    K = int(count.max())
-    index = torch.where(selected, positions, positions + T).sort(1).indices[:, :K]  # padding slots: unselected tokens
-    return index, positions[:K] < count[:, None]
+    index = torch.where(selected, positions, positions + T).sort(1).indices
+    if count is not None:
+        return index[:, :count], None
+    counts = selected.sum(1)
+    fewest, K = torch.stack([counts.min(), counts.max()]).tolist()
+    return index[:, :K], None if fewest == K else positions[:K] < counts[:, None]
 
 
-def gather_mask(mask: Tensor | None, index: Tensor, valid: Tensor) -> Tensor | None:
-    """The layer's 4D attention mask restricted to the gathered tokens; padding slots are seen by no real token
-    and see only themselves (so no softmax row is empty). None (plain causal) stays None while no slot is padding."""
-    B, K = index.shape
+def gather_mask(mask: Tensor | None, index: Tensor, valid: Tensor | None) -> Tensor | None:
+    """The layer's 4D attention mask restricted to the gathered tokens: real tokens see no padding slot, and a
+    padding slot sees at least itself (no empty softmax row); its output is thrown away."""
     if mask is None:
-        if bool(valid.all()):
-            return None  # kept tokens are in order: causal over them is causal over the subset
-        mask = index[:, None, :, None] >= index[:, None, None, :]  # (B, 1, K, K) causal by original position
-    else:
-        if mask.dim() != 4:
-            raise ValueError(f"Mixture-of-Depths needs a 4D attention mask (sdpa or eager attention), got shape {tuple(mask.shape)}")
-        mask = mask.expand(B, -1, -1, -1)
-        heads, T = mask.shape[1], mask.shape[-1]
-        rows = mask.gather(2, index[:, None, :, None].expand(B, heads, K, T))
-        mask = rows.gather(3, index[:, None, None, :].expand(B, heads, K, K))
-    if bool(valid.all()):
+        return None  # plain causal: kept tokens are in order and padding slots come last, so no real token sees one
+    if mask.dim() != 4:
+        raise ValueError(f"Mixture-of-Depths needs a 4D attention mask (sdpa or eager attention), got shape {tuple(mask.shape)}")
+    B, K = index.shape
+    mask = mask.expand(B, -1, -1, -1)
+    heads, T = mask.shape[1], mask.shape[-1]
+    rows = mask.gather(2, index[:, None, :, None].expand(B, heads, K, T))
+    mask = rows.gather(3, index[:, None, None, :].expand(B, heads, K, K))
+    if valid is None:
         return mask
-    padding_query = ~valid[:, None, :, None]
-    key_ok = valid[:, None, None, :]
-    eye = torch.eye(K, dtype=torch.bool, device=index.device)
-    if mask.dtype == torch.bool:
-        return torch.where(padding_query, eye, mask & key_ok)
-    blocked = torch.finfo(mask.dtype).min
-    own = torch.zeros(K, K, dtype=mask.dtype, device=mask.device).masked_fill(~eye, blocked)
-    return torch.where(padding_query, own, mask.masked_fill(~key_ok, blocked))
+    visible = valid[:, None, None, :] | torch.eye(K, dtype=torch.bool, device=index.device)  # (B, 1, K, K)
+    return mask & visible if mask.dtype == torch.bool else mask.masked_fill(~visible, torch.finfo(mask.dtype).min)
 
 
 def _gather_tokens(value: Tensor, index: Tensor) -> Tensor:
@@ -118,19 +118,20 @@ class _RoutedLayer(nn.Module):
         x = inputs.pop("hidden_states")  # (B, T, D)
         logits = mod.routers[str(self.number)](x).squeeze(-1).float()  # (B, T)
         selected = mod.select(self.number, x, logits)
-        if not bool(selected.any()):
-            mod.layer_tokens[self.number] = 0
+        static_count = kept_count(x.shape[1], mod.capacity) if mod.training and mod.segment_ids is None else None
+        index, valid = gather_index(selected, static_count)  # (B, K)
+        mod.layer_tokens[self.number] = index.numel()
+        if index.shape[1] == 0:
             return x
-        index, valid = gather_index(selected)  # (B, K)
         gathered = {name: self._gather(name, value, index, valid) for name, value in inputs.items()}
         x_kept = _gather_tokens(x, index)  # (B, K, D)
         y = _first(self.layer(x_kept, **gathered))
-        mod.layer_tokens[self.number] = index.numel()
         # gate * y + (1 - gate) * x is y bit for bit when gate == 1; x + gate * (y - x) would round.
         log_gate = F.logsigmoid(logits.gather(1, index))[..., None]
         gate = torch.exp(log_gate - log_gate.detach())
         mixed = (gate * y + (1 - gate) * x_kept).to(x.dtype)
-        mixed = torch.where(valid[..., None], mixed, x_kept)
+        if valid is not None:
+            mixed = torch.where(valid[..., None], mixed, x_kept)
         return x.scatter(1, index[..., None].expand_as(mixed), mixed)
 
     def _named_inputs(self, *args, **kwargs) -> dict:
@@ -183,19 +184,23 @@ class MixtureOfDepths(nn.Module):
         self.selected: dict[int, Tensor] = {}
         self.layer_tokens: dict[int, int] = {}
         self._bce: dict[int, Tensor] = {}
+        self._real: Tensor | None = None  # (B, T) bool, None: every token is real
 
     def select(self, layer: int, x: Tensor, logits: Tensor) -> Tensor:
         """The tokens layer `layer` processes: per-sequence top-k in training, sigmoid(logit) > 0.5 in eval.
-        Also records the BCE of the router (on `x` detached) against the top-k membership."""
-        segment_ids = self.segment_ids if self.segment_ids is not None else torch.zeros(logits.shape, dtype=torch.long, device=x.device)
-        assert segment_ids.shape == logits.shape, f"segment_ids {tuple(segment_ids.shape)} do not match the tokens {tuple(logits.shape)}"
-        top_k = top_k_per_sequence(logits.detach(), segment_ids, self.capacity)
-        real = segment_ids != -1
-        self.real_tokens = int(real.sum())
+        Also records the BCE of the router (on `x` detached) against the top-k membership, over real tokens."""
+        scores, real = logits.detach(), None if self.segment_ids is None else self.segment_ids != -1
+        if real is None:
+            chosen = scores.topk(kept_count(scores.shape[1], self.capacity), dim=1).indices
+            top_k = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, chosen, True)
+        else:
+            assert self.segment_ids.shape == scores.shape, f"segment_ids {tuple(self.segment_ids.shape)} do not match the tokens {tuple(scores.shape)}"
+            top_k = top_k_per_sequence(scores, self.segment_ids, self.capacity)
         aux_logits = self.routers[str(layer)](x.detach()).squeeze(-1).float()
-        self._bce[layer] = F.binary_cross_entropy_with_logits(aux_logits[real], top_k[real].float())
-        selected = top_k if self.training else (logits > 0) & real
-        self.selected[layer] = selected
+        weight = None if real is None else real.float() * (real.numel() / real.sum().clamp(min=1))  # mean over real tokens
+        self._bce[layer] = F.binary_cross_entropy_with_logits(aux_logits, top_k.float(), weight)
+        selected = top_k if self.training else logits > 0 if real is None else (logits > 0) & real
+        self.selected[layer], self._real = selected, real
         return selected
 
     def aux_loss(self) -> Tensor:
@@ -207,7 +212,8 @@ class MixtureOfDepths(nn.Module):
     def compute_fraction(self) -> float:
         """Decoder-layer token work of the last forward relative to every layer on every real token."""
         routed = sum(int(s.sum()) for s in self.selected.values())
-        return (routed + (self.num_layers - len(self.layers)) * self.real_tokens) / (self.num_layers * self.real_tokens)
+        real = next(iter(self.selected.values())).numel() if self._real is None else int(self._real.sum())
+        return (routed + (self.num_layers - len(self.layers)) * real) / (self.num_layers * real)
 
     @contextmanager
     def routing(self, llm: "LLM", segment_ids: Tensor | None = None) -> Iterator["MixtureOfDepths"]:

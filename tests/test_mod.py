@@ -36,9 +36,15 @@ def test_gather_index_pads_short_rows_and_the_mask_hides_the_padding():
     index, valid = gather_index(selected)
     assert index[0].tolist() == [0, 2, 3] and index[1, 0] == 1
     assert valid.tolist() == [[True, True, True], [True, False, False]]
-    mask = gather_mask(None, index, valid)
+    assert gather_mask(None, index, valid) is None  # padding slots come last: plain causal attention never reaches them
+    causal = torch.ones(4, 4, dtype=torch.bool).tril().expand(2, 1, 4, 4)
+    mask = gather_mask(causal, index, valid)
     assert mask[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
-    assert mask[1, 0].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+    assert mask[1, 0].tolist() == [[True, False, False], [False, True, False], [True, False, True]]  # rows 1, 2: padding
+    additive = torch.zeros(2, 1, 4, 4).masked_fill(~causal, -1e9)
+    assert torch.equal(gather_mask(additive, index, valid) == 0, mask)
+    full, none_padded = gather_index(torch.ones(2, 4, dtype=torch.bool))
+    assert none_padded is None and full.tolist() == [[0, 1, 2, 3]] * 2
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
