@@ -7,6 +7,8 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+UNPADDED_VOCAB = "unpadded_vocab_size"  # config field set by `pad_vocab`: the real vocabulary below the padding
+
 
 def build_causal_lm(
     model: str,
@@ -14,12 +16,14 @@ def build_causal_lm(
     pretrained: bool = False,
     vocab_size: int | None = None,
     attn_implementation: str = "sdpa",
+    pad_vocab_to_multiple_of: int | None = None,
 ) -> PreTrainedModel:
     """A CausalLM from `model`: a model type ("gpt2", "llama", ...), a hub name or a local directory.
 
     `config` overrides fields of the model type's default config (or of the saved config).
     With `pretrained`, weights are loaded with `from_pretrained`; otherwise the model is freshly
-    initialised. `vocab_size` applies to fresh models unless `config` sets it.
+    initialised. `vocab_size` applies to fresh models unless `config` sets it. With
+    `pad_vocab_to_multiple_of`, the embedding and LM head get rows up to that multiple (see `pad_vocab`).
     """
     overrides = dict(config or {})
     if not pretrained:
@@ -45,8 +49,30 @@ def build_causal_lm(
             "a hub model name, or a local directory saved with save_pretrained"
         )
     if pretrained:
-        return AutoModelForCausalLM.from_pretrained(model, config=hf_config, attn_implementation=attn_implementation)
-    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+        causal_lm = AutoModelForCausalLM.from_pretrained(model, config=hf_config, attn_implementation=attn_implementation)
+    else:
+        causal_lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+    if pad_vocab_to_multiple_of:
+        pad_vocab(causal_lm, pad_vocab_to_multiple_of)
+    return causal_lm
+
+
+def pad_vocab(model: PreTrainedModel, multiple_of: int) -> None:
+    """Give the embedding and LM head rows up to a multiple of `multiple_of` (GPT-2's 50,257 -> 50,304),
+    so that the head's matrix product has tensor-core friendly shapes.
+
+    The real vocabulary size stays in the config as `unpadded_vocab_size` (saved with the model);
+    `LLM.vocab_size` reads it and `LLM.get_logits` cuts the padded columns off, so they are never predicted.
+    """
+    if multiple_of < 1:
+        raise ValueError(f"pad_vocab_to_multiple_of must be >= 1, got {multiple_of}")
+    config = model.config.get_text_config()
+    real = getattr(config, UNPADDED_VOCAB, None) or config.vocab_size
+    padded = -(-real // multiple_of) * multiple_of
+    if padded != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(padded, mean_resizing=False)
+    if padded != real:
+        setattr(config, UNPADDED_VOCAB, real)
 
 
 def max_positions(config) -> int | None:

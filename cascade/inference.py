@@ -51,43 +51,98 @@ def run_llm(
 
     With `hidden_file`, the output hidden states are not kept but written there as raw bf16 rows
     in token order (batches come in token order), so host memory holds one batch of them.
+    On a GPU, batch i's results are copied to the host and stored while batch i + 1 runs:
+    nothing waits for the GPU except the storing of the batch before.
     """
     if data.num_tokens == 0:
         raise ValueError("the data holds no tokens: nothing to run the LLM on")
     n, device = data.num_tokens, llm.device
-    out_scores = torch.empty(n, dtype=torch.float32) if scores else None
-    out_hidden = torch.empty(n, llm.dim, dtype=torch.bfloat16) if hidden and hidden_file is None else None
-    written = 0
-    out_nll = torch.empty(n, dtype=torch.float32) if nll else None
-    out_correct = torch.empty(n, dtype=torch.bool) if nll else None
+    out = TokenOutputs(
+        torch.empty(n, dtype=torch.float32) if scores else None,
+        torch.empty(n, llm.dim, dtype=torch.bfloat16) if hidden and hidden_file is None else None,
+        torch.empty(n, dtype=torch.float32) if nll else None,
+        torch.empty(n, dtype=torch.bool) if nll else None,
+        0,
+    )
     history = history_indices(llm.exit_fn) if scores else ()
-    positions = 0
+    written = [0]  # tokens written to `hidden_file` so far
+    pending = None
     was_training = llm.training
     llm.eval()
     try:
         for batch in data.batches(batch_size, row_length):
-            positions += batch.num_positions
-            where = batch.token_index >= 0
-            index = batch.token_index[where]  # CPU
-            b = batch.to(device, non_blocking=True)
-            valid = where.to(device, non_blocking=True)
+            out.positions += batch.num_positions
+            flat_index = batch.token_index.flatten()
+            real = (flat_index >= 0).nonzero().squeeze(1)  # where the real tokens sit, row-major (CPU)
+            index = flat_index[real]
+            b = _to_device(batch, device)
+            pick = None if real.numel() == flat_index.numel() else real.to(device, non_blocking=True)
             segment_ids = None if b.single_sequence_rows else b.segment_ids
+            results = {}
             with autocast_for(device):
-                h_out, hidden_history = llm(b.inputs, data.input_type, b.position_ids, segment_ids, history)
+                h_out, hidden_history = llm(b.inputs, data.input_type, b.model_position_ids(), segment_ids, history)
+                h = _real(h_out, pick)  # (n, D)
                 if scores:
-                    out_scores[index] = llm.exit_scores(hidden_history, h_out)[valid].float().cpu()
-                h = h_out[valid]
-                if hidden and hidden_file is not None:
-                    assert int(index[0]) == written and int(index[-1]) == written + index.numel() - 1, "token order"
-                    hidden_file.write(h.to(torch.bfloat16).cpu().view(torch.int16).numpy().tobytes())
-                    written += index.numel()
-                elif hidden:
-                    out_hidden[index] = h.to(torch.bfloat16).cpu()
+                    results["scores"] = _real(llm.exit_scores(hidden_history, h_out), pick).float()
+                if hidden:
+                    results["hidden"] = h.to(torch.bfloat16)
                 if nll:
                     logits = llm.get_logits(h).float()
-                    targets = b.targets[valid]
-                    out_nll[index] = F.cross_entropy(logits, targets, reduction="none").cpu()
-                    out_correct[index] = (logits.argmax(dim=-1) == targets).cpu()
+                    targets = _real(b.targets, pick)
+                    results["nll"] = F.cross_entropy(logits, targets, reduction="none")
+                    results["correct"] = logits.argmax(dim=-1) == targets
+            copied = _HostCopy(index, results)
+            if pending is not None:
+                pending.store(out, hidden_file, written)
+            pending = copied
+        if pending is not None:
+            pending.store(out, hidden_file, written)
     finally:
         llm.train(was_training)
-    return TokenOutputs(out_scores, out_hidden, out_nll, out_correct, positions)
+    return out
+
+
+def _to_device(batch, device: torch.device):
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)  # pageable memory would wait for the GPU
+
+
+def _real(t: Tensor, pick: Tensor | None) -> Tensor:
+    """The real tokens' entries of a (B, T, ...) tensor, row-major; `pick` None means every position is real."""
+    flat = t.flatten(0, 1)
+    return flat if pick is None else flat.index_select(0, pick)
+
+
+class _HostCopy:
+    """One batch's per-token results on their way to the host: non-blocking copies into page-locked memory."""
+
+    def __init__(self, index: Tensor, results: dict[str, Tensor]):
+        self.index = index
+        self.event = None
+        self.host = {}
+        for name, value in results.items():
+            if value.device.type == "cuda":
+                self.host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
+            else:
+                self.host[name] = value
+        if any(v.device.type == "cuda" for v in results.values()):
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def store(self, out: TokenOutputs, hidden_file: BinaryIO | None, written: list[int]) -> None:
+        """Wait for the copies, then put each result at its tokens' places (or append the hidden states to the file)."""
+        if self.event is not None:
+            self.event.synchronize()
+        index, host = self.index, self.host
+        if "scores" in host:
+            out.scores[index] = host["scores"]
+        if "hidden" in host and hidden_file is not None:
+            assert int(index[0]) == written[0] and int(index[-1]) == written[0] + index.numel() - 1, "token order"
+            hidden_file.write(host["hidden"].view(torch.int16).numpy().data)  # no copy of the bytes
+            written[0] += index.numel()
+        elif "hidden" in host:
+            out.hidden[index] = host["hidden"]
+        if "nll" in host:
+            out.nll[index] = host["nll"]
+            out.correct[index] = host["correct"]

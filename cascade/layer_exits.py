@@ -65,6 +65,8 @@ def parameters_by_layer(llm: "LLM") -> dict[int | str, list[nn.Parameter]]:
     head = [*final_norm(llm.base_llm).parameters(), *llm.base_llm.get_output_embeddings().parameters()]
     embedding = llm.base_llm.get_input_embeddings().weight
     owner.update({id(p): "head" for p in head if p is not embedding})
+    if llm.mod is not None:  # a Mixture-of-Depths router learns with the layer it routes
+        owner.update({id(p): int(layer) for layer, router in llm.mod.routers.items() for p in router.parameters()})
     groups: dict[int | str, list[nn.Parameter]] = {}
     for p in llm.parameters():
         if p.requires_grad:

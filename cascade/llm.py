@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from cascade.exit_fn import ExitFn, exit_fn_name, get_exit_fn
 from cascade.handover import collect_hard_tokens
+from cascade.hf_models import UNPADDED_VOCAB
 from cascade.inference import run_llm
+from cascade.mod import MixtureOfDepths
 from cascade.packing import block_causal_mask
 from cascade.sequence_data import SequenceData
 
 INPUT_TYPES = ("token_ids", "hidden_states")
+MOD_ROUTERS = "mod_routers.safetensors"  # beside the HF weights of a Mixture-of-Depths model
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
@@ -44,6 +48,7 @@ class LLM(nn.Module):
         self.base_llm = base_llm
         self.exit_fn = get_exit_fn(exit_fn)
         self.register_buffer("threshold", torch.tensor(0.0))
+        self.mod: MixtureOfDepths | None = None
         self._layers = [decoder_layers(base_llm)]  # a list, so the layers are not registered twice
         self.train(base_llm.training)  # wrap without changing the model's mode
 
@@ -53,7 +58,8 @@ class LLM(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return self.config.vocab_size
+        """The tokenizer's vocabulary; the LM head may have more rows (`pad_vocab`), never predicted."""
+        return getattr(self.config, UNPADDED_VOCAB, None) or self.config.vocab_size
 
     @property
     def dim(self) -> int:
@@ -78,6 +84,7 @@ class LLM(nn.Module):
         position_ids: Tensor | None = None,
         segment_ids: Tensor | None = None,
         history: Sequence[int] | None = None,
+        base_model: nn.Module | None = None,
     ) -> tuple[Tensor, list[Tensor | None]]:
         """Run the model on token ids (B, T) or hidden states (B, T, D).
 
@@ -86,6 +93,8 @@ class LLM(nn.Module):
         padding): a token attends only to earlier tokens of its own segment. None means each
         row is one sequence (plain causal attention).
         `history` lists the entries of `hidden_history` to capture (None: all).
+        `base_model` runs instead of the model's own base model (a `torch.compile` of it; it
+        must be called with no history, since hooks added after compiling are not seen).
 
         Returns `h_out` (B, T, D), the final-norm output the LM head reads, and
         `hidden_history`, L + 1 entries: [i] is the residual stream after layer i ([0]: the
@@ -99,26 +108,42 @@ class LLM(nn.Module):
             if x.shape[-1] != self.dim:
                 raise ValueError(f"hidden states of width {x.shape[-1]} given to an LLM of width {self.dim}")
             inputs = {"inputs_embeds": x.to(self.base_llm.get_input_embeddings().weight.dtype)}
-        if segment_ids is None:
+        if segment_ids is None and position_ids is None:
+            mask = None  # plain causal rows: SDPA's is_causal path (flash attention), also under torch.compile
+        elif segment_ids is None:
             # An explicit all-ones mask: with none, transformers would read gaps in position_ids
             # (normal at stage k > 0) as boundaries of packed sequences.
             mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
         else:
             mask = self._attention_mask(segment_ids)
-        with self._capture(history) as hidden_history:
-            out = self.base_llm.base_model(**inputs, position_ids=position_ids, attention_mask=mask, use_cache=False)
+        model = self.base_llm.base_model if base_model is None else base_model
+        assert base_model is None or (history is not None and len(history) == 0), "hooks do not reach a compiled model: capture no history"
+        routing = nullcontext() if self.mod is None else self.mod.routing(self, segment_ids)
+        with routing, self._capture(history) as hidden_history:  # hooks go on the routed layers' stand-ins
+            out = model(**inputs, position_ids=position_ids, attention_mask=mask, use_cache=False)
         return out.last_hidden_state, hidden_history
 
     def get_logits(self, h: Tensor) -> Tensor:
-        """Logits through the model's own LM head."""
-        return self.base_llm.get_output_embeddings()(h)
+        """Logits through the model's own LM head, over the real vocabulary (padded rows are cut off)."""
+        logits = self.base_llm.get_output_embeddings()(h)
+        return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]
+
+    def enable_mod(self, capacity: float, layers: list[int] | None = None) -> MixtureOfDepths:
+        """Route `layers` (default 2, 4, ...) by Mixture-of-Depths with `capacity`: every forward
+        of this LLM then runs them on the routed tokens only (see `cascade.mod`)."""
+        self.mod = MixtureOfDepths(self, capacity, layers)
+        return self.mod
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save in Hugging Face format; the threshold and exit function name go into config.json."""
         config = self.base_llm.config
         config.exit_threshold = float(self.threshold)
         config.exit_fn = exit_fn_name(self.exit_fn)
+        if self.mod is not None:
+            config.mod = {"capacity": self.mod.capacity, "layers": self.mod.layers}
         self.base_llm.save_pretrained(path)
+        if self.mod is not None:
+            save_file(self.mod.state_dict(), os.path.join(path, MOD_ROUTERS))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, exit_fn: ExitFn | str | None = None, **kwargs) -> "LLM":
@@ -127,6 +152,11 @@ class LLM(nn.Module):
         base_llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         llm = cls(base_llm, exit_fn or getattr(base_llm.config, "exit_fn", None))
         llm.threshold.fill_(getattr(base_llm.config, "exit_threshold", 0.0))
+        if mod := getattr(base_llm.config, "mod", None):
+            routers = os.path.join(path, MOD_ROUTERS)
+            if not os.path.isfile(routers):
+                raise FileNotFoundError(f"{path} is a Mixture-of-Depths model but lacks its routers ({MOD_ROUTERS}); save it again")
+            llm.enable_mod(mod["capacity"], mod["layers"]).load_state_dict(load_file(routers))
         return llm
 
     def exit_scores(self, hidden_history: Sequence[Tensor | None], h_out: Tensor) -> Tensor:

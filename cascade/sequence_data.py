@@ -35,14 +35,27 @@ class Batch:
     token_index: Tensor  # (B, T) index of the token in the SequenceData
     single_sequence_rows: bool  # every row is one sequence, unpadded: plain causal attention suffices
     num_tokens: int  # real (non-padding) tokens
+    default_positions: bool = False  # also every row's positions are 0..T-1: the model needs neither mask nor positions
 
     @property
     def num_positions(self) -> int:
         return self.token_index.numel()
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies (DataLoader's `pin_memory` calls this): the copy to the GPU then runs
+        asynchronously instead of waiting for the GPU to finish the previous step."""
+        return self._map(Tensor.pin_memory)
+
+    def model_position_ids(self) -> Tensor | None:
+        """The `position_ids` to give the model: None where they are the default 0..T-1 (plain causal rows)."""
+        return None if self.default_positions else self.position_ids
+
+    def _map(self, fn) -> "Batch":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Batch(**{k: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v for k, v in values.items()})
+        return Batch(**{k: fn(v) if isinstance(v, Tensor) else v for k, v in values.items()})
 
 
 @dataclass
@@ -244,7 +257,8 @@ class SequenceData:
         segment_ids = segment_ids.view(rows, T)
         token_index = source.view(rows, T).masked_fill(pad, -1)
         single = bool((seqs_per_row == 1).all()) and bool((row_fill == T).all())
-        return Batch(inputs, targets, position_ids, segment_ids, token_index, single, token.numel())
+        default_positions = single and bool((position_ids == torch.arange(T)).all())
+        return Batch(inputs, targets, position_ids, segment_ids, token_index, single, token.numel(), default_positions)
 
     def packing_waste(self, batch_size: int, row_length: int | None = None, pack: bool = True) -> float:
         """Fraction of batch positions that `batches` fills with padding."""

@@ -22,6 +22,7 @@ from cascade.layer_exits import (
 )
 from cascade.layer_skip import routed_nll
 from cascade.llm import LLM
+from cascade.losses import next_token_loss
 from cascade.sequence_data import Batch
 
 FINITE_CHECK_EVERY = 20  # steps between checks for a non-finite loss (each check waits for the GPU)
@@ -70,6 +71,16 @@ class StageModule(LightningModule):
         routed_loss: Token-routed training: tokens confident at `exit_layer` take their loss there, the
             others at the last layer, and layers after `exit_layer` run only on the others (replaces
             `layer_weights`).
+        mod_capacity: Mixture-of-Depths: each routed layer processes this fraction of every sequence's
+            tokens in training (a learned router's top-k; the others skip it through the residual) and,
+            in evaluation, the tokens its router scores above 0.5 (causal). 1.0 is the plain model.
+        mod_layers: The routed layers (1-indexed); default every other layer, 2, 4, ...
+        mod_aux_weight: Weight of the routers' BCE loss that teaches them to predict their top-k (the causal
+            routing used in evaluation).
+        compile: Train with the HF model, LM head and loss under `torch.compile` on a GPU (fused kernels, and
+            the float32 logits are never written out); only when the last layer alone carries the loss.
+        pad_vocab_to_multiple_of: Pad the embedding and LM head of a model built here to a multiple of this
+            many rows (GPT-2's 50,257 -> 50,304) for faster matrix products; padded rows are never predicted.
         llm: An existing LLM to train (Python API); when given, the model arguments are unused.
     """
 
@@ -95,12 +106,17 @@ class StageModule(LightningModule):
         exit_layer: int | None = None,
         routing_threshold: float | None = None,
         routed_loss: bool = False,
+        mod_capacity: float | None = None,
+        mod_layers: list[int] | None = None,
+        mod_aux_weight: float = 0.1,
+        compile: bool = True,
+        pad_vocab_to_multiple_of: int | None = 64,
         llm: LLM | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["llm"])
         if llm is None:
-            llm = LLM(build_causal_lm(model, model_config, pretrained, vocab_size), exit_fn)
+            llm = LLM(build_causal_lm(model, model_config, pretrained, vocab_size, pad_vocab_to_multiple_of=pad_vocab_to_multiple_of), exit_fn)
         if vocab_size is not None and vocab_size > llm.vocab_size:
             raise ValueError(
                 f"the tokenizer has {vocab_size} tokens but the model's vocabulary only {llm.vocab_size}; "
@@ -120,12 +136,20 @@ class StageModule(LightningModule):
         check_exit_routing(exit_layer, routing_threshold, routed_loss, llm.num_layers)
         if routed_loss and (layer_weights or layer_weights_end):
             raise ValueError("routed_loss sets each token's loss layer itself: leave layer_weights and layer_weights_end unset")
+        if mod_capacity is not None:
+            if exit_layer is not None:
+                raise ValueError("Mixture-of-Depths and a confidence exit (exit_layer) cannot be combined yet; choose one")
+            llm.enable_mod(mod_capacity, mod_layers)
+        elif mod_layers is not None:
+            raise ValueError("mod_layers names the layers Mixture-of-Depths routes: give mod_capacity too")
         self.llm = llm
         self.val_nll = MeanMetric()
+        self.val_mod_compute = MeanMetric()
         self.val_routed_nll = MeanMetric()
         self.val_exit_fraction = MeanMetric()
         self._all_finite: torch.Tensor | None = None
         self._step_start = 0.0
+        self._compiled_loss = None  # set at fit start on a GPU when `compile`
 
     @property
     def peak_lr(self) -> float:
@@ -157,8 +181,16 @@ class StageModule(LightningModule):
         input_type = "token_ids" if batch.inputs.dim() == 2 else "hidden_states"
         segment_ids = None if batch.single_sequence_rows else batch.segment_ids
         history = tuple(layer for layer in weights if layer != self.llm.num_layers)
-        h_out, hidden_history = self.llm(batch.inputs, input_type, batch.position_ids, segment_ids, history=history)
+        position_ids = batch.model_position_ids()
+        if self._compiled_loss is not None and self.training and not history:
+            ce = self._compiled_loss(batch.inputs, input_type, position_ids, segment_ids, batch.targets)
+            return weights[self.llm.num_layers] * ce, {self.llm.num_layers: ce}
+        h_out, hidden_history = self.llm(batch.inputs, input_type, position_ids, segment_ids, history=history)
         return layer_weighted_loss(self.llm, hidden_history, h_out, batch.targets, weights)
+
+    def _last_layer_loss(self, inputs, input_type, position_ids, segment_ids, targets) -> torch.Tensor:
+        h_out, _ = self.llm(inputs, input_type, position_ids, segment_ids, history=())
+        return next_token_loss(self.llm, h_out, targets)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Raise on a non-finite loss; reading the flag waits for the GPU, so training looks every few steps."""
@@ -185,6 +217,9 @@ class StageModule(LightningModule):
 
     def on_fit_start(self) -> None:
         self.llm.train()  # HF's from_pretrained returns eval mode; pre-training wants dropout as configured
+        # on a CPU, compiling costs more than it saves; Mixture-of-Depths swaps layers per call, which compiling would freeze
+        if self.hparams.compile and self.device.type == "cuda" and self.llm.mod is None:
+            self._compiled_loss = torch.compile(self._last_layer_loss)
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
@@ -197,6 +232,10 @@ class StageModule(LightningModule):
         else:
             weights = self.current_layer_weights()
             loss, per_layer = self.layer_losses(batch, weights)
+        if self.llm.mod is not None:
+            aux = self.llm.mod.aux_loss()
+            self.log_dict({"train/mod_aux_loss": aux.detach(), "train/mod_compute_fraction": self.llm.mod.compute_fraction()})
+            loss = loss + self.hparams.mod_aux_weight * aux
         tokens = batch.num_tokens
         self._check_finite(loss)
         if len(weights) > 1 or self.layer_weights_end is not None:
@@ -220,6 +259,8 @@ class StageModule(LightningModule):
             layers[self.hparams.exit_layer] = 1.0
         _, per_layer = self.layer_losses(batch, layers)
         self.val_nll.update(per_layer[last], weight=batch.num_tokens)
+        if self.llm.mod is not None:  # eval mode: the causal routing
+            self.val_mod_compute.update(self.llm.mod.compute_fraction(), weight=batch.num_tokens)
         if len(per_layer) > 1:
             self.log_dict({f"val/ce_layer_{layer}": ce for layer, ce in per_layer.items()}, batch_size=batch.num_tokens)
         if self.hparams.routing_threshold is not None:
@@ -232,6 +273,9 @@ class StageModule(LightningModule):
         self.log("val/loss", nll, prog_bar=True)
         self.log("val/ppl", nll.exp())
         self.val_nll.reset()
+        if self.llm.mod is not None:
+            self.log("val/mod_compute_fraction", self.val_mod_compute.compute())
+            self.val_mod_compute.reset()
         if self.hparams.routing_threshold is not None:
             e, L = self.hparams.exit_layer, self.llm.num_layers
             exit_fraction = self.val_exit_fraction.compute()
