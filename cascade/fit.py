@@ -5,7 +5,8 @@ Every `--trainer.*`, `--model.*` (StageModule), `--data.*` (TextDataModule) and 
 writes everything under `<runs_dir>/<name>/`: per stage `stage_k/` with TensorBoard logs,
 checkpoints, the model in Hugging Face format (`llm/`, threshold in its config.json) and the
 hard tokens handed to the next stage (`handover/`); at the end the ensemble is evaluated with
-true early exit on the validation split and the table is written to `eval.json`.
+true early exit on the validation split and the table is written to `eval.json` (with
+`--model.exit_layer`, also each layer's exit perplexity and a threshold sweep of LLM 0).
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from callbacks.handover import StageHandover
 from cascade.ensemble import Ensemble, stage_dir
 from cascade.hf_models import max_positions
-from cascade.report import format_eval_table
+from cascade.layer_skip import layer_perplexities, threshold_sweep
+from cascade.report import format_eval_table, format_layer_exit_table
 from cascade.run_state import latest_checkpoint, mark_stage_done, stage_is_done
 from cascade.shards import is_complete
 from cascade.utils import default_precision, get_device
 from datamodules.sequence import SequenceDataModule
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
+
+
+SWEEP_THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01)  # 0: every token exits; 1.01: none does
 
 
 class CascadeCLI(LightningCLI):
@@ -141,6 +146,14 @@ class CascadeCLI(LightningCLI):
         stats = ensemble.evaluate(text.token_batches("validation", batch_size), batch_size)
         print(f"\nTrue early-exit evaluation of {self.run_dir} on the validation split:")
         print(format_eval_table(stats))
+        if (exit_layer := self.config.model.exit_layer) is not None:
+            llm, data = ensemble.llms[0], text.val_data
+            thresholds = sorted({*SWEEP_THRESHOLDS, self.config.model.routing_threshold})
+            stats["layer_exits"] = {
+                "llm": 0, "exit_layer": exit_layer, "layer_ppl": layer_perplexities(llm, data, batch_size),
+                "sweep": threshold_sweep(llm, data, batch_size, exit_layer, thresholds),
+            }
+            print(format_layer_exit_table(stats["layer_exits"]))
         (self.run_dir / "eval.json").write_text(json.dumps(stats, indent=2))
         print(f"written to {self.run_dir / 'eval.json'}; dashboards: tensorboard --logdir {self.run_dir}")
         return stats

@@ -13,3 +13,15 @@ def format_eval_table(stats: dict) -> str:
         f"compute {stats['compute_fraction']:.1%} of running every LLM on every token; {stats['wall_time_s']:.2f} s"
     )
     return "\n".join(lines)
+
+
+def format_layer_exit_table(report: dict) -> str:
+    """Render the layer-exit report of one LLM: each layer's exit perplexity, then the threshold sweep."""
+    e = report["exit_layer"]
+    lines = ["layer exits of LLM 0: perplexity of each layer's exit on every token: " + ", ".join(
+        f"layer {layer} {ppl:.2f}" for layer, ppl in report["layer_ppl"].items())]
+    lines.append(f"confidence exit after layer {e} (true layer skipping):")
+    lines.append(f"{'threshold':>9} {'exit frac':>9} {'routed ppl':>10} {'compute':>8}")
+    for point in report["sweep"]:
+        lines.append(f"{point['threshold']:>9.2f} {point['exit_fraction']:>9.1%} {point['routed_ppl']:>10.2f} {point['compute_fraction']:>8.1%}")
+    return "\n".join(lines)

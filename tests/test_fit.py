@@ -129,3 +129,21 @@ def test_two_stage_run_through_the_cli(tmp_path):
     assert math.isfinite(saved["ppl"]) and saved["ppl"] < 300, "trained below the uniform perplexity of the 300-token vocabulary"
     assert 0.5 < saved["compute_fraction"] < 1.0
     assert (run / "stage_1" / "llm" / "model.safetensors").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_layer_exit_run_reports_every_exit_and_the_threshold_sweep(tmp_path, capsys):
+    """One stage trained with the asymmetric loss through the CLI; its eval.json holds each layer's exit
+    perplexity and the sweep, whose ends are the last layer (nobody exits) and layer 1 (everybody does)."""
+    corpus = write_corpus(tmp_path / "corpus.txt", 120)
+    model_config = '{"n_embd": 32, "n_layer": 3, "n_head": 2, "n_positions": 64}'
+    stats = main(tiny_args(tmp_path, corpus, "--num_stages", "1", "--model.model_config", model_config,
+                           "--model.layer_weights", "{1: 0.7, 3: 0.3}", "--model.exit_layer", "1",
+                           "--model.routing_threshold", "0.3", "--trainer.max_steps", "6"))
+    report = json.loads((tmp_path / "runs" / "tiny" / "eval.json").read_text())["layer_exits"]
+    assert report["exit_layer"] == 1 and set(report["layer_ppl"]) == {"1", "2", "3"}
+    sweep = {p["threshold"]: p for p in report["sweep"]}
+    assert 0.3 in sweep and sweep[0.0]["compute_fraction"] == pytest.approx(1 / 3)
+    assert sweep[0.0]["routed_ppl"] == pytest.approx(report["layer_ppl"]["1"], rel=1e-4)
+    assert sweep[1.01]["routed_ppl"] == pytest.approx(report["layer_ppl"]["3"], rel=1e-4)
+    assert sweep[1.01]["routed_ppl"] == pytest.approx(stats["ppl"], rel=1e-4)  # the 1-LLM cascade is the last layer
+    assert "confidence exit after layer 1" in capsys.readouterr().out
