@@ -3,7 +3,7 @@
 Baseline: the same HF model through `LLM.forward` in a plain PyTorch loop (bf16 autocast, AdamW).
 Each line prints the time relative to the baseline beside the decoder-layer compute fraction.
 
-    python benchmarks/bench_mod.py            # GPU, a Llama of GPT-2-small size, 8 x 1024 tokens
+    python benchmarks/bench_mod.py            # GPU, a Llama of GPT-2-small size, 32 x 1024 tokens
     python benchmarks/bench_mod.py --smoke    # CPU, tiny
 """
 
@@ -37,11 +37,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--capacities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
+    parser.add_argument("--rows", type=int, default=32, help="rows of --seq-len tokens (a small batch is launch-bound on a GPU)")
+    parser.add_argument("--seq-len", type=int, default=1024)
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4) if args.smoke else \
         dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-    rows, T, repeats = (2, 64, 2) if args.smoke else (8, 1024, 10)
+    rows, T, repeats = (2, 64, 2) if args.smoke else (args.rows, args.seq_len, 10)
     config = LlamaConfig(vocab_size=1000 if args.smoke else 32000, max_position_embeddings=T, **size)
     llm = LLM(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")).to(device).train()
     x = torch.randint(0, config.vocab_size, (rows, T), device=device)

@@ -141,7 +141,7 @@ class _RoutedLayer(nn.Module):
             named.update(value if self._signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
         return named
 
-    def _gather(self, name: str, value, index: Tensor, valid: Tensor):
+    def _gather(self, name: str, value, index: Tensor, valid: Tensor | None):
         if name == "attention_mask":
             return gather_mask(value, index, valid)
         if not any(isinstance(v, Tensor) for v in (value if isinstance(value, (tuple, list)) else (value,))):
