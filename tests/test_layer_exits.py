@@ -168,7 +168,10 @@ def test_layer_exit_skips_the_later_layers_for_exiting_tokens():
     continuing = int((confidence < threshold).sum())
     assert stats["continuing_tokens"] == continuing and 0 < continuing < data.num_tokens
     assert counts[0]["positions"] == counts[1]["positions"] == data.num_tokens  # every token, windows unpadded
-    assert continuing <= counts[2]["positions"] < data.num_tokens  # only the continuing tokens (plus row padding)
+    # layer 3 runs on each batch's continuing tokens, compacted in their rows: 4 rows x the fullest row's count
+    per_row = (confidence < threshold).view(-1, 16).sum(1)
+    assert counts[2]["positions"] == sum(4 * int(per_row[b : b + 4].max()) for b in range(0, data.num_sequences, 4))
+    assert continuing <= counts[2]["positions"] < data.num_tokens
     assert stats["compute_fraction"] == pytest.approx((data.num_tokens * 2 + continuing) / (data.num_tokens * 3))
     with pytest.raises(ValueError, match="exit_layer must be one of 1..2"):
         evaluate_layer_exit(llm, data, 4, exit_layer=3, threshold=0.5)
