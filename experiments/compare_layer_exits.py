@@ -40,7 +40,7 @@ def train_and_evaluate(name: str, settings: dict, data: TextDataModule, args) ->
     seed_everything(args.seed, verbose=False)
     model_config = {"n_layer": 3, "n_embd": args.dim, "n_head": args.heads, "n_positions": args.seq_len}
     module = StageModule(model="gpt2", model_config=model_config, vocab_size=data.vocab_size, lr=args.lr,
-                         warmup_steps=args.steps // 20, **settings)
+                         warmup_steps=args.steps // 20, compile=False, **settings)  # tiny: compiling costs more than it saves
     trainer = Trainer(max_steps=args.steps, precision=args.precision, logger=False, enable_checkpointing=False,
                       limit_val_batches=0, enable_model_summary=False, enable_progress_bar=args.progress)
     start = time.perf_counter()
