@@ -62,12 +62,12 @@ def _write_compacted(data: SequenceData, hard: Tensor, hidden_path: Path, dim: i
     writer.append("inputs", torch.empty(0, dim, dtype=torch.bfloat16))
     for name in ("targets", "positions"):
         writer.append(name, torch.empty(0, dtype=torch.long))
-    row_bytes = dim * 2
+    all_hidden = np.memmap(hidden_path, dtype=np.int16, mode="r", shape=(data.num_tokens, dim)) if data.num_tokens else None
     for begin in range(0, data.num_tokens, CHUNK_TOKENS):
         end = min(begin + CHUNK_TOKENS, data.num_tokens)
         keep = hard[begin:end].nonzero().squeeze(1)
-        raw = np.fromfile(hidden_path, dtype=np.int16, count=(end - begin) * dim, offset=begin * row_bytes)
-        writer.append("inputs", torch.from_numpy(raw).view(torch.bfloat16).view(-1, dim).index_select(0, keep))
+        rows = all_hidden[begin + keep.numpy()]  # copies the hard rows only, not the whole chunk
+        writer.append("inputs", torch.from_numpy(rows).view(torch.bfloat16))
         writer.append("targets", data.targets[begin:end].long().index_select(0, keep))
         writer.append("positions", data.positions[begin:end].long().index_select(0, keep))
     offsets, survives = compacted_offsets(data.offsets, hard)

@@ -70,7 +70,7 @@ def run_llm(
     was_training = llm.training
     llm.eval()
     try:
-        for batch in data.batches(batch_size, row_length):
+        for batch in data.batches(batch_size, row_length, fixed_length=True):
             out.positions += batch.num_positions
             flat_index = batch.token_index.flatten()
             real = (flat_index >= 0).nonzero().squeeze(1)  # where the real tokens sit, row-major (CPU)

@@ -193,16 +193,20 @@ class SequenceData:
         pack: bool = True,
         shuffle: bool = False,
         generator: torch.Generator | None = None,
+        fixed_length: bool = False,
     ) -> Iterator[Batch]:
         """Yield batches of `batch_size` rows covering every token exactly once.
 
         With `pack`, consecutive sequences share a row of up to `row_length` tokens (default:
         the longest sequence) and are kept apart by a block-causal mask; without it, each row
-        holds one sequence. Each batch is padded to its fullest row. With `shuffle`, sequences
-        are visited in a random order drawn from `generator`.
+        holds one sequence. Each batch is padded to its fullest row, or with `fixed_length` to
+        the row length, so that every full batch has one shape (compiled graphs and cuDNN's
+        attention plans are then built once, not per batch). With `shuffle`, sequences are
+        visited in a random order drawn from `generator`.
         """
+        length = (row_length or int(self.lengths.max())) if fixed_length and self.num_sequences else None
         for seqs, row_bounds in self.plan_batches(batch_size, row_length, pack, shuffle, generator):
-            yield self.make_batch(seqs, row_bounds)
+            yield self.make_batch(seqs, row_bounds, length)
 
     def plan_batches(
         self,
@@ -226,8 +230,10 @@ class SequenceData:
             plan.append((order[int(row_bounds[0]) : int(row_bounds[-1])], row_bounds - row_bounds[0]))
         return plan
 
-    def make_batch(self, seqs: Tensor, row_bounds: Tensor) -> Batch:
-        """Lay out `seqs` (in order) into rows; row r holds seqs[row_bounds[r]:row_bounds[r + 1]]."""
+    def make_batch(self, seqs: Tensor, row_bounds: Tensor, length: int | None = None) -> Batch:
+        """Lay out `seqs` (in order) into rows; row r holds seqs[row_bounds[r]:row_bounds[r + 1]].
+
+        Rows are padded to the fullest row, or to `length` where that is longer."""
         rows = row_bounds.numel() - 1
         lengths = self.lengths[seqs]
         seqs_per_row = row_bounds[1:] - row_bounds[:-1]
@@ -238,7 +244,7 @@ class SequenceData:
         row_begin = torch.cumsum(row_fill, 0) - row_fill
         col = torch.arange(token.numel()) - row_begin[row]
         segment = (torch.arange(seqs.numel()) - row_bounds[:-1][row_of_seq]).repeat_interleave(lengths)
-        T = int(row_fill.max())
+        T = max(int(row_fill.max()), length or 0)
 
         # One gather per array: padding reads some real token (its values are never seen: padding
         # attends only to padding and its target is ignored), then gets its own markers.

@@ -148,7 +148,7 @@ class StageModule(LightningModule):
         self.val_routed_nll = MeanMetric()
         self.val_exit_fraction = MeanMetric()
         self._all_finite: torch.Tensor | None = None
-        self._step_start = 0.0
+        self._tokens, self._log_start = 0, 0.0  # tokens trained since the last logged step, and its time
         self._compiled_loss = None  # set at fit start on a GPU when `compile`
 
     @property
@@ -217,12 +217,10 @@ class StageModule(LightningModule):
 
     def on_fit_start(self) -> None:
         self.llm.train()  # HF's from_pretrained returns eval mode; pre-training wants dropout as configured
+        self._tokens, self._log_start = 0, time.perf_counter()
         # on a CPU, compiling costs more than it saves; Mixture-of-Depths swaps layers per call, which compiling would freeze
         if self.hparams.compile and self.device.type == "cuda" and self.llm.mod is None:
             self._compiled_loss = torch.compile(self._last_layer_loss)
-
-    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
-        self._step_start = time.perf_counter()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.hparams.routed_loss:
@@ -242,14 +240,16 @@ class StageModule(LightningModule):
             self.log_dict({f"train/ce_layer_{layer}": ce.detach() for layer, ce in per_layer.items()})
             self.log_dict({f"train/layer_weight_{layer}": w for layer, w in weights.items()})
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", loss.detach().exp())
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
-        self._tokens = tokens
+        self._tokens += tokens
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            # only on the steps the logger writes: a logged Python number is copied to the GPU, and each
+            # such copy waits for the GPU, so that the CPU could no longer queue the next step ahead of it
+            now = time.perf_counter()
+            self.log("train/ppl", loss.detach().exp())
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+            self.log("train/tokens_per_s", self._tokens * self.trainer.world_size / (now - self._log_start), prog_bar=True)
+            self._tokens, self._log_start = 0, now
         return loss
-
-    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
-        elapsed = time.perf_counter() - self._step_start
-        self.log("train/tokens_per_s", self._tokens * self.trainer.world_size / elapsed, prog_bar=True)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         # val/loss and val/ppl are the model's own output (last layer); weighted layers get val/ce_layer_l
@@ -296,18 +296,21 @@ class StageModule(LightningModule):
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     def configure_optimizers(self):
-        # one group per (layer, decay or not): matrices decay, biases, norms and the embedding do not
+        # one group per (learning rate, decay or not): matrices decay, biases, norms and the embedding do not.
+        # Layers of equal learning rate share a group: each group costs the fused optimizer a launch and Python time.
         embedding = self.llm.base_llm.get_input_embeddings().weight
-        groups = []
+        groups: dict[tuple[float, float], dict] = {}
         for key, params in parameters_by_layer(self.llm).items():
             lr = self.peak_lr * self.layer_lr_scales.get(key, 1.0)
             decay = [p for p in params if p.dim() >= 2 and p is not embedding]
             no_decay = [p for p in params if p.dim() < 2 or p is embedding]
             for members, weight_decay in ((decay, self.hparams.weight_decay), (no_decay, 0.0)):
                 if members:
-                    groups.append({"params": members, "weight_decay": weight_decay, "lr": lr, "name": str(key)})
+                    group = groups.setdefault((lr, weight_decay), {"params": [], "weight_decay": weight_decay, "lr": lr, "name": []})
+                    group["params"] += members
+                    group["name"].append(str(key))
         optimizer = torch.optim.AdamW(
-            groups,
+            [{**g, "name": ",".join(g["name"])} for g in groups.values()],
             lr=self.peak_lr,
             betas=self.hparams.betas,
             fused=self.device.type == "cuda" and self.trainer.precision != "16-mixed",

@@ -1,0 +1,265 @@
+"""Stage training throughput and memory: the framework (StageModule under a Lightning Trainer) vs a plain loop.
+
+One setting per call, every figure measured in the same process:
+  - plain loop: the same HF CausalLM (built by `build_causal_lm`), the same batches (pinned, copied
+    without blocking), bf16 autocast, fused AdamW with the same groups, warm-up/cosine schedule,
+    gradient clipping at 1.0; loss = cross-entropy of the model's logits in float32 (under
+    torch.compile when the setting compiles, as one function with the model);
+  - framework stage 0: `StageModule` trained by `lightning.Trainer` on stage-0 windows
+    (`SequenceDataModule.from_data`), bf16-mixed, TensorBoard logger, no checkpoints or validation;
+  - framework stage k > 0: the same on packed hard-token sequences (random `hard_ratio` of each
+    window's tokens kept, hidden-state inputs, block-causal mask), counting real tokens only;
+  - which attention kernel each stage runs (CUDA kernel names from the profiler).
+Tokens/s is timed between steps `--warmup` and `--steps` with the GPU synchronised at both ends.
+MFU follows PaLM / nanoGPT: (6 N + 12 L D T) FLOPs per token, N the parameters without position
+embeddings, over `--peak-tflops` (989: H100 SXM dense bf16).
+
+    python benchmarks/bench_stage_training.py --setting eager   # HF defaults: no compile, vocab 50,257, dropout 0.1
+    python benchmarks/bench_stage_training.py --setting best    # compiled, vocab padded to 64, dropout 0
+    python benchmarks/bench_stage_training.py --smoke           # CPU, tiny (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.optim.lr_scheduler import LambdaLR
+
+from cascade.hf_models import build_causal_lm
+from cascade.llm import LLM
+from cascade.routing import compact_hard_tokens
+from cascade.sequence_data import IGNORE_INDEX, SequenceData
+from datamodules.sequence import SequenceDataModule
+from lightning_modules.stage import StageModule, warmup_cosine
+
+SETTINGS = {  # StageModule / build_causal_lm options of each setting
+    "eager": {"compile": False, "pad_vocab_to_multiple_of": None, "dropout": None},
+    "best": {"compile": True, "pad_vocab_to_multiple_of": 64, "dropout": 0.0},
+}
+ATTENTION_KERNELS = ("flash", "fmha", "cudnn", "attention", "mem_eff", "efficient")
+
+
+def windows_data(tokens: int, seq_len: int, vocab: int, seed: int = 0) -> SequenceData:
+    g = torch.Generator().manual_seed(seed)
+    count = tokens // seq_len
+    ids = torch.randint(0, vocab, (count * seq_len + 1,), generator=g)
+    n = count * seq_len
+    return SequenceData(ids[:n], ids[1 : n + 1], torch.arange(seq_len).repeat(count), torch.arange(count + 1) * seq_len, torch.arange(count))
+
+
+def hard_token_data(windows: SequenceData, hard_ratio: float, dim: int, seed: int = 1) -> SequenceData:
+    """A stage-k hand-over's shape: a random `hard_ratio` of every window's tokens, random bf16 hidden states."""
+    g = torch.Generator().manual_seed(seed)
+    hard = torch.rand(windows.num_tokens, generator=g) < hard_ratio
+    kept = compact_hard_tokens(windows, hard)
+    inputs = torch.randn(kept.num_tokens, dim, generator=g).bfloat16()
+    return SequenceData(inputs, kept.targets, kept.positions, kept.offsets, kept.sequence_ids)
+
+
+def model_config(args) -> dict:
+    config = json.loads(args.model_config)
+    dropout = SETTINGS[args.setting]["dropout"]
+    if dropout is not None:
+        config.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    return config
+
+
+def flops_per_token(llm: LLM, seq_len: int) -> float:
+    params = sum(p.numel() for p in llm.parameters())
+    position = getattr(llm.base_llm.base_model, "wpe", None)
+    params -= position.weight.numel() if position is not None else 0
+    return 6 * params + 12 * llm.num_layers * llm.dim * seq_len
+
+
+class StepTimer(Callback):
+    """Wall clock from the start of step `warmup` to the end of training, GPU synchronised at both ends."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.tokens, self.start, self.seconds = warmup, 0, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            synchronize()
+            self.start = time.perf_counter()
+        if batch_idx >= self.warmup:
+            self.tokens += batch.num_tokens
+
+    def on_train_end(self, trainer, pl_module):
+        synchronize()
+        self.seconds = time.perf_counter() - self.start
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
+
+
+def plain_loop(args, data: SequenceData, device: torch.device) -> dict:
+    """The same HF model and batches in a hand-written training loop."""
+    setting = SETTINGS[args.setting]
+    torch.manual_seed(0)
+    model = build_causal_lm("gpt2", model_config(args), vocab_size=args.vocab, pad_vocab_to_multiple_of=setting["pad_vocab_to_multiple_of"])
+    model.to(device).train()
+    vocab = args.vocab
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "wte" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=6e-4, betas=(0.9, 0.95), fused=device.type == "cuda",
+    )
+    schedule = LambdaLR(optimizer, warmup_cosine(10, args.steps, 0.1))
+
+    def loss_fn(x, y):
+        logits = model(input_ids=x, use_cache=False).logits[..., :vocab]
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX)
+
+    step_loss = torch.compile(loss_fn) if setting["compile"] and device.type == "cuda" else loss_fn
+    batches = [(b.inputs, b.targets) for b in data.batches(args.batch_size, args.seq_len)][: args.steps]
+    if device.type == "cuda":
+        batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    reset_memory()
+    tokens, start = 0, 0.0
+    for step, (x, y) in enumerate(batches):
+        if step == args.warmup:
+            synchronize()
+            start = time.perf_counter()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            loss = step_loss(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= args.warmup:
+            tokens += x.numel()
+    synchronize()
+    seconds = time.perf_counter() - start
+    result = {"tokens_per_s": tokens / seconds, "peak_gb": peak_memory_gb(), "loss": float(loss)}
+    del model, optimizer, step_loss
+    return result
+
+
+def framework(args, train: SequenceData, device: torch.device, stage: int, workdir: str, progress_bar: bool = False) -> tuple[dict, StageModule]:
+    """StageModule trained by a Lightning Trainer on `train`."""
+    setting = SETTINGS[args.setting]
+    torch.manual_seed(0)
+    module = StageModule(
+        model="gpt2", model_config=model_config(args), vocab_size=args.vocab, stage=stage, warmup_steps=10,
+        compile=setting["compile"], pad_vocab_to_multiple_of=setting["pad_vocab_to_multiple_of"],
+    )
+    datamodule = SequenceDataModule.from_data(
+        train, train.select(torch.arange(1)), batch_size=args.batch_size, row_length=args.seq_len, num_workers=args.num_workers
+    )
+    timer = StepTimer(args.warmup)
+    trainer = Trainer(
+        accelerator=device.type, devices=1, precision="bf16-mixed" if device.type == "cuda" else "32-true",
+        max_steps=args.steps, gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0,
+        enable_checkpointing=False, enable_progress_bar=progress_bar, enable_model_summary=False,
+        logger=TensorBoardLogger(workdir, name=f"stage_{stage}"), callbacks=[timer],
+    )
+    reset_memory()
+    trainer.fit(module, datamodule=datamodule)
+    assert timer.tokens > 0 and trainer.global_step == args.steps, "the data must cover every step in one epoch"
+    return {"tokens_per_s": timer.tokens / timer.seconds, "peak_gb": peak_memory_gb()}, module
+
+
+def attention_kernels(module: StageModule, data: SequenceData, args, device: torch.device) -> str:
+    """Names of the attention kernels one forward and backward of a batch of `data` runs."""
+    if device.type != "cuda":
+        return "(CPU)"
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = next(iter(data.batches(args.batch_size, args.seq_len))).to(device)
+    module.to(device).train()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = module.layer_losses(batch, {module.llm.num_layers: 1.0})
+        loss.backward()
+    names = {e.key for e in prof.key_averages() if any(k in e.key.lower() for k in ATTENTION_KERNELS)}
+    module.zero_grad(set_to_none=True)
+    return "; ".join(sorted(name[:60] for name in names)) or "none found"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="best")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=20, help="steps left out of the timing (compilation included)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--hard-ratio", type=float, default=0.3)
+    parser.add_argument("--model-config", default='{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}')
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--num-workers", type=int, default=2, help="the framework's DataLoader workers")
+    parser.add_argument("--progress-bar", action="store_true", help="also time framework stage 0 with Lightning's progress bar")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps (CI)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.warmup, args.batch_size, args.seq_len, args.vocab, args.num_workers = 4, 2, 2, 32, 300, 0
+        args.model_config = '{"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 32}'
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    workdir = tempfile.mkdtemp(prefix="bench_stage_")
+
+    stage0 = windows_data((args.steps + 1) * args.batch_size * args.seq_len, args.seq_len, args.vocab)
+    plain = plain_loop(args, stage0, device)
+    reset_memory()
+    fw0, module0 = framework(args, stage0, device, 0, workdir)
+    kernels0 = attention_kernels(module0, stage0, args, device)
+    flops = flops_per_token(module0.llm, args.seq_len)
+    del module0
+    reset_memory()
+    bar = framework(args, stage0, device, 0, workdir, progress_bar=True)[0] if args.progress_bar else None
+    reset_memory()
+    dim = json.loads(args.model_config)["n_embd"]
+    windows = windows_data(int((args.steps + 2) * args.batch_size * args.seq_len / args.hard_ratio), args.seq_len, args.vocab, seed=2)
+    stage1 = hard_token_data(windows, args.hard_ratio, dim)
+    waste = stage1.packing_waste(args.batch_size, args.seq_len)
+    fw1, module1 = framework(args, stage1, device, 1, workdir)
+    kernels1 = attention_kernels(module1, stage1, args, device)
+    del module1
+
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+    peak = args.peak_tflops * 1e12
+    print(f"setting {args.setting} {SETTINGS[args.setting]}; {name}; torch {torch.__version__}; "
+          f"batch {args.batch_size} x {args.seq_len}, steps {args.warmup}..{args.steps}")
+    print(f"{'run':<40}{'tokens/s':>12}{'MFU':>8}{'peak GB':>10}{'ratio':>8}")
+    rows = [
+        ("plain loop, stage 0 (baseline)", plain, plain),
+        ("framework, stage 0 / plain loop", fw0, plain),
+        ("framework, stage 1 packed / stage 0", fw1, fw0),
+    ]
+    if bar is not None:
+        rows.insert(2, ("framework, stage 0, progress bar / plain", bar, plain))
+    for label, run, base in rows:
+        mfu = run["tokens_per_s"] * flops / peak
+        print(f"{label:<40}{run['tokens_per_s']:>12,.0f}{mfu:>8.1%}{run['peak_gb']:>10.2f}{run['tokens_per_s'] / base['tokens_per_s']:>8.3f}")
+    print(f"peak memory framework / plain loop: {fw0['peak_gb'] / plain['peak_gb']:.3f}; "
+          f"stage-1 packing waste {waste:.1%} ({stage1.num_tokens:,} hard tokens in {stage1.num_sequences:,} sequences)")
+    print(f"attention kernels, stage 0: {kernels0}")
+    print(f"attention kernels, stage 1: {kernels1}")
+
+
+if __name__ == "__main__":
+    main()
