@@ -132,7 +132,8 @@ def plain_loop(args, data: SequenceData, device: torch.device) -> dict:
         logits = model(input_ids=x, use_cache=False).logits[..., :vocab]
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX)
 
-    step_loss = torch.compile(loss_fn) if setting["compile"] and device.type == "cuda" else loss_fn
+    compiled = setting["compile"] and device.type == "cuda"
+    step_loss = torch.compile(loss_fn, mode=args.compile_mode) if compiled else loss_fn
     batches = [(b.inputs, b.targets) for b in data.batches(args.batch_size, args.seq_len)][: args.steps]
     if device.type == "cuda":
         batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
@@ -144,6 +145,8 @@ def plain_loop(args, data: SequenceData, device: torch.device) -> dict:
             synchronize()
             start = time.perf_counter()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if compiled and args.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = step_loss(x, y)
         loss.backward()
@@ -166,7 +169,7 @@ def framework(args, train: SequenceData, device: torch.device, stage: int, workd
     torch.manual_seed(0)
     module = StageModule(
         model="gpt2", model_config=model_config(args), vocab_size=args.vocab, stage=stage, warmup_steps=10,
-        compile=setting["compile"], pad_vocab_to_multiple_of=setting["pad_vocab_to_multiple_of"],
+        compile=setting["compile"], compile_mode=args.compile_mode, pad_vocab_to_multiple_of=setting["pad_vocab_to_multiple_of"],
     )
     datamodule = SequenceDataModule.from_data(
         train, train.select(torch.arange(1)), batch_size=args.batch_size, row_length=args.seq_len, num_workers=args.num_workers
@@ -211,6 +214,7 @@ def main() -> None:
     parser.add_argument("--hard-ratio", type=float, default=0.3)
     parser.add_argument("--model-config", default='{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}')
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of both loops (compiled settings)")
     parser.add_argument("--num-workers", type=int, default=2, help="the framework's DataLoader workers")
     parser.add_argument("--progress-bar", action="store_true", help="also time framework stage 0 with Lightning's progress bar")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps (CI)")
@@ -242,7 +246,7 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     peak = args.peak_tflops * 1e12
-    print(f"setting {args.setting} {SETTINGS[args.setting]}; {name}; torch {torch.__version__}; "
+    print(f"setting {args.setting} {SETTINGS[args.setting]}, compile mode {args.compile_mode}; {name}; torch {torch.__version__}; "
           f"batch {args.batch_size} x {args.seq_len}, steps {args.warmup}..{args.steps}")
     print(f"{'run':<40}{'tokens/s':>12}{'MFU':>8}{'peak GB':>10}{'ratio':>8}")
     rows = [

@@ -230,10 +230,11 @@ class SequenceData:
             plan.append((order[int(row_bounds[0]) : int(row_bounds[-1])], row_bounds - row_bounds[0]))
         return plan
 
-    def make_batch(self, seqs: Tensor, row_bounds: Tensor, length: int | None = None) -> Batch:
+    def make_batch(self, seqs: Tensor, row_bounds: Tensor, length: int | None = None, num_rows: int | None = None) -> Batch:
         """Lay out `seqs` (in order) into rows; row r holds seqs[row_bounds[r]:row_bounds[r + 1]].
 
-        Rows are padded to the fullest row, or to `length` where that is longer."""
+        Rows are padded to the fullest row, or to `length` where that is longer; with `num_rows`,
+        rows of padding are added up to that many (an epoch's last batch then has the shape of the others)."""
         rows = row_bounds.numel() - 1
         lengths = self.lengths[seqs]
         seqs_per_row = row_bounds[1:] - row_bounds[:-1]
@@ -248,6 +249,7 @@ class SequenceData:
 
         # One gather per array: padding reads some real token (its values are never seen: padding
         # attends only to padding and its target is ignored), then gets its own markers.
+        filled_rows, rows = rows, max(rows, num_rows or 0)
         source = torch.full((rows * T,), int(token[0]), dtype=torch.long)
         source[row * T + col] = token
         pad = torch.ones(rows * T, dtype=torch.bool)
@@ -262,7 +264,7 @@ class SequenceData:
         segment_ids[row * T + col] = segment
         segment_ids = segment_ids.view(rows, T)
         token_index = source.view(rows, T).masked_fill(pad, -1)
-        single = bool((seqs_per_row == 1).all()) and bool((row_fill == T).all())
+        single = filled_rows == rows and bool((seqs_per_row == 1).all()) and bool((row_fill == T).all())
         default_positions = single and bool((position_ids == torch.arange(T)).all())
         return Batch(inputs, targets, position_ids, segment_ids, token_index, single, token.numel(), default_positions)
 

@@ -15,7 +15,7 @@ class PackedBatches(Dataset):
 
     def __init__(self, data: SequenceData, batch_size: int, row_length: int | None = None, shuffle: bool = False, seed: int = 0):
         self.data = data
-        self.row_length = row_length
+        self.row_length, self.batch_size = row_length, batch_size
         generator = torch.Generator().manual_seed(seed)
         self.plan = data.plan_batches(batch_size, row_length, pack=True, shuffle=shuffle, generator=generator)
 
@@ -23,7 +23,8 @@ class PackedBatches(Dataset):
         return len(self.plan)
 
     def __getitem__(self, i: int) -> Batch:
-        return self.data.make_batch(*self.plan[i], self.row_length)  # one shape for every full batch
+        # one shape for every batch: a compiled step and cuDNN's attention plans are built once
+        return self.data.make_batch(*self.plan[i], self.row_length, self.batch_size)
 
 
 class ResumableSampler(DistributedSampler):

@@ -79,6 +79,8 @@ class StageModule(LightningModule):
             routing used in evaluation).
         compile: Train with the HF model, LM head and loss under `torch.compile` on a GPU (fused kernels, and
             the float32 logits are never written out); only when the last layer alone carries the loss.
+        compile_mode: The `torch.compile` mode: default, reduce-overhead (CUDA graphs: the step's kernels are
+            launched as one graph, for models too small to hide the CPU's launch cost) or max-autotune.
         pad_vocab_to_multiple_of: Pad the embedding and LM head of a model built here to a multiple of this
             many rows (GPT-2's 50,257 -> 50,304) for faster matrix products; padded rows are never predicted.
         llm: An existing LLM to train (Python API); when given, the model arguments are unused.
@@ -110,6 +112,7 @@ class StageModule(LightningModule):
         mod_layers: list[int] | None = None,
         mod_aux_weight: float = 0.1,
         compile: bool = True,
+        compile_mode: str = "default",
         pad_vocab_to_multiple_of: int | None = 64,
         llm: LLM | None = None,
     ):
@@ -183,7 +186,9 @@ class StageModule(LightningModule):
         history = tuple(layer for layer in weights if layer != self.llm.num_layers)
         position_ids = batch.model_position_ids()
         if self._compiled_loss is not None and self.training and not history:
-            ce = self._compiled_loss(batch.inputs, input_type, position_ids, segment_ids, batch.targets)
+            if self.hparams.compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
+            ce = self._compiled_loss(batch.inputs, input_type, position_ids, segment_ids, batch.targets).clone()
             return weights[self.llm.num_layers] * ce, {self.llm.num_layers: ce}
         h_out, hidden_history = self.llm(batch.inputs, input_type, position_ids, segment_ids, history=history)
         return layer_weighted_loss(self.llm, hidden_history, h_out, batch.targets, weights)
@@ -220,7 +225,7 @@ class StageModule(LightningModule):
         self._tokens, self._log_start = 0, time.perf_counter()
         # on a CPU, compiling costs more than it saves; Mixture-of-Depths swaps layers per call, which compiling would freeze
         if self.hparams.compile and self.device.type == "cuda" and self.llm.mod is None:
-            self._compiled_loss = torch.compile(self._last_layer_loss)
+            self._compiled_loss = torch.compile(self._last_layer_loss, mode=self.hparams.compile_mode)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         if self.hparams.routed_loss:

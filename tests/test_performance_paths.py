@@ -115,3 +115,15 @@ def test_layers_of_one_learning_rate_share_an_optimizer_group():
         (lr, wd) for lr in (module.peak_lr * 0.5, module.peak_lr) for wd in (0.0, 0.1)
     )
     assert sum(len(g["params"]) for g in groups) == len(list(llm.parameters()))
+
+
+def test_padding_rows_give_the_last_batch_the_shape_of_the_others():
+    data = SequenceData.from_token_batches(token_batches(1, batch_size=5))
+    (seqs, bounds), = data.plan_batches(8)
+    batch = data.make_batch(seqs, bounds, num_rows=8)
+    assert batch.inputs.shape == (8, 16) and batch.num_tokens == 80 and not batch.single_sequence_rows
+    assert (batch.targets[5:] == IGNORE_INDEX).all() and (batch.token_index[5:] == -1).all()
+    llm = LLM(tiny_model("gpt2"))
+    h, _ = llm(batch.inputs, position_ids=batch.position_ids, segment_ids=batch.segment_ids)
+    alone, _ = llm(data.inputs.view(5, 16))
+    assert torch.allclose(h[:5], alone, atol=1e-5)
