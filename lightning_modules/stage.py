@@ -25,6 +25,7 @@ from cascade.llm import LLM
 from cascade.losses import next_token_loss
 from cascade.sequence_data import Batch
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FINITE_CHECK_EVERY = 20  # steps between checks for a non-finite loss (each check waits for the GPU)
 
 
@@ -136,6 +137,8 @@ class StageModule(LightningModule):
             raise ValueError(f"alpha_schedule must be one of {SCHEDULES}, got {alpha_schedule!r}")
         self.layer_lr_scales = dict(layer_lr_scales or {})
         check_lr_scales(self.layer_lr_scales, llm.num_layers)
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
         check_exit_routing(exit_layer, routing_threshold, routed_loss, llm.num_layers)
         if routed_loss and (layer_weights or layer_weights_end):
             raise ValueError("routed_loss sets each token's loss layer itself: leave layer_weights and layer_weights_end unset")

@@ -127,3 +127,8 @@ def test_padding_rows_give_the_last_batch_the_shape_of_the_others():
     h, _ = llm(batch.inputs, position_ids=batch.position_ids, segment_ids=batch.segment_ids)
     alone, _ = llm(data.inputs.view(5, 16))
     assert torch.allclose(h[:5], alone, atol=1e-5)
+
+
+def test_an_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        StageModule(llm=LLM(tiny_model("gpt2")), compile_mode="fast")
