@@ -72,6 +72,13 @@ def scoring_pass(llm: LLM, data: SequenceData, batch_size: int, path: Path) -> f
     return seconds
 
 
+def store(data: SequenceData, path: Path) -> float:
+    """What writing the next stage's shard costs by itself: `SequenceData.save` (sha256, fsync, rename)."""
+    start = time.perf_counter()
+    data.save(path)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2_000_000)
@@ -102,6 +109,7 @@ def main() -> None:
     t_hand = min(hand_over(llm, data, args.batch_size, args.hard_ratio, workdir / f"part-{i}") for i in range(args.repeats))
     t_scoring = min(scoring_pass(llm, data, args.batch_size, workdir / "hidden.bin") for _ in range(args.repeats))
     hard = SequenceData.load(workdir / "part-0")
+    t_store = min(store(hard, workdir / f"resave-{i}") for i in range(args.repeats))
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     n = data.num_tokens
@@ -111,6 +119,9 @@ def main() -> None:
     print(f"{'plain forward (baseline)':<44}{t_plain:>10.3f}{n / t_plain:>12,.0f}{1.0:>8.3f}")
     print(f"{'hand-over: scores, threshold, shards':<44}{t_hand:>10.3f}{n / t_hand:>12,.0f}{t_plain / t_hand:>8.3f}")
     print(f"{'  of which the scoring pass (to a file)':<44}{t_scoring:>10.3f}{n / t_scoring:>12,.0f}{t_plain / t_scoring:>8.3f}")
+    print(f"{'saving the hard tokens alone (no model)':<44}{t_store:>10.3f}")
+    print(f"{'bound: plain forward + that save':<44}{t_plain + t_store:>10.3f}{n / (t_plain + t_store):>12,.0f}"
+          f"{t_plain / (t_plain + t_store):>8.3f}")
 
 
 if __name__ == "__main__":
