@@ -231,6 +231,9 @@ class StageModule(LightningModule):
             self._compiled_loss = torch.compile(self._last_layer_loss, mode=self.hparams.compile_mode)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        # Python numbers are logged only on the steps the logger writes: each one is copied to the GPU,
+        # and each such copy waits for the GPU, so that the CPU could no longer queue the next step ahead
+        log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         if self.hparams.routed_loss:
             routed, _, exits = self.routed_losses(batch)
             loss, weights, per_layer = routed.mean(), {}, {}
@@ -240,18 +243,18 @@ class StageModule(LightningModule):
             loss, per_layer = self.layer_losses(batch, weights)
         if self.llm.mod is not None:
             aux = self.llm.mod.aux_loss()
-            self.log_dict({"train/mod_aux_loss": aux.detach(), "train/mod_compute_fraction": self.llm.mod.compute_fraction()})
+            self.log("train/mod_aux_loss", aux.detach())
+            if log_now:
+                self.log("train/mod_compute_fraction", self.llm.mod.compute_fraction())
             loss = loss + self.hparams.mod_aux_weight * aux
-        tokens = batch.num_tokens
         self._check_finite(loss)
         if len(weights) > 1 or self.layer_weights_end is not None:
             self.log_dict({f"train/ce_layer_{layer}": ce.detach() for layer, ce in per_layer.items()})
-            self.log_dict({f"train/layer_weight_{layer}": w for layer, w in weights.items()})
+            if log_now:
+                self.log_dict({f"train/layer_weight_{layer}": w for layer, w in weights.items()})
         self.log("train/loss", loss, prog_bar=True)
-        self._tokens += tokens
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            # only on the steps the logger writes: a logged Python number is copied to the GPU, and each
-            # such copy waits for the GPU, so that the CPU could no longer queue the next step ahead of it
+        self._tokens += batch.num_tokens
+        if log_now:
             now = time.perf_counter()
             self.log("train/ppl", loss.detach().exp())
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
