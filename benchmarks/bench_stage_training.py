@@ -38,7 +38,8 @@ from cascade.llm import LLM
 from cascade.routing import compact_hard_tokens
 from cascade.sequence_data import IGNORE_INDEX, SequenceData
 from datamodules.sequence import SequenceDataModule
-from lightning_modules.stage import StageModule, warmup_cosine
+from cascade.optim import warmup_cosine
+from lightning_modules.stage import StageModule
 
 SETTINGS = {  # StageModule / build_causal_lm options of each setting
     "eager": {"compile": False, "pad_vocab_to_multiple_of": None, "dropout": None},

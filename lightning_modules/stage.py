@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -17,28 +16,16 @@ from cascade.layer_exits import (
     check_layer_weights,
     check_lr_scales,
     layer_weighted_loss,
-    parameters_by_layer,
     scheduled_layer_weights,
 )
 from cascade.layer_skip import routed_nll
 from cascade.llm import LLM
 from cascade.losses import next_token_loss
+from cascade.optim import param_groups, warmup_cosine
 from cascade.sequence_data import Batch
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FINITE_CHECK_EVERY = 20  # steps between checks for a non-finite loss (each check waits for the GPU)
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
-    """LR multiplier: linear warm-up to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class StageModule(LightningModule):
@@ -307,21 +294,8 @@ class StageModule(LightningModule):
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
 
     def configure_optimizers(self):
-        # one group per (learning rate, decay or not): matrices decay, biases, norms and the embedding do not.
-        # Layers of equal learning rate share a group: each group costs the fused optimizer a launch and Python time.
-        embedding = self.llm.base_llm.get_input_embeddings().weight
-        groups: dict[tuple[float, float], dict] = {}
-        for key, params in parameters_by_layer(self.llm).items():
-            lr = self.peak_lr * self.layer_lr_scales.get(key, 1.0)
-            decay = [p for p in params if p.dim() >= 2 and p is not embedding]
-            no_decay = [p for p in params if p.dim() < 2 or p is embedding]
-            for members, weight_decay in ((decay, self.hparams.weight_decay), (no_decay, 0.0)):
-                if members:
-                    group = groups.setdefault((lr, weight_decay), {"params": [], "weight_decay": weight_decay, "lr": lr, "name": []})
-                    group["params"] += members
-                    group["name"].append(str(key))
         optimizer = torch.optim.AdamW(
-            [{**g, "name": ",".join(g["name"])} for g in groups.values()],
+            param_groups(self.llm, self.peak_lr, self.layer_lr_scales, self.hparams.weight_decay),
             lr=self.peak_lr,
             betas=self.hparams.betas,
             fused=self.device.type == "cuda" and self.trainer.precision != "16-mixed",
