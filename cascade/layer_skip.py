@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from cascade.inference import autocast_for
 from cascade.layer_exits import logit_lens
+from cascade.packing import gather_index
 from cascade.sequence_data import Batch, SequenceData
 
 if TYPE_CHECKING:
@@ -82,16 +83,6 @@ def run_from(llm: "LLM", h: Tensor, position_ids: Tensor, segment_ids: Tensor | 
     return h_out
 
 
-def compact_rows(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """For each row of `keep` (B, T), the columns of its kept tokens in order, left-aligned: `index`
-    (B, T') with T' the largest count, and `real` (B, T') marking entries that are kept tokens (not padding)."""
-    counts = keep.sum(1)
-    width = max(int(counts.max()), 1)
-    index = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]
-    real = torch.arange(width, device=keep.device) < counts.unsqueeze(1)
-    return index, real
-
-
 def routed_nll(llm: "LLM", batch: Batch, exit_layer: int, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Per real token of `batch` (row-major order): the NLL of the exit layer's logit lens, its max softmax
     probability, and for each threshold the routed NLL, computed with true layer skipping. Differentiable
@@ -112,7 +103,8 @@ def routed_nll(llm: "LLM", batch: Batch, exit_layer: int, thresholds: Sequence[f
         continuing[real] = confidence < threshold
         nll = nll_exit.clone()
         if continuing.any():
-            index, kept = compact_rows(continuing)
+            index, kept = gather_index(continuing)  # continuing tokens first, in order; (B, T')
+            kept = torch.ones_like(index, dtype=torch.bool) if kept is None else kept
             segments = batch.segment_ids.gather(1, index).masked_fill(~kept, -1)
             h_out = run_from(llm, h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1])), batch.position_ids.gather(1, index), segments, exit_layer)
             last = F.cross_entropy(llm.get_logits(h_out[kept]).float(), batch.targets.gather(1, index)[kept], reduction="none")

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cascade.packing import gather_index
+
 if TYPE_CHECKING:
     from cascade.llm import LLM
 
@@ -63,20 +65,6 @@ def top_k_per_sequence(scores: Tensor, segment_ids: Tensor, capacity: float) -> 
     length = torch.zeros_like(group).scatter_add_(1, group, torch.ones_like(group)).gather(1, group)
     keep = (positions - start < (length.double() * capacity - 1e-9).ceil()) & (segment != -1)
     return torch.zeros_like(keep).scatter_(1, order, keep)
-
-
-def gather_index(selected: Tensor, count: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """(B, T) bool -> index (B, K): each row's selected positions in order, then unselected ones as padding slots
-    up to the largest row count K; and valid (B, K), None when no slot is padding.
-    `count`: the number every row selects, when known (saves a device sync)."""
-    T = selected.shape[1]
-    positions = torch.arange(T, device=selected.device)
-    index = torch.where(selected, positions, positions + T).sort(1).indices
-    if count is not None:
-        return index[:, :count], None
-    counts = selected.sum(1)
-    fewest, K = torch.stack([counts.min(), counts.max()]).tolist()
-    return index[:, :K], None if fewest == K else positions[:K] < counts[:, None]
 
 
 def gather_mask(mask: Tensor | None, index: Tensor, valid: Tensor | None) -> Tensor | None:

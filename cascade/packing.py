@@ -53,3 +53,17 @@ def block_causal_mask(segment_ids: Tensor) -> Tensor:
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
     return (same & causal)[:, None]
+
+
+def gather_index(selected: Tensor, count: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """(B, T) bool -> index (B, K): each row's selected positions in order, then unselected ones as padding slots
+    up to the largest row count K; and valid (B, K), None when no slot is padding.
+    `count`: the number every row selects, when known (saves a device sync)."""
+    T = selected.shape[1]
+    positions = torch.arange(T, device=selected.device)
+    index = torch.where(selected, positions, positions + T).sort(1).indices
+    if count is not None:
+        return index[:, :count], None
+    counts = selected.sum(1)
+    fewest, K = torch.stack([counts.min(), counts.max()]).tolist()
+    return index[:, :K], None if fewest == K else positions[:K] < counts[:, None]
