@@ -28,14 +28,7 @@ from cascade.hf_models import build_causal_lm
 from cascade.inference import autocast_for, run_llm
 from cascade.llm import LLM
 from cascade.sequence_data import SequenceData
-
-
-def windows_data(tokens: int, seq_len: int, vocab: int, seed: int = 0) -> SequenceData:
-    g = torch.Generator().manual_seed(seed)
-    count = tokens // seq_len
-    ids = torch.randint(0, vocab, (count * seq_len + 1,), generator=g)
-    n = count * seq_len
-    return SequenceData(ids[:n], ids[1 : n + 1], torch.arange(seq_len).repeat(count), torch.arange(count + 1) * seq_len, torch.arange(count))
+from synthetic import random_windows  # benchmarks/synthetic.py
 
 
 def synchronize() -> None:
@@ -98,7 +91,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     llm = LLM(build_causal_lm("gpt2", json.loads(args.model_config), vocab_size=args.vocab)).to(device).eval()
-    data = windows_data(args.tokens, args.seq_len, args.vocab)
+    data = random_windows(args.tokens, args.seq_len, args.vocab)
     batches = [b.inputs for b in data.batches(args.batch_size, args.seq_len)]
     if device.type == "cuda":
         batches = [x.pin_memory() for x in batches]

@@ -35,25 +35,18 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from cascade.hf_models import build_causal_lm
 from cascade.llm import LLM
+from cascade.optim import warmup_cosine
 from cascade.routing import compact_hard_tokens
 from cascade.sequence_data import IGNORE_INDEX, SequenceData
 from datamodules.sequence import SequenceDataModule
-from cascade.optim import warmup_cosine
 from lightning_modules.stage import StageModule
+from synthetic import random_windows  # benchmarks/synthetic.py
 
 SETTINGS = {  # StageModule / build_causal_lm options of each setting
     "eager": {"compile": False, "pad_vocab_to_multiple_of": None, "dropout": None},
     "best": {"compile": True, "pad_vocab_to_multiple_of": 64, "dropout": 0.0},
 }
 ATTENTION_KERNELS = ("flash", "fmha", "cudnn", "attention", "mem_eff", "efficient")
-
-
-def windows_data(tokens: int, seq_len: int, vocab: int, seed: int = 0) -> SequenceData:
-    g = torch.Generator().manual_seed(seed)
-    count = tokens // seq_len
-    ids = torch.randint(0, vocab, (count * seq_len + 1,), generator=g)
-    n = count * seq_len
-    return SequenceData(ids[:n], ids[1 : n + 1], torch.arange(seq_len).repeat(count), torch.arange(count + 1) * seq_len, torch.arange(count))
 
 
 def hard_token_data(windows: SequenceData, hard_ratio: float, dim: int, seed: int = 1) -> SequenceData:
@@ -227,7 +220,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     workdir = tempfile.mkdtemp(prefix="bench_stage_")
 
-    stage0 = windows_data((args.steps + 1) * args.batch_size * args.seq_len, args.seq_len, args.vocab)
+    stage0 = random_windows((args.steps + 1) * args.batch_size * args.seq_len, args.seq_len, args.vocab)
     plain = plain_loop(args, stage0, device)
     reset_memory()
     fw0, module0 = framework(args, stage0, device, 0, workdir)
@@ -238,7 +231,7 @@ def main() -> None:
     bar = framework(args, stage0, device, 0, workdir, progress_bar=True)[0] if args.progress_bar else None
     reset_memory()
     dim = json.loads(args.model_config)["n_embd"]
-    windows = windows_data(int((args.steps + 2) * args.batch_size * args.seq_len / args.hard_ratio), args.seq_len, args.vocab, seed=2)
+    windows = random_windows(int((args.steps + 2) * args.batch_size * args.seq_len / args.hard_ratio), args.seq_len, args.vocab, seed=2)
     stage1 = hard_token_data(windows, args.hard_ratio, dim)
     waste = stage1.packing_waste(args.batch_size, args.seq_len)
     fw1, module1 = framework(args, stage1, device, 1, workdir)
