@@ -25,7 +25,7 @@ from cascade.layer_skip import layer_perplexities, threshold_sweep
 from datamodules import TextDataModule
 from lightning_modules import StageModule
 
-# name -> StageModule settings; "{L}" is the last layer (3 here)
+# name -> StageModule settings (the model has 3 layers; the last is 3)
 METHODS = {
     "standard": {},
     "auxiliary (0.5/0.5)": {"layer_weights": {1: 0.5, 3: 0.5}},
