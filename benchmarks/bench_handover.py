@@ -14,7 +14,6 @@ the framework's throughput over the baseline's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -28,7 +27,7 @@ from cascade.hf_models import build_causal_lm
 from cascade.inference import autocast_for, run_llm
 from cascade.llm import LLM
 from cascade.sequence_data import SequenceData
-from synthetic import random_windows  # benchmarks/synthetic.py
+from synthetic import inference_arguments, random_windows  # benchmarks/synthetic.py
 
 
 def synchronize() -> None:
@@ -73,20 +72,8 @@ def store(data: SequenceData, path: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=2_000_000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--hard-ratio", type=float, default=0.3)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is kept")
-    parser.add_argument("--model-config", default='{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}')
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model (CI)")
-    args = parser.parse_args()
-    if args.smoke:
-        args.tokens, args.batch_size, args.seq_len, args.vocab, args.repeats = 4096, 4, 64, 300, 1
-        args.model_config = '{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}'
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    args = inference_arguments(__doc__, tokens=2_000_000)
+    device = args.device
     workdir = Path(tempfile.mkdtemp(prefix="bench_handover_"))
 
     torch.manual_seed(0)

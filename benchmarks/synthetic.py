@@ -1,6 +1,8 @@
-"""Synthetic stage-0 data for the benchmarks: throughput does not depend on the text."""
+"""What the benchmarks share: synthetic stage-0 data (throughput does not depend on the text) and a command line."""
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 
@@ -14,3 +16,23 @@ def random_windows(tokens: int, seq_len: int, vocab: int, seed: int = 0) -> Sequ
     ids = torch.randint(0, vocab, (count * seq_len + 1,), generator=g)
     n = count * seq_len
     return SequenceData(ids[:n], ids[1 : n + 1], torch.arange(seq_len).repeat(count), torch.arange(count + 1) * seq_len, torch.arange(count))
+
+
+def inference_arguments(description: str, tokens: int) -> argparse.Namespace:
+    """The command line of the inference benchmarks (hand-over, early exit): GPT-2 124M shaped LLMs on the
+    GPU, or with --smoke tiny ones on the CPU; also returns where to run."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=tokens)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--hard-ratio", type=float, default=0.3)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is kept")
+    parser.add_argument("--model-config", default='{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}')
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models (CI)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.tokens, args.batch_size, args.seq_len, args.vocab, args.repeats = 4096, 4, 64, 300, 1
+        args.model_config = '{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}'
+    args.device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    return args

@@ -77,10 +77,9 @@ def run_llm(
             index = flat_index[real]
             b = _to_device(batch, device)
             pick = None if real.numel() == flat_index.numel() else real.to(device, non_blocking=True)
-            segment_ids = None if b.single_sequence_rows else b.segment_ids
             results = {}
             with autocast_for(device):
-                h_out, hidden_history = llm(b.inputs, data.input_type, b.model_position_ids(), segment_ids, history)
+                h_out, hidden_history = llm(b.inputs, data.input_type, b.model_position_ids(), b.model_segment_ids(), history)
                 h = _real(h_out, pick)  # (n, D)
                 if scores:
                     results["scores"] = _real(llm.exit_scores(hidden_history, h_out), pick).float()

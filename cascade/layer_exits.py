@@ -74,9 +74,14 @@ def parameters_by_layer(llm: "LLM") -> dict[int | str, list[nn.Parameter]]:
     return groups
 
 
-def check_exit_routing(exit_layer: int | None, threshold: float | None, routed_loss: bool, num_layers: int) -> None:
-    if exit_layer is not None and not 1 <= exit_layer < num_layers:
+def check_exit_layer(exit_layer: int, num_layers: int) -> None:
+    if not 1 <= exit_layer < num_layers:
         raise ValueError(f"exit_layer must be one of 1..{num_layers - 1} (a layer before the last), got {exit_layer}")
+
+
+def check_exit_routing(exit_layer: int | None, threshold: float | None, routed_loss: bool, num_layers: int) -> None:
+    if exit_layer is not None:
+        check_exit_layer(exit_layer, num_layers)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"routing_threshold is a max softmax probability in [0, 1], got {threshold}")
     if (exit_layer is None) != (threshold is None):

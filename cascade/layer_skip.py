@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cascade.inference import autocast_for
-from cascade.layer_exits import logit_lens
+from cascade.layer_exits import check_exit_layer, logit_lens
 from cascade.packing import gather_index
 from cascade.sequence_data import Batch, SequenceData
 
@@ -91,9 +91,8 @@ def routed_nll(llm: "LLM", batch: Batch, exit_layer: int, thresholds: Sequence[f
     Layers 1..e run on every token; for each threshold the tokens below it are compacted within
     their rows (order, positions and segments kept, rule 2) and only they run layers e + 1..L.
     """
-    input_type = "token_ids" if batch.inputs.dim() == 2 else "hidden_states"
     real = batch.token_index >= 0  # (B, T)
-    h = run_until(llm, batch.inputs, input_type, batch.position_ids, None if batch.single_sequence_rows else batch.segment_ids, exit_layer)
+    h = run_until(llm, batch.inputs, batch.input_type, batch.model_position_ids(), batch.model_segment_ids(), exit_layer)
     logits = logit_lens(llm, h[real]).float()
     nll_exit = F.cross_entropy(logits, batch.targets[real], reduction="none")
     confidence = logits.detach().softmax(-1).amax(-1)
@@ -116,8 +115,7 @@ def routed_nll(llm: "LLM", batch: Batch, exit_layer: int, thresholds: Sequence[f
 def threshold_sweep(llm: "LLM", data: SequenceData, batch_size: int, exit_layer: int, thresholds: Sequence[float]) -> list[dict]:
     """`evaluate_layer_exit` at each threshold (layers 1..e run once per batch for all of them): the
     perplexity-vs-compute curve of a confidence exit after layer `exit_layer`."""
-    if not 1 <= exit_layer < llm.num_layers:
-        raise ValueError(f"exit_layer must be one of 1..{llm.num_layers - 1} (a layer before the last), got {exit_layer}")
+    check_exit_layer(exit_layer, llm.num_layers)
     L, device = llm.num_layers, llm.device
     nll_exit, confidence, routed = [], [], [[] for _ in thresholds]
     was_training = llm.training
@@ -166,7 +164,7 @@ def layer_perplexities(llm: "LLM", data: SequenceData, batch_size: int) -> dict[
             b = batch.to(device)
             real = b.token_index >= 0
             with autocast_for(device):
-                h_out, history = llm(b.inputs, data.input_type, b.position_ids, None if b.single_sequence_rows else b.segment_ids, history=range(1, L))
+                h_out, history = llm(b.inputs, data.input_type, b.model_position_ids(), b.model_segment_ids(), history=range(1, L))
                 for layer in range(1, L + 1):
                     logits = llm.get_logits(h_out[real]) if layer == L else logit_lens(llm, history[layer][real])
                     total[layer] += F.cross_entropy(logits.float(), b.targets[real], reduction="sum").double().cpu()

@@ -84,7 +84,6 @@ class LLM(nn.Module):
         position_ids: Tensor | None = None,
         segment_ids: Tensor | None = None,
         history: Sequence[int] | None = None,
-        base_model: nn.Module | None = None,
     ) -> tuple[Tensor, list[Tensor | None]]:
         """Run the model on token ids (B, T) or hidden states (B, T, D).
 
@@ -93,8 +92,6 @@ class LLM(nn.Module):
         padding): a token attends only to earlier tokens of its own segment. None means each
         row is one sequence (plain causal attention).
         `history` lists the entries of `hidden_history` to capture (None: all).
-        `base_model` runs instead of the model's own base model (a `torch.compile` of it; it
-        must be called with no history, since hooks added after compiling are not seen).
 
         Returns `h_out` (B, T, D), the final-norm output the LM head reads, and
         `hidden_history`, L + 1 entries: [i] is the residual stream after layer i ([0]: the
@@ -116,11 +113,9 @@ class LLM(nn.Module):
             mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
         else:
             mask = self._attention_mask(segment_ids)
-        model = self.base_llm.base_model if base_model is None else base_model
-        assert base_model is None or (history is not None and len(history) == 0), "hooks do not reach a compiled model: capture no history"
         routing = nullcontext() if self.mod is None else self.mod.routing(self, segment_ids)
         with routing, self._capture(history) as hidden_history:  # hooks go on the routed layers' stand-ins
-            out = model(**inputs, position_ids=position_ids, attention_mask=mask, use_cache=False)
+            out = self.base_llm.base_model(**inputs, position_ids=position_ids, attention_mask=mask, use_cache=False)
         return out.last_hidden_state, hidden_history
 
     def get_logits(self, h: Tensor) -> Tensor:

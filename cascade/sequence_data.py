@@ -49,9 +49,17 @@ class Batch:
         asynchronously instead of waiting for the GPU to finish the previous step."""
         return self._map(Tensor.pin_memory)
 
+    @property
+    def input_type(self) -> str:
+        return "token_ids" if self.inputs.dim() == 2 else "hidden_states"
+
     def model_position_ids(self) -> Tensor | None:
         """The `position_ids` to give the model: None where they are the default 0..T-1 (plain causal rows)."""
         return None if self.default_positions else self.position_ids
+
+    def model_segment_ids(self) -> Tensor | None:
+        """The `segment_ids` to give the model: None where every row is one sequence (plain causal attention)."""
+        return None if self.single_sequence_rows else self.segment_ids
 
     def _map(self, fn) -> "Batch":
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -171,10 +171,8 @@ class StageModule(LightningModule):
         return routed, nll_exit, confidence >= self.hparams.routing_threshold
 
     def layer_losses(self, batch: Batch, weights: dict[int, float]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        input_type = "token_ids" if batch.inputs.dim() == 2 else "hidden_states"
-        segment_ids = None if batch.single_sequence_rows else batch.segment_ids
+        input_type, position_ids, segment_ids = batch.input_type, batch.model_position_ids(), batch.model_segment_ids()
         history = tuple(layer for layer in weights if layer != self.llm.num_layers)
-        position_ids = batch.model_position_ids()
         if self._compiled_loss is not None and self.training and not history:
             if self.hparams.compile_mode == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
@@ -218,34 +216,34 @@ class StageModule(LightningModule):
             self._compiled_loss = torch.compile(self._last_layer_loss, mode=self.hparams.compile_mode)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        # Python numbers are logged only on the steps the logger writes: each one is copied to the GPU,
-        # and each such copy waits for the GPU, so that the CPU could no longer queue the next step ahead.
-        # The loss too: each `self.log` costs Lightning about 1 ms of CPU (2-core VM), most of its per-step overhead
-        log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        metrics = {}  # logged on the logger's steps only, see below
         if self.hparams.routed_loss:
             routed, _, exits = self.routed_losses(batch)
-            loss, weights, per_layer = routed.mean(), {}, {}
-            self.log("train/exit_fraction", exits.float().mean())
+            loss = routed.mean()
+            metrics["train/exit_fraction"] = exits.float().mean()
         else:
             weights = self.current_layer_weights()
             loss, per_layer = self.layer_losses(batch, weights)
+            if len(weights) > 1 or self.layer_weights_end is not None:
+                metrics.update({f"train/ce_layer_{layer}": ce.detach() for layer, ce in per_layer.items()})
+                metrics.update({f"train/layer_weight_{layer}": w for layer, w in weights.items()})
         if self.llm.mod is not None:
             aux = self.llm.mod.aux_loss()
-            self.log("train/mod_aux_loss", aux.detach())
-            if log_now:
-                self.log("train/mod_compute_fraction", self.llm.mod.compute_fraction())
+            metrics["train/mod_aux_loss"] = aux.detach()
             loss = loss + self.hparams.mod_aux_weight * aux
         self._check_finite(loss)
-        if len(weights) > 1 or self.layer_weights_end is not None:
-            self.log_dict({f"train/ce_layer_{layer}": ce.detach() for layer, ce in per_layer.items()})
-            if log_now:
-                self.log_dict({f"train/layer_weight_{layer}": w for layer, w in weights.items()})
         self._tokens += batch.num_tokens
-        if log_now:
+        # Only on the steps the logger writes: each `self.log` costs Lightning about 1 ms of CPU (2-core VM),
+        # and a logged Python number is copied to the GPU, which waits for the GPU, so that the CPU could no
+        # longer queue the next step ahead of it.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             now = time.perf_counter()
+            if self.llm.mod is not None:
+                metrics["train/mod_compute_fraction"] = self.llm.mod.compute_fraction()
+            metrics["train/ppl"] = loss.detach().exp()
+            metrics["train/lr"] = self.lr_schedulers().get_last_lr()[0]
+            self.log_dict(metrics)
             self.log("train/loss", loss, prog_bar=True)
-            self.log("train/ppl", loss.detach().exp())
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
             self.log("train/tokens_per_s", self._tokens * self.trainer.world_size / (now - self._log_start), prog_bar=True)
             self._tokens, self._log_start = 0, now
         return loss
