@@ -8,7 +8,6 @@ fsynced, and only then renamed into place, so a reader never sees a half-written
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import os
 import shutil
@@ -62,8 +61,6 @@ class TensorDirWriter:
 
     `append(name, chunk)` adds rows to array `name` (all chunks share dtype and trailing shape);
     `commit(meta)` fsyncs every file, writes the manifest and renames the directory into place.
-    A chunk is written and hashed by two threads (both release the GIL) while the caller prepares
-    the next one, so the caller must not change a chunk after appending it.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -74,13 +71,6 @@ class TensorDirWriter:
         self._files: dict[str, object] = {}
         self._arrays: dict[str, dict] = {}
         self._digests: dict[str, "hashlib._Hash"] = {}
-        self._threads = ThreadPoolExecutor(2)
-        self._pending: list[Future] = []  # the last chunk's write and hash
-
-    def _wait(self) -> None:
-        for future in self._pending:
-            future.result()
-        self._pending = []
 
     def append(self, name: str, chunk: Tensor) -> None:
         assert chunk.dim() >= 1, "chunks are rows of an array"
@@ -93,8 +83,8 @@ class TensorDirWriter:
         entry = self._arrays[name]
         assert entry["dtype"] == _DTYPES[chunk.dtype][0] and entry["shape"][1:] == list(chunk.shape[1:]), "chunks of one array agree"
         flat = memoryview(_as_numpy(chunk).reshape(-1)).cast("B")
-        self._wait()
-        self._pending = [self._threads.submit(self._digests[name].update, flat), self._threads.submit(self._files[name].write, flat)]
+        self._digests[name].update(flat)
+        self._files[name].write(flat)
         entry["shape"][0] += chunk.shape[0]
         entry["bytes"] += len(flat)
 
@@ -102,7 +92,6 @@ class TensorDirWriter:
         """Append array `entry` (a manifest entry of `directory`) by copying its file's bytes, chunk by chunk."""
         dtype = _BY_NAME[entry["dtype"]][0]
         self.append(name, torch.empty(0, *entry["shape"][1:], dtype=dtype))  # opens the file, checks dtype and shape
-        self._wait()
         with open(Path(directory) / entry["file"], "rb") as source:
             while block := source.read(_CHUNK):
                 self._digests[name].update(block)
@@ -111,8 +100,6 @@ class TensorDirWriter:
         self._arrays[name]["bytes"] += entry["bytes"]
 
     def commit(self, meta: dict) -> None:
-        self._wait()
-        self._threads.shutdown()
         for name, f in self._files.items():
             f.flush()
             os.fsync(f.fileno())
