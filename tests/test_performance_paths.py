@@ -11,7 +11,7 @@ from cascade.exit_fn import EXIT_FNS
 from cascade.hf_models import build_causal_lm, pad_vocab
 from cascade.inference import run_llm
 from cascade.losses import next_token_loss
-from cascade.sequence_data import IGNORE_INDEX
+from cascade.sequence_data import IGNORE_INDEX, Batch
 from conftest import VOCAB, tiny_model, token_batches
 from datamodules.sequence import SequenceDataModule
 from lightning_modules.stage import StageModule
@@ -132,3 +132,24 @@ def test_padding_rows_give_the_last_batch_the_shape_of_the_others():
 def test_an_unknown_compile_mode_is_refused():
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         StageModule(llm=LLM(tiny_model("gpt2")), compile_mode="fast")
+
+
+def test_batches_reach_the_gpu_without_blocking(monkeypatch):
+    """Lightning copies an object with a `to` method (a Batch) blocking; the module's hook asks for non_blocking on
+    a GPU, where a blocking copy would make the CPU wait for the previous step before queueing the next."""
+    calls = []
+    real_to = Batch.to
+
+    def recording_to(self, device, non_blocking=None):  # None: the caller did not say
+        calls.append((torch.device(device).type, non_blocking))
+        return real_to(self, "cpu")
+
+    monkeypatch.setattr(Batch, "to", recording_to)
+    module = StageModule(llm=LLM(tiny_model("gpt2")), warmup_steps=1)
+    data = SequenceData.from_token_batches(token_batches(1, batch_size=4))
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=SequenceDataModule.from_data(data, data, batch_size=4))
+    assert calls and set(calls) == {("cpu", False)}  # every transfer went through the hook
+    batch = next(iter(data.batches(4)))
+    module.transfer_batch_to_device(batch, torch.device("cuda"), 0)
+    assert calls[-1] == ("cuda", True)
