@@ -26,6 +26,9 @@ import gc
 import json
 import tempfile
 import time
+import traceback
+import warnings
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +92,38 @@ class StepTimer(Callback):
     def on_train_end(self, trainer, pl_module):
         synchronize()
         self.seconds = time.perf_counter() - self.start
+
+
+class SyncAudit(Callback):
+    """Where the framework's steps `first`..`first + count - 1` make the CPU wait for the GPU.
+
+    torch's sync debug mode warns on every synchronising CUDA call (a blocking copy, `.item()`,
+    a boolean index); each warning's Python stack, cut to the frames outside torch, is counted.
+    The window starts at the end of step `first - 1`, so the batch transfers of its steps are in it.
+    """
+
+    def __init__(self, first: int, count: int = 3):
+        self.first, self.count, self.found, self._saved = first, count, Counter(), None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.first - 1:
+            self._saved = warnings.showwarning, warnings.filters[:]
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record
+            torch.cuda.set_sync_debug_mode("warn")
+        elif batch_idx == self.first + self.count - 1 and self._saved is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning, warnings.filters[:] = self._saved
+            self._saved = None
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename]
+        self.found[" <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))] += 1
+
+    def report(self) -> str:
+        if not self.found:
+            return f"none in steps {self.first}..{self.first + self.count - 1}"
+        return "".join(f"\n  {n / self.count:.1f} a step: {where}" for where, n in self.found.most_common())
 
 
 def synchronize() -> None:
@@ -169,16 +204,18 @@ def framework(args, train: SequenceData, device: torch.device, stage: int, workd
         train, train.select(torch.arange(1)), batch_size=args.batch_size, row_length=args.seq_len, num_workers=args.num_workers
     )
     timer = StepTimer(args.warmup)
+    audit = SyncAudit(max(1, args.warmup - 4)) if device.type == "cuda" else None  # in the warm-up, not timed
     trainer = Trainer(
         accelerator=device.type, devices=1, precision="bf16-mixed" if device.type == "cuda" else "32-true",
         max_steps=args.steps, gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0,
         enable_checkpointing=False, enable_progress_bar=progress_bar, enable_model_summary=False,
-        logger=TensorBoardLogger(workdir, name=f"stage_{stage}"), callbacks=[timer],
+        logger=TensorBoardLogger(workdir, name=f"stage_{stage}"), callbacks=[timer] + ([audit] if audit else []),
     )
     reset_memory()
     trainer.fit(module, datamodule=datamodule)
     assert timer.tokens > 0 and trainer.global_step == args.steps, "the data must cover every step in one epoch"
-    return {"tokens_per_s": timer.tokens / timer.seconds, "peak_gb": peak_memory_gb()}, module
+    syncs = audit.report() if audit else "(CPU)"
+    return {"tokens_per_s": timer.tokens / timer.seconds, "peak_gb": peak_memory_gb(), "syncs": syncs}, module
 
 
 def attention_kernels(module: StageModule, data: SequenceData, args, device: torch.device) -> str:
@@ -233,7 +270,7 @@ def main() -> None:
     dim = json.loads(args.model_config)["n_embd"]
     windows = random_windows(int((args.steps + 2) * args.batch_size * args.seq_len / args.hard_ratio), args.seq_len, args.vocab, seed=2)
     stage1 = hard_token_data(windows, args.hard_ratio, dim)
-    waste = stage1.packing_waste(args.batch_size, args.seq_len)
+    waste = stage1.packing_waste(args.batch_size, args.seq_len, fixed_length=True)  # rows padded to seq_len, as trained
     fw1, module1 = framework(args, stage1, device, 1, workdir)
     kernels1 = attention_kernels(module1, stage1, args, device)
     del module1
@@ -257,6 +294,8 @@ def main() -> None:
           f"stage-1 packing waste {waste:.1%} ({stage1.num_tokens:,} hard tokens in {stage1.num_sequences:,} sequences)")
     print(f"attention kernels, stage 0: {kernels0}")
     print(f"attention kernels, stage 1: {kernels1}")
+    print(f"calls that wait for the GPU, framework stage 0: {fw0['syncs']}")
+    print(f"calls that wait for the GPU, framework stage 1: {fw1['syncs']}")
 
 
 if __name__ == "__main__":

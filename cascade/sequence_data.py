@@ -276,9 +276,9 @@ class SequenceData:
         default_positions = single and bool((position_ids == torch.arange(T)).all())
         return Batch(inputs, targets, position_ids, segment_ids, token_index, single, token.numel(), default_positions)
 
-    def packing_waste(self, batch_size: int, row_length: int | None = None, pack: bool = True) -> float:
-        """Fraction of batch positions that `batches` fills with padding."""
-        positions = sum(b.num_positions for b in self.batches(batch_size, row_length, pack))
+    def packing_waste(self, batch_size: int, row_length: int | None = None, pack: bool = True, fixed_length: bool = False) -> float:
+        """Fraction of batch positions that `batches` fills with padding (with `fixed_length`, as training lays them out)."""
+        positions = sum(b.num_positions for b in self.batches(batch_size, row_length, pack, fixed_length=fixed_length))
         return 1.0 - self.num_tokens / positions if positions else 0.0
 
     # -- storage -------------------------------------------------------------------

@@ -117,6 +117,9 @@ def test_packing_reduces_waste_and_equal_windows_need_no_mask():
     batch = next(windows.batches(4))
     assert batch.single_sequence_rows and batch.inputs.shape == (4, 16)
     assert windows.packing_waste(4) == 0.0
+    six = random_data([10] * 6)  # one row of 60 tokens: nothing padded to the fullest row, 4 of 64 as training pads
+    assert six.packing_waste(8, row_length=64) == 0.0
+    assert six.packing_waste(8, row_length=64, fixed_length=True) == 4 / 64
 
 
 def test_sequence_longer_than_a_row_is_an_error():
