@@ -14,7 +14,9 @@ the framework's throughput over the baseline's.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -71,6 +73,36 @@ def store(data: SequenceData, path: Path) -> float:
     return time.perf_counter() - start
 
 
+def save_components(data: SequenceData, workdir: Path) -> dict[str, float]:
+    """The parts of a save, each alone: SHA-256 of the bytes, writing them to the page cache, fsync."""
+    arrays = [t.view(torch.int16) if t.dtype == torch.bfloat16 else t for t in (data.inputs, data.targets, data.positions)]
+    views = [memoryview(t.contiguous().numpy()).cast("B") for t in arrays]
+    start = time.perf_counter()
+    for view in views:
+        hashlib.sha256(view).hexdigest()
+    t_hash = time.perf_counter() - start
+    path = workdir / "raw.bin"
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for view in views:
+            f.write(view)
+        t_write = time.perf_counter() - start
+        f.flush()
+        os.fsync(f.fileno())
+    t_fsync = time.perf_counter() - start - t_write
+    path.unlink()
+    return {"sha256": t_hash, "write (page cache)": t_write, "fsync": t_fsync}
+
+
+def gather_in_memory(num_tokens: int, dim: int, hard_ratio: float) -> float:
+    """Picking `hard_ratio` of `num_tokens` rows of bf16 hidden states held in host memory (index_select)."""
+    hidden = torch.zeros(num_tokens, dim, dtype=torch.bfloat16)
+    keep = (torch.rand(num_tokens) < hard_ratio).nonzero().squeeze(1)
+    start = time.perf_counter()
+    hidden.index_select(0, keep)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     args = inference_arguments(__doc__, tokens=2_000_000)
     device = args.device
@@ -90,9 +122,10 @@ def main() -> None:
     t_scoring = min(scoring_pass(llm, data, args.batch_size, workdir / "hidden.bin") for _ in range(args.repeats))
     hard = SequenceData.load(workdir / "part-0")
     t_store = min(store(hard, workdir / f"resave-{i}") for i in range(args.repeats))
+    parts = save_components(hard.select(torch.arange(hard.num_sequences)), workdir)  # in RAM, not memory-mapped
+    t_gather = gather_in_memory(n := data.num_tokens, llm.dim, args.hard_ratio)
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-    n = data.num_tokens
     print(f"{n:,} tokens in windows of {args.seq_len}, batch {args.batch_size}; hard_ratio {args.hard_ratio} -> "
           f"{hard.num_tokens:,} hard tokens; {name}; torch {torch.__version__}")
     print(f"{'run':<44}{'seconds':>10}{'tokens/s':>12}{'ratio':>8}")
@@ -100,6 +133,9 @@ def main() -> None:
     print(f"{'hand-over: scores, threshold, shards':<44}{t_hand:>10.3f}{n / t_hand:>12,.0f}{t_plain / t_hand:>8.3f}")
     print(f"{'  of which the scoring pass (to a file)':<44}{t_scoring:>10.3f}{n / t_scoring:>12,.0f}{t_plain / t_scoring:>8.3f}")
     print(f"{'saving the hard tokens alone (no model)':<44}{t_store:>10.3f}")
+    for name, seconds in parts.items():
+        print(f"{'  of which ' + name:<44}{seconds:>10.3f}")
+    print(f"{'gathering the hard rows from host memory':<44}{t_gather:>10.3f}")
     print(f"{'bound: plain forward + that save':<44}{t_plain + t_store:>10.3f}{n / (t_plain + t_store):>12,.0f}"
           f"{t_plain / (t_plain + t_store):>8.3f}")
 
