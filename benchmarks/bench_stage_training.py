@@ -109,8 +109,8 @@ class SyncAudit(Callback):
         if batch_idx == self.first - 1:
             self._saved = warnings.showwarning, warnings.filters[:]
             warnings.simplefilter("always")
-            warnings.showwarning = self._record
             torch.cuda.set_sync_debug_mode("warn")
+            warnings.showwarning = self._record  # after the switch, which itself warns once
         elif batch_idx == self.first + self.count - 1 and self._saved is not None:
             torch.cuda.set_sync_debug_mode("default")
             warnings.showwarning, warnings.filters[:] = self._saved

@@ -47,22 +47,30 @@ class StageHandover(Callback):
     """Collects exit scores on the stage's training tokens, sets the threshold, keeps the hard tokens.
 
     Each process scores its own block of whole batches of the training and validation data; the threshold
-    is the `hard_ratio` quantile of all processes' scores together (exact). Each process
-    streams its hard tokens into one part of `output_dir/train` and `output_dir/val` (atomically,
-    with manifests; host memory holds a batch of hidden states and 4 bytes a token of scores). The exit-score histogram, the threshold and the hard fractions go to the
-    logger.
+    is the `hard_ratio` quantile of all processes' scores together (exact). Each process writes its hard
+    tokens into one part of `output_dir/train` and `output_dir/val` (atomically, with manifests). Host
+    memory holds 4 bytes a token of scores, and every token's hidden state up to `host_memory_gb`, beyond
+    which they go through a temporary file and host memory holds a batch of them. The exit-score
+    histogram, the threshold and the hard fractions go to the logger.
 
     Args:
         hard_ratio: Fraction of the stage's training tokens passed on to the next stage.
         output_dir: Where the next stage's data goes (set per stage by `cascade.fit`).
         batch_size: Rows per batch while scoring (default: the data module's batch size).
+        host_memory_gb: Every token's hidden state waits for the threshold in host memory if this process's
+            take at most this many GB (the fastest), else in a temporary file beside `output_dir`.
     """
 
-    def __init__(self, hard_ratio: float = 0.3, output_dir: str | None = None, batch_size: int | None = None):
+    def __init__(
+        self, hard_ratio: float = 0.3, output_dir: str | None = None, batch_size: int | None = None, host_memory_gb: float = 4.0
+    ):
         check_hard_ratio(hard_ratio)
+        if host_memory_gb < 0:
+            raise ValueError(f"host_memory_gb must be >= 0, got {host_memory_gb}")
         self.hard_ratio = hard_ratio
         self.output_dir = output_dir
         self.batch_size = batch_size
+        self.host_memory_bytes = int(host_memory_gb * 1e9)
         self.stats: dict = {}
         self.train_next = self.val_next = None  # this process's part of the hand-over, for the Python API
 
@@ -108,8 +116,9 @@ class StageHandover(Callback):
             return threshold
 
         train_part, val_part = (out / split / part_name(rank, world_size) for split in ("train", "val"))
-        hand_over_to_disk(llm, train_share.data, batch_size, train_part, calibrate, train_share.row_length)
-        hand_over_to_disk(llm, val_share.data, batch_size, val_part, lambda local: float(llm.threshold), val_share.row_length)
+        budget = self.host_memory_bytes
+        hand_over_to_disk(llm, train_share.data, batch_size, train_part, calibrate, train_share.row_length, budget)
+        hand_over_to_disk(llm, val_share.data, batch_size, val_part, lambda local: float(llm.threshold), val_share.row_length, budget)
         strategy.barrier()
         train, val = SequenceData.load(train_part), SequenceData.load(val_part)
         if rank == 0 and world_size > 1:  # one part, so that the next stage memory-maps it whole

@@ -1,9 +1,11 @@
-"""The hand-over written straight to disk: host memory holds one batch of hidden states, not a stage's worth.
+"""The hand-over written straight to disk, with host memory bounded by a budget.
 
-The LLM's output hidden states of every token go to a temporary file as they are computed;
-once the threshold is known, the hard ones are copied from it, a chunk of tokens at a time, into
-the part of the next stage's data. Host memory: the scores (4 bytes a token, gathered from every
-process for the exact threshold), the hard mask, and a chunk.
+Every token's output hidden state is kept until the threshold (an exact quantile over every
+token's exit score) is known: in host memory where they fit in `host_memory_bytes`, else in a
+temporary file, written as they are computed, so that host memory holds one batch of them. Once
+the threshold is known, the hard ones are copied, a chunk of tokens at a time, into the part of the
+next stage's data. Host memory besides: the scores (4 bytes a token, gathered from every process
+for the exact threshold), the hard mask, and a chunk.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from cascade.llm import LLM
 
 CHUNK_TOKENS = 1 << 16
+HOST_MEMORY_BYTES = 4 * 10**9  # default budget for the hidden states of every token, per process (4 GB)
 
 
 def hand_over_to_disk(
@@ -34,40 +37,53 @@ def hand_over_to_disk(
     path: str | os.PathLike,
     threshold_of: Callable[[Tensor], float],
     row_length: int | None = None,
+    host_memory_bytes: int = HOST_MEMORY_BYTES,
 ) -> Tensor:
     """Write the tokens of `data` that score below `threshold_of(scores)` to `path` (a SequenceData directory).
 
     `threshold_of` receives this process's exit scores (it may gather every process's and set
-    the LLM's threshold); every process calls it, also one with no tokens. Returns the scores.
+    the LLM's threshold); every process calls it, also one with no tokens. Every token's hidden
+    state waits for the threshold in host memory if they take at most `host_memory_bytes`, else in
+    a temporary file beside `path`. Returns the scores.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if data.num_tokens == 0:
+        threshold_of(torch.empty(0))  # every process takes part in the threshold
+        _write_compacted(data, torch.zeros(0, dtype=torch.bool), torch.empty(0, llm.dim, dtype=torch.bfloat16), path)
+        return torch.empty(0)
+    if data.num_tokens * llm.dim * 2 <= host_memory_bytes:
+        out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length)
+        threshold = threshold_of(out.scores)
+        _write_compacted(data, hard_mask(out.scores, threshold), out.hidden, path)
+        return out.scores
     hidden_path = path.with_name(f".{path.name}.hidden-{os.getpid()}.bin")
     try:
-        if data.num_tokens:
-            with open(hidden_path, "wb") as hidden_file:
-                scores = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length, hidden_file=hidden_file).scores
-        else:
-            scores = torch.empty(0)
+        with open(hidden_path, "wb") as hidden_file:
+            scores = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length, hidden_file=hidden_file).scores
         threshold = threshold_of(scores)
-        _write_compacted(data, hard_mask(scores, threshold), hidden_path, llm.dim, path)
+        all_hidden = np.memmap(hidden_path, dtype=np.int16, mode="r", shape=(data.num_tokens, llm.dim))
+        _write_compacted(data, hard_mask(scores, threshold), all_hidden, path)
     finally:
         hidden_path.unlink(missing_ok=True)
     return scores
 
 
-def _write_compacted(data: SequenceData, hard: Tensor, hidden_path: Path, dim: int, path: Path) -> None:
-    """`compact_hard_tokens`, streamed: the inputs come from the raw bf16 file of all tokens' hidden states."""
+def _write_compacted(data: SequenceData, hard: Tensor, all_hidden: Tensor | np.ndarray, path: Path) -> None:
+    """`compact_hard_tokens`, a chunk at a time; the inputs come from every token's hidden states (bf16, in
+    host memory or the raw 16 bits memory-mapped from a file)."""
     writer = TensorDirWriter(path)
-    writer.append("inputs", torch.empty(0, dim, dtype=torch.bfloat16))
+    writer.append("inputs", torch.empty(0, all_hidden.shape[1], dtype=torch.bfloat16))
     for name in ("targets", "positions"):
         writer.append(name, torch.empty(0, dtype=torch.long))
-    all_hidden = np.memmap(hidden_path, dtype=np.int16, mode="r", shape=(data.num_tokens, dim)) if data.num_tokens else None
     for begin in range(0, data.num_tokens, CHUNK_TOKENS):
         end = min(begin + CHUNK_TOKENS, data.num_tokens)
         keep = hard[begin:end].nonzero().squeeze(1)
-        rows = all_hidden[begin + keep.numpy()]  # copies the hard rows only, not the whole chunk
-        writer.append("inputs", torch.from_numpy(rows).view(torch.bfloat16))
+        if isinstance(all_hidden, Tensor):
+            rows = all_hidden[begin:end].index_select(0, keep)
+        else:  # copies the hard rows only, not the whole chunk
+            rows = torch.from_numpy(all_hidden[begin + keep.numpy()]).view(torch.bfloat16)
+        writer.append("inputs", rows)
         writer.append("targets", data.targets[begin:end].long().index_select(0, keep))
         writer.append("positions", data.positions[begin:end].long().index_select(0, keep))
     offsets, survives = compacted_offsets(data.offsets, hard)

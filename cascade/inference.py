@@ -51,8 +51,9 @@ def run_llm(
 
     With `hidden_file`, the output hidden states are not kept but written there as raw bf16 rows
     in token order (batches come in token order), so host memory holds one batch of them.
-    On a GPU, batch i's results are copied to the host and stored while batch i + 1 runs:
-    nothing waits for the GPU except the storing of the batch before.
+    Batches come in token order. On a GPU, batch i's results are copied to the host on a stream of
+    their own while batch i + 1 runs, and stored once the copy is done: the GPU does not wait for
+    the copies, and the CPU waits for nothing but the copy of the batch before.
     """
     if data.num_tokens == 0:
         raise ValueError("the data holds no tokens: nothing to run the LLM on")
@@ -66,6 +67,7 @@ def run_llm(
     )
     history = history_indices(llm.exit_fn) if scores else ()
     written = [0]  # tokens written to `hidden_file` so far
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     pending = None
     was_training = llm.training
     llm.eval()
@@ -90,7 +92,7 @@ def run_llm(
                     targets = _real(b.targets, pick)
                     results["nll"] = F.cross_entropy(logits, targets, reduction="none")
                     results["correct"] = logits.argmax(dim=-1) == targets
-            copied = _HostCopy(index, results)
+            copied = _HostCopy(index, results, copy_stream)
             if pending is not None:
                 pending.store(out, hidden_file, written)
             pending = copied
@@ -114,34 +116,39 @@ def _real(t: Tensor, pick: Tensor | None) -> Tensor:
 
 
 class _HostCopy:
-    """One batch's per-token results on their way to the host: non-blocking copies into page-locked memory."""
+    """One batch's per-token results on their way to the host: copies into page-locked memory on `stream`
+    (a CUDA stream beside the compute stream), so that the next batch's compute does not wait for them."""
 
-    def __init__(self, index: Tensor, results: dict[str, Tensor]):
+    def __init__(self, index: Tensor, results: dict[str, Tensor], stream: "torch.cuda.Stream | None"):
         self.index = index
         self.event = None
         self.host = {}
-        for name, value in results.items():
-            if value.device.type == "cuda":
+        if stream is None:  # on the CPU the results are the host copies
+            self.host = results
+            return
+        stream.wait_stream(torch.cuda.current_stream())  # the results are computed
+        with torch.cuda.stream(stream):
+            for name, value in results.items():
                 self.host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
-            else:
-                self.host[name] = value
-        if any(v.device.type == "cuda" for v in results.values()):
+                value.record_stream(stream)  # its memory is not reused by the next batch before the copy is done
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(stream)
 
     def store(self, out: TokenOutputs, hidden_file: BinaryIO | None, written: list[int]) -> None:
         """Wait for the copies, then put each result at its tokens' places (or append the hidden states to the file)."""
         if self.event is not None:
             self.event.synchronize()
         index, host = self.index, self.host
+        begin, end = int(index[0]), int(index[-1]) + 1
+        assert end - begin == index.numel(), "batches come in token order"  # so a batch's tokens are one slice
         if "scores" in host:
-            out.scores[index] = host["scores"]
+            out.scores[begin:end] = host["scores"]
         if "hidden" in host and hidden_file is not None:
-            assert int(index[0]) == written[0] and int(index[-1]) == written[0] + index.numel() - 1, "token order"
+            assert begin == written[0], "token order"
             hidden_file.write(host["hidden"].view(torch.int16).numpy().data)  # no copy of the bytes
-            written[0] += index.numel()
+            written[0] = end
         elif "hidden" in host:
-            out.hidden[index] = host["hidden"]
+            out.hidden[begin:end] = host["hidden"]
         if "nll" in host:
-            out.nll[index] = host["nll"]
-            out.correct[index] = host["correct"]
+            out.nll[begin:end] = host["nll"]
+            out.correct[begin:end] = host["correct"]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,13 @@ class TensorDirWriter:
         self._files: dict[str, object] = {}
         self._arrays: dict[str, dict] = {}
         self._digests: dict[str, "hashlib._Hash"] = {}
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")  # hashes a chunk while it is written
+
+    def _write(self, name: str, data: memoryview | bytes) -> None:
+        """Write `data` to array `name`'s file and add it to its digest, the two at once (both release the GIL)."""
+        hashing = self._hasher.submit(self._digests[name].update, data)
+        self._files[name].write(data)
+        hashing.result()
 
     def append(self, name: str, chunk: Tensor) -> None:
         assert chunk.dim() >= 1, "chunks are rows of an array"
@@ -83,8 +91,7 @@ class TensorDirWriter:
         entry = self._arrays[name]
         assert entry["dtype"] == _DTYPES[chunk.dtype][0] and entry["shape"][1:] == list(chunk.shape[1:]), "chunks of one array agree"
         flat = memoryview(_as_numpy(chunk).reshape(-1)).cast("B")
-        self._digests[name].update(flat)
-        self._files[name].write(flat)
+        self._write(name, flat)
         entry["shape"][0] += chunk.shape[0]
         entry["bytes"] += len(flat)
 
@@ -94,12 +101,12 @@ class TensorDirWriter:
         self.append(name, torch.empty(0, *entry["shape"][1:], dtype=dtype))  # opens the file, checks dtype and shape
         with open(Path(directory) / entry["file"], "rb") as source:
             while block := source.read(_CHUNK):
-                self._digests[name].update(block)
-                self._files[name].write(block)
+                self._write(name, block)
         self._arrays[name]["shape"][0] += entry["shape"][0]
         self._arrays[name]["bytes"] += entry["bytes"]
 
     def commit(self, meta: dict) -> None:
+        self._hasher.shutdown()
         for name, f in self._files.items():
             f.flush()
             os.fsync(f.fileno())

@@ -103,7 +103,8 @@ def test_equal_scores_give_an_empty_hard_set_error():
         llm.collect_hard_tokens(data, 0.3, batch_size=2)
 
 
-def test_hand_over_streamed_to_disk_equals_the_in_memory_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("host_memory_bytes", [0, 1 << 30], ids=["through-a-file", "in-host-memory"])
+def test_hand_over_streamed_to_disk_equals_the_in_memory_one(tmp_path, monkeypatch, host_memory_bytes):
     import cascade.handover_disk as handover_disk
     from cascade import SequenceData as SD
     from cascade.handover import calibrate_threshold, collect_hard_tokens
@@ -115,7 +116,7 @@ def test_hand_over_streamed_to_disk_equals_the_in_memory_one(tmp_path, monkeypat
     threshold = float(llm.threshold)
     llm.threshold.fill_(0.0)
     streamed_scores = handover_disk.hand_over_to_disk(
-        llm, data, 3, tmp_path / "part", lambda local: calibrate_threshold(llm, local, 0.3)[0]
+        llm, data, 3, tmp_path / "part", lambda local: calibrate_threshold(llm, local, 0.3)[0], host_memory_bytes=host_memory_bytes
     )
     assert float(llm.threshold) == threshold and torch.equal(streamed_scores, scores)
     streamed = SD.load(tmp_path / "part")
