@@ -1,9 +1,10 @@
+import hashlib
 import json
 
 import pytest
 import torch
 
-from cascade import SequenceData
+from cascade import SequenceData, storage
 from cascade.packing import block_causal_mask, next_fit_row_starts, segment_arange
 from cascade.sequence_data import IGNORE_INDEX
 
@@ -143,7 +144,7 @@ def test_save_and_load_round_trip_memory_mapped(tmp_path, width):
     manifest = json.loads((tmp_path / "stage" / "manifest.json").read_text())
     assert (manifest["num_tokens"], manifest["num_sequences"]) == (20, 4)
     assert manifest["arrays"]["inputs"]["dtype"] == ("int64" if width is None else "bfloat16")
-    assert all(len(a["sha256"]) == 64 for a in manifest["arrays"].values())
+    assert all(len(a["sha256_blocks"]) == 64 for a in manifest["arrays"].values())
     loaded = SequenceData.load(tmp_path / "stage")
     for name in ("inputs", "targets", "positions", "offsets", "sequence_ids"):
         assert torch.equal(getattr(loaded, name), getattr(data, name)), name
@@ -160,13 +161,49 @@ def test_save_replaces_existing_directory_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
 
 
-def test_corrupted_file_is_detected(tmp_path):
-    random_data([4, 4], width=8).save(tmp_path / "d")
+@pytest.mark.parametrize("position", [10, 200, -1], ids=["first-block", "middle-block", "last-byte"])
+def test_corrupted_file_is_detected(tmp_path, monkeypatch, position):
+    monkeypatch.setattr(storage, "BLOCK_BYTES", 64)  # many blocks, the last one partial
+    random_data([20, 13], width=9).save(tmp_path / "d")  # 33 x 9 bf16 inputs: 594 bytes, 9 blocks and 18 bytes
     file = tmp_path / "d" / "inputs.bin"
     raw = bytearray(file.read_bytes())
-    raw[10] ^= 0xFF
+    assert len(raw) % 64 and len(raw) > 3 * 64
+    raw[position] ^= 0xFF
     file.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match=r"inputs\.bin does not match the SHA-256"):
+    with pytest.raises(ValueError, match=r"inputs\.bin does not match the checksum"):
+        SequenceData.load(tmp_path / "d")
+
+
+def test_block_checksum_is_sha256_of_block_digests_whatever_the_pieces(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "BLOCK_BYTES", 64)
+    payload = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+    expected = hashlib.sha256(b"".join(hashlib.sha256(payload[i : i + 64]).digest() for i in range(0, 1000, 64))).hexdigest()
+    for pieces in ([1000], [1] * 10 + [990], [64, 64, 872], [63, 2, 200, 735], [0, 500, 0, 500]):
+        digest, begin = storage.BlockDigest(), 0
+        for size in pieces:
+            for future in digest.update(payload[begin : begin + size]):
+                future.result()
+            begin += size
+        assert digest.hexdigest() == expected, pieces
+    (tmp_path / "f").write_bytes(payload)
+    assert storage.file_checksum(tmp_path / "f", 64) == expected
+    (tmp_path / "empty").write_bytes(b"")
+    assert storage.file_checksum(tmp_path / "empty") == storage.BlockDigest().hexdigest() == hashlib.sha256(b"").hexdigest()
+
+
+def test_directories_with_a_whole_file_sha256_still_load_and_verify(tmp_path):
+    data = random_data([4, 4], width=8)
+    data.save(tmp_path / "d")
+    manifest_file = tmp_path / "d" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    for name, entry in manifest["arrays"].items():  # as written before the block checksum
+        del entry["sha256_blocks"], entry["block_bytes"]
+        entry["sha256"] = hashlib.sha256((tmp_path / "d" / entry["file"]).read_bytes()).hexdigest()
+    manifest_file.write_text(json.dumps(manifest))
+    assert torch.equal(SequenceData.load(tmp_path / "d").inputs, data.inputs)
+    file = tmp_path / "d" / "inputs.bin"
+    file.write_bytes(bytes(b ^ 0xFF if i == 3 else b for i, b in enumerate(file.read_bytes())))
+    with pytest.raises(ValueError, match="does not match the checksum"):
         SequenceData.load(tmp_path / "d")
 
 
