@@ -28,6 +28,7 @@ MANIFEST = "manifest.json"
 _CHUNK = 1 << 24
 BLOCK_BYTES = 1 << 22  # the unit of the checksum
 _FLUSH_EVERY = 1 << 28  # bytes written to a file between starts of its writeback (fdatasync on a thread)
+HASH_THREADS = min(8, os.cpu_count() or 1)
 
 # torch dtype -> (name in the manifest, numpy dtype with the same bytes)
 _DTYPES = {
@@ -47,7 +48,7 @@ def _hash_pool() -> ThreadPoolExecutor:
     """Threads for hashing blocks (hashlib releases the GIL on large buffers), shared by all writers and readers."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="sha256")
+        _pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="sha256")
     return _pool
 
 
