@@ -27,7 +27,7 @@ from torch import Tensor
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 24
 BLOCK_BYTES = 1 << 22  # the unit of the checksum
-_FLUSH_EVERY = 1 << 28  # bytes written to a file between starts of its writeback (fdatasync on a thread)
+_FLUSH_EVERY = 1 << 26  # bytes written to a file between starts of its writeback (fdatasync on a thread)
 HASH_THREADS = min(8, os.cpu_count() or 1)
 
 # torch dtype -> (name in the manifest, numpy dtype with the same bytes)
