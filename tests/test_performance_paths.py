@@ -104,6 +104,20 @@ def test_run_llm_results_are_in_token_order_with_and_without_a_hidden_file(tmp_p
     assert torch.allclose(every.nll, nll, atol=1e-5)
 
 
+def test_a_failed_store_stops_run_llm_with_its_error():
+    """Results are stored on a thread; its error reaches the caller, and the LLM goes back to training mode."""
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    llm = LLM(tiny_model("gpt2")).train()
+    data = SequenceData.from_token_batches(token_batches(3, batch_size=5))
+    with pytest.raises(OSError, match="No space left"):
+        run_llm(llm, data, 4, scores=True, hidden=True, hidden_file=FullDisk())
+    assert llm.training
+
+
 def test_layers_of_one_learning_rate_share_an_optimizer_group():
     llm = LLM(tiny_model("gpt2"))
     module = StageModule(llm=llm, layer_lr_scales={1: 0.5}, warmup_steps=1)
