@@ -7,8 +7,9 @@ One setting per call, every figure measured in the same process:
     torch.compile when the setting compiles, as one function with the model);
   - framework stage 0: `StageModule` trained by `lightning.Trainer` on stage-0 windows
     (`SequenceDataModule.from_data`), bf16-mixed, TensorBoard logger, no checkpoints or validation;
-  - framework stage k > 0: the same on packed hard-token sequences (random `hard_ratio` of each
-    window's tokens kept, hidden-state inputs, block-causal mask), counting real tokens only;
+  - framework stage k > 0: the same on packed hard-token sequences (a random fraction of each
+    window's tokens kept, around `hard_ratio` with the spread across windows of a real hand-over;
+    hidden-state inputs, block-causal mask), counting real tokens only;
   - which attention kernel each stage runs (CUDA kernel names from the profiler).
 Tokens/s is timed between steps `--warmup` and `--steps` with the GPU synchronised at both ends.
 MFU follows PaLM / nanoGPT: (6 N + 12 L D T) FLOPs per token, N the parameters without position
@@ -52,10 +53,12 @@ SETTINGS = {  # StageModule / build_causal_lm options of each setting
 ATTENTION_KERNELS = ("flash", "fmha", "cudnn", "attention", "mem_eff", "efficient")
 
 
-def hard_token_data(windows: SequenceData, hard_ratio: float, dim: int, seed: int = 1) -> SequenceData:
-    """A stage-k hand-over's shape: a random `hard_ratio` of every window's tokens, random bf16 hidden states."""
+def hard_token_data(windows: SequenceData, hard_ratio: float, spread: float, dim: int, seed: int = 1) -> SequenceData:
+    """A stage-k hand-over's shape: random bf16 hidden states of a random fraction of every window's tokens, the
+    fraction drawn per window around `hard_ratio` with standard deviation `spread` (how hard windows differ)."""
     g = torch.Generator().manual_seed(seed)
-    hard = torch.rand(windows.num_tokens, generator=g) < hard_ratio
+    ratio = (hard_ratio + spread * torch.randn(windows.num_sequences, generator=g)).clamp(0.01, 0.99)
+    hard = torch.rand(windows.num_tokens, generator=g) < ratio.repeat_interleave(windows.lengths)
     kept = compact_hard_tokens(windows, hard)
     inputs = torch.randn(kept.num_tokens, dim, generator=g).bfloat16()
     return SequenceData(inputs, kept.targets, kept.positions, kept.offsets, kept.sequence_ids)
@@ -243,6 +246,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--hard-ratio", type=float, default=0.3)
+    parser.add_argument("--hard-spread", type=float, default=0.071,
+                        help="std of the hard fraction across windows (0.071 in the quickstart's real stage-0 hand-over)")
     parser.add_argument("--model-config", default='{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}')
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of both loops (compiled settings)")
@@ -269,8 +274,8 @@ def main() -> None:
     reset_memory()
     dim = json.loads(args.model_config)["n_embd"]
     windows = random_windows(int((args.steps + 2) * args.batch_size * args.seq_len / args.hard_ratio), args.seq_len, args.vocab, seed=2)
-    stage1 = hard_token_data(windows, args.hard_ratio, dim)
-    waste = stage1.packing_waste(args.batch_size, args.seq_len, fixed_length=True)  # rows padded to seq_len, as trained
+    stage1 = hard_token_data(windows, args.hard_ratio, args.hard_spread, dim)
+    waste = stage1.packing_waste(args.batch_size, args.seq_len, fixed_length=True, best_fit=True)  # as trained
     fw1, module1 = framework(args, stage1, device, 1, workdir)
     kernels1 = attention_kernels(module1, stage1, args, device)
     del module1
@@ -291,7 +296,8 @@ def main() -> None:
         mfu = run["tokens_per_s"] * flops / peak
         print(f"{label:<40}{run['tokens_per_s']:>12,.0f}{mfu:>8.1%}{run['peak_gb']:>10.2f}{run['tokens_per_s'] / base['tokens_per_s']:>8.3f}")
     print(f"peak memory framework / plain loop: {fw0['peak_gb'] / plain['peak_gb']:.3f}; "
-          f"stage-1 packing waste {waste:.1%} ({stage1.num_tokens:,} hard tokens in {stage1.num_sequences:,} sequences)")
+          f"stage-1 packing waste {waste:.1%} ({stage1.num_tokens:,} hard tokens in {stage1.num_sequences:,} sequences, "
+          f"hard fraction per window {args.hard_ratio} +- {args.hard_spread})")
     print(f"attention kernels, stage 0: {kernels0}")
     print(f"attention kernels, stage 1: {kernels1}")
     print(f"calls that wait for the GPU, framework stage 0: {fw0['syncs']}")

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from cascade.packing import next_fit_row_starts, segment_arange
+from cascade.packing import best_fit_decreasing, next_fit_row_starts, segment_arange
 from cascade.storage import load_tensors, save_tensors
 
 IGNORE_INDEX = -100  # target of padding, ignored by cross-entropy
@@ -185,14 +185,18 @@ class SequenceData:
     # -- batching ------------------------------------------------------------------
 
     def row_starts(self, row_length: int | None = None, pack: bool = True, order: Tensor | None = None) -> Tensor:
-        """First entry of `order` (default: sequences in order) in each row; see `batches`."""
-        lengths = self.lengths if order is None else self.lengths[order]
-        row_length = row_length or int(lengths.max())
-        if int(lengths.max()) > row_length:
-            raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit in rows of {row_length}; raise row_length")
+        """First entry of `order` (default: sequences in order) in each row, packed by next fit; see `batches`."""
+        row_length = self._check_row_length(row_length)
         if not pack:
-            return torch.arange(lengths.numel(), dtype=torch.long)
-        return next_fit_row_starts(lengths, row_length)
+            return torch.arange(self.num_sequences, dtype=torch.long)
+        return next_fit_row_starts(self.lengths if order is None else self.lengths[order], row_length)
+
+    def _check_row_length(self, row_length: int | None) -> int:
+        """`row_length`, default the longest sequence; an error if a sequence is longer."""
+        longest = int(self.lengths.max())
+        if row_length is not None and longest > row_length:
+            raise ValueError(f"a sequence of {longest} tokens does not fit in rows of {row_length}; raise row_length")
+        return row_length or longest
 
     def batches(
         self,
@@ -202,18 +206,21 @@ class SequenceData:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         fixed_length: bool = False,
+        best_fit: bool = False,
     ) -> Iterator[Batch]:
         """Yield batches of `batch_size` rows covering every token exactly once.
 
         With `pack`, consecutive sequences share a row of up to `row_length` tokens (default:
         the longest sequence) and are kept apart by a block-causal mask; without it, each row
-        holds one sequence. Each batch is padded to its fullest row, or with `fixed_length` to
+        holds one sequence. Packing is next fit, which keeps the sequences (and so the tokens) in
+        order, or with `best_fit` best fit decreasing (`cascade.packing.best_fit_decreasing`),
+        which wastes less padding when lengths vary but reorders sequences within groups. Each batch is padded to its fullest row, or with `fixed_length` to
         the row length, so that every full batch has one shape (compiled graphs and cuDNN's
         attention plans are then built once, not per batch). With `shuffle`, sequences are
         visited in a random order drawn from `generator`.
         """
         length = (row_length or int(self.lengths.max())) if fixed_length and self.num_sequences else None
-        for seqs, row_bounds in self.plan_batches(batch_size, row_length, pack, shuffle, generator):
+        for seqs, row_bounds in self.plan_batches(batch_size, row_length, pack, shuffle, generator, best_fit):
             yield self.make_batch(seqs, row_bounds, length)
 
     def plan_batches(
@@ -223,6 +230,7 @@ class SequenceData:
         pack: bool = True,
         shuffle: bool = False,
         generator: torch.Generator | None = None,
+        best_fit: bool = False,
     ) -> list[tuple[Tensor, Tensor]]:
         """What `batches` yields, as `(seqs, row_bounds)` pairs for `make_batch`: cheap to keep and index."""
         if batch_size < 1:
@@ -230,7 +238,11 @@ class SequenceData:
         if self.num_sequences == 0:
             return []
         order = torch.randperm(self.num_sequences, generator=generator) if shuffle else torch.arange(self.num_sequences)
-        starts = self.row_starts(row_length, pack, order)
+        if pack and best_fit:
+            packed, starts = best_fit_decreasing(self.lengths[order], self._check_row_length(row_length))
+            order = order[packed]
+        else:
+            starts = self.row_starts(row_length, pack, order)
         bounds = torch.cat([starts, starts.new_tensor([self.num_sequences])])
         plan = []
         for first in range(0, starts.numel(), batch_size):
@@ -276,9 +288,13 @@ class SequenceData:
         default_positions = single and bool((position_ids == torch.arange(T)).all())
         return Batch(inputs, targets, position_ids, segment_ids, token_index, single, token.numel(), default_positions)
 
-    def packing_waste(self, batch_size: int, row_length: int | None = None, pack: bool = True, fixed_length: bool = False) -> float:
-        """Fraction of batch positions that `batches` fills with padding (with `fixed_length`, as training lays them out)."""
-        positions = sum(b.num_positions for b in self.batches(batch_size, row_length, pack, fixed_length=fixed_length))
+    def packing_waste(
+        self, batch_size: int, row_length: int | None = None, pack: bool = True, fixed_length: bool = False, best_fit: bool = False
+    ) -> float:
+        """Fraction of batch positions that `batches` fills with padding (with `fixed_length` and `best_fit`, as
+        training lays them out)."""
+        batches = self.batches(batch_size, row_length, pack, fixed_length=fixed_length, best_fit=best_fit)
+        positions = sum(b.num_positions for b in batches)
         return 1.0 - self.num_tokens / positions if positions else 0.0
 
     # -- storage -------------------------------------------------------------------

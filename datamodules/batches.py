@@ -11,13 +11,14 @@ from cascade.sequence_data import Batch, SequenceData
 
 
 class PackedBatches(Dataset):
-    """Item i is batch i of a fixed plan: sequences (shuffled once by `seed` if `shuffle`) packed into rows."""
+    """Item i is batch i of a fixed plan: sequences (shuffled once by `seed` if `shuffle`) packed into rows by
+    best fit decreasing (training and validation do not need the tokens in order; less padding does)."""
 
     def __init__(self, data: SequenceData, batch_size: int, row_length: int | None = None, shuffle: bool = False, seed: int = 0):
         self.data = data
         self.row_length, self.batch_size = row_length, batch_size
         generator = torch.Generator().manual_seed(seed)
-        self.plan = data.plan_batches(batch_size, row_length, pack=True, shuffle=shuffle, generator=generator)
+        self.plan = data.plan_batches(batch_size, row_length, pack=True, shuffle=shuffle, generator=generator, best_fit=True)
 
     def __len__(self) -> int:
         return len(self.plan)
