@@ -11,7 +11,6 @@ for the exact threshold), the hard mask, and a chunk.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -72,30 +71,21 @@ def hand_over_to_disk(
 
 def _write_compacted(data: SequenceData, hard: Tensor, all_hidden: Tensor | np.ndarray, path: Path) -> None:
     """`compact_hard_tokens`, a chunk at a time; the inputs come from every token's hidden states (bf16, in
-    host memory or the raw 16 bits memory-mapped from a file). The next chunk is gathered on a thread
-    while the last one is written."""
-
-    def gather(begin: int) -> tuple[Tensor, Tensor, Tensor]:
+    host memory or the raw 16 bits memory-mapped from a file)."""
+    writer = TensorDirWriter(path)
+    writer.append("inputs", torch.empty(0, all_hidden.shape[1], dtype=torch.bfloat16))
+    for name in ("targets", "positions"):
+        writer.append(name, torch.empty(0, dtype=torch.long))
+    for begin in range(0, data.num_tokens, CHUNK_TOKENS):
         end = min(begin + CHUNK_TOKENS, data.num_tokens)
         keep = hard[begin:end].nonzero().squeeze(1)
         if isinstance(all_hidden, Tensor):
             rows = all_hidden[begin:end].index_select(0, keep)
         else:  # copies the hard rows only, not the whole chunk
             rows = torch.from_numpy(all_hidden[begin + keep.numpy()]).view(torch.bfloat16)
-        return rows, data.targets[begin:end].long().index_select(0, keep), data.positions[begin:end].long().index_select(0, keep)
-
-    writer = TensorDirWriter(path)
-    writer.append("inputs", torch.empty(0, all_hidden.shape[1], dtype=torch.bfloat16))
-    for name in ("targets", "positions"):
-        writer.append(name, torch.empty(0, dtype=torch.long))
-    with ThreadPoolExecutor(1, thread_name_prefix="gather") as ahead:
-        upcoming = ahead.submit(gather, 0)
-        for begin in range(0, data.num_tokens, CHUNK_TOKENS):
-            chunk = upcoming.result()
-            if begin + CHUNK_TOKENS < data.num_tokens:
-                upcoming = ahead.submit(gather, begin + CHUNK_TOKENS)
-            for name, part in zip(("inputs", "targets", "positions"), chunk):
-                writer.append(name, part)
+        writer.append("inputs", rows)
+        writer.append("targets", data.targets[begin:end].long().index_select(0, keep))
+        writer.append("positions", data.positions[begin:end].long().index_select(0, keep))
     offsets, survives = compacted_offsets(data.offsets, hard)
     writer.append("offsets", offsets)
     writer.append("sequence_ids", data.sequence_ids[survives])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
@@ -18,7 +17,7 @@ from cascade.sequence_data import SequenceData
 if TYPE_CHECKING:
     from cascade.llm import LLM
 
-STORES_IN_FLIGHT = 2  # batches whose results may wait to be stored before the loop waits for the oldest
+STORES_BEHIND = 2  # a batch's results are stored after this many more batches are queued
 
 
 @dataclass
@@ -56,9 +55,8 @@ def run_llm(
     With `hidden_file`, the output hidden states are not kept but written there as raw bf16 rows
     in token order (batches come in token order), so host memory holds a few batches of them.
     On a GPU, each batch's results are copied to the host on a CUDA stream of their own, beside the
-    next batch's compute, and a thread stores them once copied: the loop that queues the batches
-    waits only when `STORES_IN_FLIGHT` batches are waiting to be stored (a slow store, such as the
-    first touch of fresh host memory, does not hold up the GPU).
+    next batch's compute, and stored `STORES_BEHIND` batches later, once the GPU has the next
+    batches queued: the GPU does not wait for the copies or the stores.
     """
     if data.num_tokens == 0:
         raise ValueError("the data holds no tokens: nothing to run the LLM on")
@@ -73,37 +71,35 @@ def run_llm(
     history = history_indices(llm.exit_fn) if scores else ()
     written = [0]  # tokens written to `hidden_file` so far
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    in_flight: deque[Future] = deque()  # stores of batches' results, oldest first
+    pending: deque[_HostCopy] = deque()  # batches' results not stored yet, oldest first
     was_training = llm.training
     llm.eval()
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="store") as storer:  # one thread: stores stay in token order
-            for batch in data.batches(batch_size, row_length, fixed_length=True):
-                out.positions += batch.num_positions
-                flat_index = batch.token_index.flatten()
-                real = (flat_index >= 0).nonzero().squeeze(1)  # where the real tokens sit, row-major (CPU)
-                index = flat_index[real]
-                b = _to_device(batch, device)
-                pick = None if real.numel() == flat_index.numel() else real.to(device, non_blocking=True)
-                results = {}
-                with autocast_for(device):
-                    h_out, hidden_history = llm(b.inputs, data.input_type, b.model_position_ids(), b.model_segment_ids(), history)
-                    h = _real(h_out, pick)  # (n, D)
-                    if scores:
-                        results["scores"] = _real(llm.exit_scores(hidden_history, h_out), pick).float()
-                    if hidden:
-                        results["hidden"] = h.to(torch.bfloat16)
-                    if nll:
-                        logits = llm.get_logits(h).float()
-                        targets = _real(b.targets, pick)
-                        results["nll"] = F.cross_entropy(logits, targets, reduction="none")
-                        results["correct"] = logits.argmax(dim=-1) == targets
-                copied = _HostCopy(index, results, copy_stream)
-                in_flight.append(storer.submit(copied.store, out, hidden_file, written))
-                while len(in_flight) > STORES_IN_FLIGHT:
-                    in_flight.popleft().result()  # raises what the store raised
-            while in_flight:
-                in_flight.popleft().result()
+        for batch in data.batches(batch_size, row_length, fixed_length=True):
+            out.positions += batch.num_positions
+            flat_index = batch.token_index.flatten()
+            real = (flat_index >= 0).nonzero().squeeze(1)  # where the real tokens sit, row-major (CPU)
+            index = flat_index[real]
+            b = _to_device(batch, device)
+            pick = None if real.numel() == flat_index.numel() else real.to(device, non_blocking=True)
+            results = {}
+            with autocast_for(device):
+                h_out, hidden_history = llm(b.inputs, data.input_type, b.model_position_ids(), b.model_segment_ids(), history)
+                h = _real(h_out, pick)  # (n, D)
+                if scores:
+                    results["scores"] = _real(llm.exit_scores(hidden_history, h_out), pick).float()
+                if hidden:
+                    results["hidden"] = h.to(torch.bfloat16)
+                if nll:
+                    logits = llm.get_logits(h).float()
+                    targets = _real(b.targets, pick)
+                    results["nll"] = F.cross_entropy(logits, targets, reduction="none")
+                    results["correct"] = logits.argmax(dim=-1) == targets
+            pending.append(_HostCopy(index, results, copy_stream))
+            if len(pending) > STORES_BEHIND:
+                pending.popleft().store(out, hidden_file, written)
+        while pending:
+            pending.popleft().store(out, hidden_file, written)
     finally:
         llm.train(was_training)
     return out

@@ -105,7 +105,8 @@ def test_run_llm_results_are_in_token_order_with_and_without_a_hidden_file(tmp_p
 
 
 def test_a_failed_store_stops_run_llm_with_its_error():
-    """Results are stored on a thread; its error reaches the caller, and the LLM goes back to training mode."""
+    """Results are stored batches after they were computed; a store's error still stops the run, and the LLM
+    goes back to training mode."""
 
     class FullDisk:
         def write(self, data):
