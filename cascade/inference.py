@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -72,6 +73,17 @@ def run_llm(
     written = [0]  # tokens written to `hidden_file` so far
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     pending: deque[_HostCopy] = deque()  # batches' results not stored yet, oldest first
+    # The first touch of fresh host memory is slow (more so in a VM): a thread touches the hidden states'
+    # pages, on many cores, while the first batches run; the first store waits for it.
+    touch = threading.Thread(target=out.hidden.zero_) if out.hidden is not None else None
+    if touch is not None:
+        touch.start()
+
+    def store_oldest() -> None:
+        if touch is not None:
+            touch.join()
+        pending.popleft().store(out, hidden_file, written)
+
     was_training = llm.training
     llm.eval()
     try:
@@ -97,10 +109,12 @@ def run_llm(
                     results["correct"] = logits.argmax(dim=-1) == targets
             pending.append(_HostCopy(index, results, copy_stream))
             if len(pending) > STORES_BEHIND:
-                pending.popleft().store(out, hidden_file, written)
+                store_oldest()
         while pending:
-            pending.popleft().store(out, hidden_file, written)
+            store_oldest()
     finally:
+        if touch is not None:
+            touch.join()
         llm.train(was_training)
     return out
 
