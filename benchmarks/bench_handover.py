@@ -31,7 +31,7 @@ from cascade.handover_disk import HOST_MEMORY_BYTES, hand_over_to_disk
 from cascade.hf_models import build_causal_lm
 from cascade.inference import autocast_for, run_llm
 from cascade.llm import LLM
-from cascade.storage import HASH_THREADS, BlockDigest
+from cascade.storage import BLOCK_BYTES, HASH_THREADS, BlockDigest
 from cascade.sequence_data import SequenceData
 from synthetic import inference_arguments, random_windows  # benchmarks/synthetic.py
 
@@ -69,7 +69,7 @@ def scoring_pass(llm: LLM, data: SequenceData, batch_size: int) -> float:
 
 
 def store(data: SequenceData, path: Path) -> float:
-    """What writing the next stage's shard costs by itself: `SequenceData.save` (sha256, fsync, rename)."""
+    """What writing the next stage's shard costs by itself: `SequenceData.save` (checksum, fsync, rename)."""
     start = time.perf_counter()
     data.save(path)
     return time.perf_counter() - start
@@ -102,7 +102,7 @@ def save_components(data: SequenceData, workdir: Path) -> dict[str, float]:
     t_fsync = time.perf_counter() - start - t_write
     path.unlink()
     return {
-        "SHA-256 on one thread": t_hash, f"the checksum (4 MiB blocks, {HASH_THREADS} threads)": t_blocks,
+        "SHA-256 on one thread": t_hash, f"the checksum ({BLOCK_BYTES >> 20} MiB blocks, {HASH_THREADS} threads)": t_blocks,
         "write (page cache)": t_write, "fsync": t_fsync,
     }
 

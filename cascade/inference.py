@@ -138,10 +138,10 @@ class _HostCopy:
     def __init__(self, index: Tensor, results: dict[str, Tensor], stream: "torch.cuda.Stream | None"):
         self.index = index
         self.event = None
-        self.host = {}
-        if stream is None:  # on the CPU the results are the host copies
-            self.host = results
+        self.host = results  # on the CPU the results are the host copies
+        if stream is None:
             return
+        self.host = {}
         stream.wait_stream(torch.cuda.current_stream())  # the results are computed
         with torch.cuda.stream(stream):
             for name, value in results.items():

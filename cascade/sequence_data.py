@@ -214,12 +214,12 @@ class SequenceData:
         the longest sequence) and are kept apart by a block-causal mask; without it, each row
         holds one sequence. Packing is next fit, which keeps the sequences (and so the tokens) in
         order, or with `best_fit` best fit decreasing (`cascade.packing.best_fit_decreasing`),
-        which wastes less padding when lengths vary but reorders sequences within groups. Each batch is padded to its fullest row, or with `fixed_length` to
-        the row length, so that every full batch has one shape (compiled graphs and cuDNN's
-        attention plans are then built once, not per batch). With `shuffle`, sequences are
-        visited in a random order drawn from `generator`.
+        which wastes less padding when lengths vary but reorders sequences within groups. Each
+        batch is padded to its fullest row, or with `fixed_length` to the row length, so that every
+        full batch has one shape (compiled graphs and cuDNN's attention plans are then built once,
+        not per batch). With `shuffle`, sequences are visited in a random order drawn from `generator`.
         """
-        length = (row_length or int(self.lengths.max())) if fixed_length and self.num_sequences else None
+        length = self._check_row_length(row_length) if fixed_length and self.num_sequences else None
         for seqs, row_bounds in self.plan_batches(batch_size, row_length, pack, shuffle, generator, best_fit):
             yield self.make_batch(seqs, row_bounds, length)
 
