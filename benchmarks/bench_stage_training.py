@@ -276,6 +276,7 @@ def main() -> None:
     windows = random_windows(int((args.steps + 2) * args.batch_size * args.seq_len / args.hard_ratio), args.seq_len, args.vocab, seed=2)
     stage1 = hard_token_data(windows, args.hard_ratio, args.hard_spread, dim)
     waste = stage1.packing_waste(args.batch_size, args.seq_len, fixed_length=True, best_fit=True)  # as trained
+    next_fit_waste = stage1.packing_waste(args.batch_size, args.seq_len, fixed_length=True)
     fw1, module1 = framework(args, stage1, device, 1, workdir)
     kernels1 = attention_kernels(module1, stage1, args, device)
     del module1
@@ -296,7 +297,7 @@ def main() -> None:
         mfu = run["tokens_per_s"] * flops / peak
         print(f"{label:<40}{run['tokens_per_s']:>12,.0f}{mfu:>8.1%}{run['peak_gb']:>10.2f}{run['tokens_per_s'] / base['tokens_per_s']:>8.3f}")
     print(f"peak memory framework / plain loop: {fw0['peak_gb'] / plain['peak_gb']:.3f}; "
-          f"stage-1 packing waste {waste:.1%} ({stage1.num_tokens:,} hard tokens in {stage1.num_sequences:,} sequences, "
+          f"stage-1 packing waste {waste:.1%} (next fit: {next_fit_waste:.1%}; {stage1.num_tokens:,} hard tokens in {stage1.num_sequences:,} sequences, "
           f"hard fraction per window {args.hard_ratio} +- {args.hard_spread})")
     print(f"attention kernels, stage 0: {kernels0}")
     print(f"attention kernels, stage 1: {kernels1}")

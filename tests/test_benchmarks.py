@@ -16,3 +16,22 @@ def test_benchmark_smoke_mode_prints_finite_ratios(script):
     assert result.returncode == 0, result.stderr
     ratios = [float(m) for m in re.findall(r"^\S.*\s(\d+\.\d+)$", result.stdout, flags=re.M)]
     assert len(ratios) >= 2 and all(r > 0 for r in ratios), result.stdout
+
+
+def test_packing_waste_script_reports_best_fit_below_next_fit(tmp_path):
+    import torch
+
+    from cascade.sequence_data import SequenceData
+    from cascade.shards import save_part
+
+    lengths = torch.randint(5, 60, (300,), generator=torch.Generator().manual_seed(0))
+    n = int(lengths.sum())
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    positions = torch.arange(n) - offsets[:-1].repeat_interleave(lengths)
+    data = SequenceData(torch.randn(n, 4).bfloat16(), torch.zeros(n, dtype=torch.long), positions, offsets, torch.arange(300))
+    save_part(data, tmp_path / "train", 0, 1)
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "packing_waste.py"), str(tmp_path / "train"), "--row-length", "64"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    next_fit, best_fit = (float(m) for m in re.findall(r"(\d+\.\d)%$", result.stdout, flags=re.M))
+    assert best_fit < next_fit, result.stdout
