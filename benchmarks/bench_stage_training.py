@@ -4,7 +4,8 @@ One setting per call, every figure measured in the same process:
   - plain loop: the same HF CausalLM (built by `build_causal_lm`), the same batches (pinned, copied
     without blocking), bf16 autocast, fused AdamW with the same groups, warm-up/cosine schedule,
     gradient clipping at 1.0; loss = cross-entropy of the model's logits in float32 (under
-    torch.compile when the setting compiles, as one function with the model);
+    torch.compile when the setting compiles, as one function with the model); run twice: with
+    transformers' attention masks, and with SDPA given none, as the framework does (`cascade.attention`);
   - framework stage 0: `StageModule` trained by `lightning.Trainer` on stage-0 windows
     (`SequenceDataModule.from_data`), bf16-mixed, TensorBoard logger, no checkpoints or validation;
   - framework stage k > 0: the same on packed hard-token sequences (a random fraction of each
@@ -37,6 +38,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.optim.lr_scheduler import LambdaLR
 
+from cascade.attention import own_masks
 from cascade.hf_models import build_causal_lm
 from cascade.llm import LLM
 from cascade.optim import warmup_cosine
@@ -145,11 +147,14 @@ def peak_memory_gb() -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
 
 
-def plain_loop(args, data: SequenceData, device: torch.device) -> dict:
-    """The same HF model and batches in a hand-written training loop."""
+def plain_loop(args, data: SequenceData, device: torch.device, masks_from_us: bool = False) -> dict:
+    """The same HF model and batches in a hand-written training loop; with `masks_from_us`, its attention
+    switched as the framework switches it (`cascade.attention.own_masks`: SDPA gets no mask)."""
     setting = SETTINGS[args.setting]
     torch.manual_seed(0)
     model = build_causal_lm("gpt2", model_config(args), vocab_size=args.vocab, pad_vocab_to_multiple_of=setting["pad_vocab_to_multiple_of"])
+    if masks_from_us:
+        assert own_masks(model)
     model.to(device).train()
     vocab = args.vocab
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n]
@@ -265,6 +270,8 @@ def main() -> None:
     stage0 = random_windows((args.steps + 1) * args.batch_size * args.seq_len, args.seq_len, args.vocab)
     plain = plain_loop(args, stage0, device)
     reset_memory()
+    plain_own = plain_loop(args, stage0, device, masks_from_us=True)
+    reset_memory()
     fw0, module0 = framework(args, stage0, device, 0, workdir)
     kernels0 = attention_kernels(module0, stage0, args, device)
     flops = flops_per_token(module0.llm, args.seq_len)
@@ -288,7 +295,9 @@ def main() -> None:
     print(f"{'run':<40}{'tokens/s':>12}{'MFU':>8}{'peak GB':>10}{'ratio':>8}")
     rows = [
         ("plain loop, stage 0 (baseline)", plain, plain),
+        ("plain loop, no mask / plain loop", plain_own, plain),
         ("framework, stage 0 / plain loop", fw0, plain),
+        ("framework, stage 0 / plain, no mask", fw0, plain_own),
         ("framework, stage 1 packed / stage 0", fw1, fw0),
     ]
     if bar is not None:
@@ -296,7 +305,7 @@ def main() -> None:
     for label, run, base in rows:
         mfu = run["tokens_per_s"] * flops / peak
         print(f"{label:<40}{run['tokens_per_s']:>12,.0f}{mfu:>8.1%}{run['peak_gb']:>10.2f}{run['tokens_per_s'] / base['tokens_per_s']:>8.3f}")
-    print(f"peak memory framework / plain loop: {fw0['peak_gb'] / plain['peak_gb']:.3f}; "
+    print(f"peak memory framework / plain loop: {fw0['peak_gb'] / plain['peak_gb']:.3f} (no mask: {fw0['peak_gb'] / plain_own['peak_gb']:.3f}); "
           f"stage-1 packing waste {waste:.1%} (next fit: {next_fit_waste:.1%}; {stage1.num_tokens:,} hard tokens in {stage1.num_sequences:,} sequences, "
           f"hard fraction per window {args.hard_ratio} +- {args.hard_spread})")
     print(f"attention kernels, stage 0: {kernels0}")

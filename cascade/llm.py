@@ -11,12 +11,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from cascade.attention import ATTENTION, own_masks, packed_rows_mask
 from cascade.exit_fn import ExitFn, exit_fn_name, get_exit_fn
 from cascade.handover import collect_hard_tokens
 from cascade.hf_models import UNPADDED_VOCAB
 from cascade.inference import run_llm
 from cascade.mod import MixtureOfDepths
-from cascade.packing import block_causal_mask
 from cascade.sequence_data import SequenceData
 
 INPUT_TYPES = ("token_ids", "hidden_states")
@@ -50,6 +50,7 @@ class LLM(nn.Module):
         self.register_buffer("threshold", torch.tensor(0.0))
         self.mod: MixtureOfDepths | None = None
         self._layers = [decoder_layers(base_llm)]  # a list, so the layers are not registered twice
+        own_masks(base_llm)  # masks built here, not by transformers (see cascade.attention)
         self.train(base_llm.training)  # wrap without changing the model's mode
 
     @property
@@ -105,17 +106,19 @@ class LLM(nn.Module):
             if x.shape[-1] != self.dim:
                 raise ValueError(f"hidden states of width {x.shape[-1]} given to an LLM of width {self.dim}")
             inputs = {"inputs_embeds": x.to(self.base_llm.get_input_embeddings().weight.dtype)}
-        if segment_ids is None and position_ids is None:
-            mask = None  # plain causal rows: SDPA's is_causal path (flash attention), also under torch.compile
-        elif segment_ids is None:
+        implementation = self.base_llm.config._attn_implementation
+        if segment_ids is not None:
+            flex = self.training and x.is_cuda and self.mod is None  # Mixture-of-Depths gathers 4D masks per layer
+            masks = packed_rows_mask(segment_ids, implementation, flex, self.base_llm.get_input_embeddings().weight.dtype)
+        elif position_ids is None or implementation == ATTENTION:
+            masks = {}  # plain causal rows: SDPA's is_causal kernel (see cascade.attention)
+        else:
             # An explicit all-ones mask: with none, transformers would read gaps in position_ids
             # (normal at stage k > 0) as boundaries of packed sequences.
-            mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-        else:
-            mask = self._attention_mask(segment_ids)
+            masks = {"attention_mask": torch.ones(x.shape[:2], dtype=torch.long, device=x.device)}
         routing = nullcontext() if self.mod is None else self.mod.routing(self, segment_ids)
         with routing, self._capture(history) as hidden_history:  # hooks go on the routed layers' stand-ins
-            out = self.base_llm.base_model(**inputs, position_ids=position_ids, attention_mask=mask, use_cache=False)
+            out = self.base_llm.base_model(**inputs, position_ids=position_ids, **masks, use_cache=False)
         return out.last_hidden_state, hidden_history
 
     def get_logits(self, h: Tensor) -> Tensor:
@@ -168,19 +171,6 @@ class LLM(nn.Module):
     def transform_data(self, data: SequenceData, batch_size: int) -> SequenceData:
         """The same sequences with this LLM's output hidden states (bf16) as inputs."""
         return SequenceData(run_llm(self, data, batch_size, hidden=True).hidden, data.targets, data.positions, data.offsets, data.sequence_ids)
-
-    def _attention_mask(self, segment_ids: Tensor) -> Tensor:
-        allowed = block_causal_mask(segment_ids)
-        implementation = self.base_llm.config._attn_implementation
-        if implementation == "sdpa":
-            return allowed
-        if implementation == "eager":
-            dtype = self.base_llm.get_input_embeddings().weight.dtype
-            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-        raise ValueError(
-            f"packed or padded rows need attn_implementation 'sdpa' or 'eager', but the model uses {implementation!r}; "
-            "load it with attn_implementation='sdpa'"
-        )
 
     @contextmanager
     def _capture(self, history: Sequence[int] | None) -> Iterator[list[Tensor | None]]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cascade.attention import ATTENTION
 from cascade.packing import gather_index
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ class MixtureOfDepths(nn.Module):
     def routing(self, llm: "LLM", segment_ids: Tensor | None = None) -> Iterator["MixtureOfDepths"]:
         """Route the routed layers of `llm` for the calls inside; pass the `segment_ids` given to `llm` (padding -1)."""
         implementation = llm.base_llm.config._attn_implementation
-        if implementation not in ("sdpa", "eager"):
+        if implementation not in ("sdpa", "eager", ATTENTION):
             raise ValueError(f"Mixture-of-Depths needs attn_implementation 'sdpa' or 'eager', got {implementation!r}")
         if llm.num_layers != self.num_layers:
             raise ValueError(f"these routers were built for {self.num_layers} layers, but the LLM has {llm.num_layers}")

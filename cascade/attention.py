@@ -1,0 +1,97 @@
+"""The LLM builds its rows' attention masks itself, and transformers builds none.
+
+- Rows that are one causal sequence each get no mask, so SDPA runs its `is_causal` kernel, which skips
+  the blocks above the diagonal. transformers itself builds a 4D causal mask under `torch.compile` on
+  torch < 2.14 (it cannot tell compiling from exporting there): GPT-2 124M then trains 11% slower on
+  an H100 (`benchmarks/ab_attention.py`). With no mask there is also nothing for transformers to check
+  in eager mode, where its checks of the positions and the mask make the CPU wait for the GPU.
+- Rows of packed sequences get a block-causal mask built from their segment ids: a flex-attention
+  `BlockMask` when training on a GPU (flex attention skips the blocks the mask leaves empty), and a 4D
+  boolean mask for SDPA otherwise (flex attention has no backward on the CPU).
+
+`own_masks(model)` switches a model with SDPA attention to `ATTENTION`, an attention function
+registered with transformers' attention functions but not with its mask functions, which is how
+transformers lets an attention backend take no mask from it. Only models whose layers all attend
+causally over the whole sequence are switched; others (sliding windows, chunked attention) keep
+transformers' masks. Once switched, the model ignores any 2D padding mask given to it directly, so
+call it through `LLM.forward`, with segment ids for padding. The switch is not saved: a model saved
+afterwards loads with SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from cascade.packing import block_causal_mask
+
+ATTENTION = "cascade_sdpa"  # "sdpa" in the name: transformers then checks the model supports SDPA
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
+    from transformers.integrations.flex_attention import flex_attention_forward
+except ImportError:  # torch < 2.5
+    BlockMask = None
+
+
+def _attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, block_mask=None, **kwargs):
+    """SDPA, or flex attention when a `block_mask` comes (as a keyword of its own: GPT-2's forward reads
+    `attention_mask.ndim`, which a BlockMask lacks, and every model passes unknown keywords down to here)."""
+    if block_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("dropout", 0.0) > 0:  # flex attention has no dropout: SDPA on the same mask, materialised
+        B, _, T, S = block_mask.shape
+        dense = create_mask(block_mask.mask_mod, B, None, T, S, device=query.device)
+        return sdpa_attention_forward(module, query, key, value, dense, **kwargs)
+    return flex_attention_forward(module, query, key, value, block_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, _attention)
+
+
+def full_causal_attention(config) -> bool:
+    """Whether every layer attends causally to the whole sequence (no sliding window, chunk or bidirectional layer)."""
+    if not getattr(config, "is_causal", True) or getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "sliding_window", None) is not None or getattr(config, "attention_chunk_size", None) is not None:
+        return False
+    return all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
+
+
+def own_masks(model: PreTrainedModel) -> bool:
+    """Switch `model` (SDPA attention, full causal layers) to `ATTENTION`; True if it now takes its masks from us."""
+    config = model.config.get_text_config()
+    if model.config._attn_implementation == ATTENTION:
+        return True
+    if model.config._attn_implementation != "sdpa" or not full_causal_attention(config):
+        return False
+    model.set_attn_implementation(ATTENTION)
+    return True
+
+
+def flex_block_mask(segment_ids: Tensor) -> "BlockMask":
+    """(B, T) segment ids -> a BlockMask of `block_causal_mask`: k <= q in the same segment (padding: segment -1)."""
+
+    def mask_mod(b, h, q, k):
+        return (segment_ids[b, q] == segment_ids[b, k]) & (k <= q)
+
+    B, T = segment_ids.shape
+    return create_block_mask(mask_mod, B, None, T, T, device=segment_ids.device)
+
+
+def packed_rows_mask(segment_ids: Tensor, implementation: str, flex: bool, dtype: torch.dtype) -> dict:
+    """The keyword arguments that give a model of attention `implementation` the block-causal mask of `segment_ids`:
+    a BlockMask for flex attention if `flex` (and the model owns its masks), else a 4D mask for SDPA or eager attention."""
+    if implementation == ATTENTION and flex and BlockMask is not None:
+        return {"block_mask": flex_block_mask(segment_ids)}
+    allowed = block_causal_mask(segment_ids)
+    if implementation in (ATTENTION, "sdpa"):
+        return {"attention_mask": allowed}
+    if implementation == "eager":
+        return {"attention_mask": torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)}
+    raise ValueError(
+        f"packed or padded rows need attn_implementation 'sdpa' or 'eager', but the model uses {implementation!r}; "
+        "load it with attn_implementation='sdpa'"
+    )
