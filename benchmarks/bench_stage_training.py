@@ -232,7 +232,7 @@ def attention_kernels(module: StageModule, data: SequenceData, args, device: tor
         return "(CPU)"
     from torch.profiler import ProfilerActivity, profile
 
-    batch = next(iter(data.batches(args.batch_size, args.seq_len))).to(device)
+    batch = next(iter(data.batches(args.batch_size, args.seq_len, fixed_length=True))).to(device)  # as trained
     module.to(device).train()
     with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.autocast("cuda", dtype=torch.bfloat16):
         loss, _ = module.layer_losses(batch, {module.llm.num_layers: 1.0})

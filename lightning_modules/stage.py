@@ -213,7 +213,9 @@ class StageModule(LightningModule):
         self._tokens, self._log_start = 0, time.perf_counter()
         # on a CPU, compiling costs more than it saves; Mixture-of-Depths swaps layers per call, which compiling would freeze
         if self.hparams.compile and self.device.type == "cuda" and self.llm.mod is None:
-            self._compiled_loss = torch.compile(self._last_layer_loss, mode=self.hparams.compile_mode)
+            # batches have one shape (fixed-length rows, the last batch padded): a graph for that shape, never a
+            # dynamic-shape one (slower, and inductor cannot split a flex-attention block mask of symbolic length)
+            self._compiled_loss = torch.compile(self._last_layer_loss, mode=self.hparams.compile_mode, dynamic=False)
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         # Lightning passes non_blocking=True to plain tensors only; an object with a `to` method (a Batch) gets a
