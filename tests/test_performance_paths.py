@@ -58,6 +58,16 @@ def test_padded_vocabulary_is_never_predicted():
         assert torch.allclose(fn(history_padded, h_padded, padded), fn(history_plain, h_plain, plain), atol=1e-6), name
 
 
+def test_the_loss_through_a_padded_head_has_the_gradients_of_the_unpadded_one():
+    padded, plain = padded_and_plain()
+    x, y = token_batches(1)[0]
+    next_token_loss(padded, padded(x)[0], y).backward()
+    next_token_loss(plain, plain(x)[0], y).backward()
+    grad_padded, grad_plain = padded.base_llm.lm_head.weight.grad, plain.base_llm.lm_head.weight.grad  # tied: also the embedding's
+    assert torch.allclose(grad_padded[:VOCAB], grad_plain, atol=1e-6)
+    assert torch.count_nonzero(grad_padded[VOCAB:]) == 0
+
+
 def test_padded_vocabulary_survives_save_and_load(tmp_path):
     llm = LLM(build_causal_lm("gpt2", TINY, vocab_size=VOCAB, pad_vocab_to_multiple_of=64))
     llm.save_pretrained(tmp_path)
