@@ -1,10 +1,10 @@
 """Hard-token collection (the hand-over) against a plain forward pass over the same data.
 
 The framework: `hand_over_to_disk`, what the orchestrator runs after a stage: exit scores of every
-token, every token's output hidden state kept until the threshold is known (in host memory, the
-default at this size, or through a temporary file, as for a corpus beyond the host-memory
-budget), the exact `hard_ratio` quantile as threshold, the hard tokens compacted into the next
-stage's shard directory (checksummed, fsynced).
+token, every token's output hidden state kept until the threshold is known (in GPU memory, the
+default at this size; in host memory; or through a temporary file, as for a corpus beyond the
+host-memory budget: all three timed, and their shards compared), the exact `hard_ratio` quantile
+as threshold, the hard tokens compacted into the next stage's shard directory (checksummed, fsynced).
 The baseline: the same HF model's forward over the same batches (pinned, bf16 autocast, no
 gradients), outputs discarded: the least any hand-over has to compute.
 Both run on stage-0 windows of random token ids with a randomly initialised model; the ratio is
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cascade.handover import calibrate_threshold
-from cascade.handover_disk import HOST_MEMORY_BYTES, hand_over_to_disk
+from cascade.handover_disk import CHUNK_TOKENS, HOST_MEMORY_BYTES, hand_over_to_disk
 from cascade.hf_models import build_causal_lm
 from cascade.inference import autocast_for, run_llm
 from cascade.llm import LLM
@@ -52,19 +52,20 @@ def plain_forward(llm: LLM, batches: list[torch.Tensor], device: torch.device) -
     return time.perf_counter() - start
 
 
-def hand_over(llm: LLM, data: SequenceData, batch_size: int, hard_ratio: float, path: Path, host_memory_bytes: int) -> float:
+def hand_over(llm: LLM, data: SequenceData, batch_size: int, hard_ratio: float, path: Path, host_memory_bytes: int, gpu_memory: bool) -> float:
     synchronize()
     start = time.perf_counter()
     threshold_of = lambda scores: calibrate_threshold(llm, scores, hard_ratio)[0]  # noqa: E731
-    hand_over_to_disk(llm, data, batch_size, path, threshold_of, host_memory_bytes=host_memory_bytes)
+    hand_over_to_disk(llm, data, batch_size, path, threshold_of, host_memory_bytes=host_memory_bytes, gpu_memory=gpu_memory)
     return time.perf_counter() - start
 
 
 def scoring_pass(llm: LLM, data: SequenceData, batch_size: int) -> float:
-    """The hand-over's first part alone: scores and hidden states kept in host memory."""
+    """The hand-over's first part alone: scores, and hidden states kept on the GPU (in host memory on a CPU)."""
     synchronize()
     start = time.perf_counter()
-    run_llm(llm, data, batch_size, scores=True, hidden=True)
+    run_llm(llm, data, batch_size, scores=True, hidden=True, hidden_on_device=True)
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -107,13 +108,21 @@ def save_components(data: SequenceData, workdir: Path) -> dict[str, float]:
     }
 
 
-def gather_in_memory(num_tokens: int, dim: int, hard_ratio: float) -> float:
-    """Picking `hard_ratio` of `num_tokens` rows of bf16 hidden states held in host memory (index_select)."""
-    hidden = torch.zeros(num_tokens, dim, dtype=torch.bfloat16)
+def gather_hard_rows(num_tokens: int, dim: int, hard_ratio: float, device: torch.device) -> float:
+    """Picking `hard_ratio` of `num_tokens` rows of bf16 hidden states held on `device` (index_select), into host memory."""
+    hidden = torch.zeros(num_tokens, dim, dtype=torch.bfloat16, device=device)
     keep = (torch.rand(num_tokens) < hard_ratio).nonzero().squeeze(1)
+    synchronize()
     start = time.perf_counter()
-    hidden.index_select(0, keep)
+    for begin in range(0, num_tokens, CHUNK_TOKENS):  # as the hand-over does
+        chunk = keep[(keep >= begin) & (keep < begin + CHUNK_TOKENS)]
+        hidden.index_select(0, chunk.to(device)).cpu()
     return time.perf_counter() - start
+
+
+def same_data(a: Path, b: Path) -> bool:
+    x, y = SequenceData.load(a), SequenceData.load(b)
+    return all(torch.equal(getattr(x, f), getattr(y, f)) for f in ("inputs", "targets", "positions", "offsets", "sequence_ids"))
 
 
 def main() -> None:
@@ -129,34 +138,43 @@ def main() -> None:
         batches = [x.pin_memory() for x in batches]
 
     plain_forward(llm, batches[:3], device)  # warm-up: kernels, cuBLAS handles
-    hand_over(llm, data.select(torch.arange(min(8, data.num_sequences))), args.batch_size, args.hard_ratio, workdir / "warmup", 0)
+    hand_over(llm, data.select(torch.arange(min(8, data.num_sequences))), args.batch_size, args.hard_ratio, workdir / "warmup", 0, True)
     t_plain = min(plain_forward(llm, batches, device) for _ in range(args.repeats))
     in_memory = HOST_MEMORY_BYTES  # the default budget; 2M tokens x 768 take 3.1 GB
-    t_hand = min(hand_over(llm, data, args.batch_size, args.hard_ratio, workdir / f"part-{i}", in_memory) for i in range(args.repeats))
-    t_file = min(hand_over(llm, data, args.batch_size, args.hard_ratio, workdir / f"file-{i}", 0) for i in range(args.repeats))
+
+    def timed(name: str, host_memory_bytes: int, gpu_memory: bool) -> float:
+        return min(
+            hand_over(llm, data, args.batch_size, args.hard_ratio, workdir / f"{name}-{i}", host_memory_bytes, gpu_memory)
+            for i in range(args.repeats)
+        )
+
+    t_gpu, t_hand, t_file = timed("gpu", in_memory, True), timed("host", in_memory, False), timed("file", 0, False)
+    assert same_data(workdir / "gpu-0", workdir / "host-0") and same_data(workdir / "gpu-0", workdir / "file-0"), "hand-overs differ"
     t_scoring = min(scoring_pass(llm, data, args.batch_size) for _ in range(args.repeats))
-    hard = SequenceData.load(workdir / "part-0")
+    hard = SequenceData.load(workdir / "gpu-0")
     t_store = min(store(hard, workdir / f"resave-{i}") for i in range(args.repeats))
     parts = save_components(hard.select(torch.arange(hard.num_sequences)), workdir)  # in RAM, not memory-mapped
     n = data.num_tokens
-    t_gather = gather_in_memory(n, llm.dim, args.hard_ratio)
+    t_gather = gather_hard_rows(n, llm.dim, args.hard_ratio, device)
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     memory = "in host memory" if n * llm.dim * 2 <= in_memory else "through a file: over the budget"
+    print("the three hand-overs wrote the same data")
     print(f"{n:,} tokens in windows of {args.seq_len}, batch {args.batch_size}; hard_ratio {args.hard_ratio} -> "
           f"{hard.num_tokens:,} hard tokens; {name}; torch {torch.__version__}")
     print(f"{'run':<50}{'seconds':>10}{'tokens/s':>12}{'ratio':>8}")
     rows = [
         ("plain forward (baseline)", t_plain),
+        *([("hand-over, hidden states in GPU memory", t_gpu)] if device.type == "cuda" else []),
         (f"hand-over, hidden states {memory}", t_hand),
         ("hand-over, hidden states through a file", t_file),
-        ("  of which the scoring pass (to host memory)", t_scoring),
+        ("  of which the scoring pass", t_scoring),
         ("bound: plain forward + saving the hard tokens", t_plain + t_store),
     ]
     for label, seconds in rows:
         print(f"{label:<50}{seconds:>10.3f}{n / seconds:>12,.0f}{t_plain / seconds:>8.3f}")
     print("after the forward, each part alone (seconds):")
-    print(f"{'  gathering the hard rows from host memory':<50}{t_gather:>10.3f}")
+    print(f"{'  gathering the hard rows to the host':<50}{t_gather:>10.3f}")
     print(f"{'  saving the hard tokens (SequenceData.save)':<50}{t_store:>10.3f}")
     for label, seconds in parts.items():
         print(f"{'    of which ' + label:<50}{seconds:>10.3f}")

@@ -49,8 +49,9 @@ class StageHandover(Callback):
     Each process scores its own block of whole batches of the training and validation data; the threshold
     is the `hard_ratio` quantile of all processes' scores together (exact). Each process writes its hard
     tokens into one part of `output_dir/train` and `output_dir/val` (atomically, with manifests). Host
-    memory holds 4 bytes a token of scores, and every token's hidden state up to `host_memory_gb`, beyond
-    which they go through a temporary file and host memory holds a batch of them. The exit-score
+    memory holds 4 bytes a token of scores. Every token's hidden state waits for the threshold in GPU
+    memory if they take at most half of what is free there, else in host memory up to `host_memory_gb`,
+    beyond which they go through a temporary file and host memory holds a batch of them. The exit-score
     histogram, the threshold and the hard fractions go to the logger.
 
     Args:
@@ -58,7 +59,8 @@ class StageHandover(Callback):
         output_dir: Where the next stage's data goes (set per stage by `cascade.fit`).
         batch_size: Rows per batch while scoring (default: the data module's batch size).
         host_memory_gb: Every token's hidden state waits for the threshold in host memory if this process's
-            take at most this many GB (the fastest), else in a temporary file beside `output_dir`.
+            do not fit in half the GPU's free memory and take at most this many GB, else in a temporary
+            file beside `output_dir`.
     """
 
     def __init__(

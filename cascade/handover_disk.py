@@ -1,11 +1,13 @@
 """The hand-over written straight to disk, with host memory bounded by a budget.
 
 Every token's output hidden state is kept until the threshold (an exact quantile over every
-token's exit score) is known: in host memory where they fit in `host_memory_bytes`, else in a
-temporary file, written as they are computed, so that host memory holds one batch of them. Once
-the threshold is known, the hard ones are copied, a chunk of tokens at a time, into the part of the
-next stage's data. Host memory besides: the scores (4 bytes a token, gathered from every process
-for the exact threshold), the hard mask, and a chunk.
+token's exit score) is known: in GPU memory where they fit in half of what is free, else in host
+memory where they fit in `host_memory_bytes`, else in a temporary file, written as they are
+computed, so that host memory holds one batch of them. Once the threshold is known, the hard ones
+are copied, a chunk of tokens at a time, into the part of the next stage's data. Host memory
+besides: the scores (4 bytes a token, gathered from every process for the exact threshold), the
+hard mask, and a chunk. Kept on the GPU, only the hard 30% or so ever cross to the host, and no
+host memory is touched for the first time (slow in a VM: it moved this step from 0.1 to 1.0 s).
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ def hand_over_to_disk(
     threshold_of: Callable[[Tensor], float],
     row_length: int | None = None,
     host_memory_bytes: int = HOST_MEMORY_BYTES,
+    gpu_memory: bool = True,
 ) -> Tensor:
     """Write the tokens of `data` that score below `threshold_of(scores)` to `path` (a SequenceData directory).
 
     `threshold_of` receives this process's exit scores (it may gather every process's and set
     the LLM's threshold); every process calls it, also one with no tokens. Every token's hidden
-    state waits for the threshold in host memory if they take at most `host_memory_bytes`, else in
-    a temporary file beside `path`. Returns the scores.
+    state waits for the threshold on the GPU (`gpu_memory`) if they take at most half its free memory, else in host
+    memory if they take at most `host_memory_bytes`, else in a temporary file beside `path`. Returns
+    the scores.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,8 +56,10 @@ def hand_over_to_disk(
         threshold_of(torch.empty(0))  # every process takes part in the threshold
         _write_compacted(data, torch.zeros(0, dtype=torch.bool), torch.empty(0, llm.dim, dtype=torch.bfloat16), path)
         return torch.empty(0)
-    if data.num_tokens * llm.dim * 2 <= host_memory_bytes:
-        out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length)
+    size = data.num_tokens * llm.dim * 2
+    on_device = gpu_memory and llm.device.type == "cuda" and size <= free_gpu_memory(llm.device) // 2
+    if on_device or size <= host_memory_bytes:
+        out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length, hidden_on_device=on_device)
         threshold = threshold_of(out.scores)
         _write_compacted(data, hard_mask(out.scores, threshold), out.hidden, path)
         return out.scores
@@ -69,9 +75,14 @@ def hand_over_to_disk(
     return scores
 
 
+def free_gpu_memory(device: torch.device) -> int:
+    """Bytes free on the GPU: the driver's free memory and what torch's allocator holds unused."""
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def _write_compacted(data: SequenceData, hard: Tensor, all_hidden: Tensor | np.ndarray, path: Path) -> None:
     """`compact_hard_tokens`, a chunk at a time; the inputs come from every token's hidden states (bf16, in
-    host memory or the raw 16 bits memory-mapped from a file)."""
+    GPU or host memory, or the raw 16 bits memory-mapped from a file)."""
     writer = TensorDirWriter(path)
     writer.append("inputs", torch.empty(0, all_hidden.shape[1], dtype=torch.bfloat16))
     for name in ("targets", "positions"):
@@ -80,7 +91,7 @@ def _write_compacted(data: SequenceData, hard: Tensor, all_hidden: Tensor | np.n
         end = min(begin + CHUNK_TOKENS, data.num_tokens)
         keep = hard[begin:end].nonzero().squeeze(1)
         if isinstance(all_hidden, Tensor):
-            rows = all_hidden[begin:end].index_select(0, keep)
+            rows = all_hidden[begin:end].index_select(0, keep.to(all_hidden.device)).cpu()
         else:  # copies the hard rows only, not the whole chunk
             rows = torch.from_numpy(all_hidden[begin + keep.numpy()]).view(torch.bfloat16)
         writer.append("inputs", rows)

@@ -50,11 +50,13 @@ def run_llm(
     nll: bool = False,
     row_length: int | None = None,
     hidden_file: BinaryIO | None = None,
+    hidden_on_device: bool = False,
 ) -> TokenOutputs:
     """Run `llm` (in eval mode) over every token of `data` in packed batches of `batch_size` rows of `row_length`.
 
     With `hidden_file`, the output hidden states are not kept but written there as raw bf16 rows
-    in token order (batches come in token order), so host memory holds a few batches of them.
+    in token order (batches come in token order), so host memory holds a few batches of them. With
+    `hidden_on_device`, they stay on the LLM's device (`hidden` is a device tensor): none is copied to the host.
     On a GPU, each batch's results are copied to the host on a CUDA stream of their own, beside the
     next batch's compute, and stored `STORES_BEHIND` batches later, once the GPU has the next
     batches queued: the GPU does not wait for the copies or the stores.
@@ -64,7 +66,7 @@ def run_llm(
     n, device = data.num_tokens, llm.device
     out = TokenOutputs(
         torch.empty(n, dtype=torch.float32) if scores else None,
-        torch.empty(n, llm.dim, dtype=torch.bfloat16) if hidden and hidden_file is None else None,
+        torch.empty(n, llm.dim, dtype=torch.bfloat16, device=device if hidden_on_device else "cpu") if hidden and hidden_file is None else None,
         torch.empty(n, dtype=torch.float32) if nll else None,
         torch.empty(n, dtype=torch.bool) if nll else None,
         0,
@@ -75,7 +77,8 @@ def run_llm(
     pending: deque[_HostCopy] = deque()  # batches' results not stored yet, oldest first
     # The first touch of fresh host memory is slow (more so in a VM): a thread touches the hidden states'
     # pages, on many cores, while the first batches run; the first store waits for it.
-    touch = threading.Thread(target=out.hidden.zero_) if out.hidden is not None else None
+    on_device = out.hidden is not None and out.hidden.device.type != "cpu"
+    touch = threading.Thread(target=out.hidden.zero_) if out.hidden is not None and not on_device else None
     if touch is not None:
         touch.start()
 
@@ -100,7 +103,9 @@ def run_llm(
                 h = _real(h_out, pick)  # (n, D)
                 if scores:
                     results["scores"] = _real(llm.exit_scores(hidden_history, h_out), pick).float()
-                if hidden:
+                if on_device:
+                    out.hidden[int(index[0]) : int(index[-1]) + 1] = h  # one slice: batches come in token order
+                elif hidden:
                     results["hidden"] = h.to(torch.bfloat16)
                 if nll:
                     logits = llm.get_logits(h).float()
