@@ -7,8 +7,9 @@ host-memory budget: all three timed, and their shards compared), the exact `hard
 as threshold, the hard tokens compacted into the next stage's shard directory (checksummed, fsynced).
 The baseline: the same HF model's forward over the same batches (pinned, bf16 autocast, no
 gradients), outputs discarded: the least any hand-over has to compute.
-Both run on stage-0 windows of random token ids with a randomly initialised model; the ratio is
-the framework's throughput over the baseline's. Then the parts of the work after the forward,
+On a GPU, both also run compiled (`torch.compile`), as `StageHandover` runs the hand-over after a
+compiled stage. Both run on stage-0 windows of random token ids with a randomly initialised model;
+the ratio is the framework's throughput over the (eager) baseline's. Then the parts of the work after the forward,
 each timed alone.
 
     python benchmarks/bench_handover.py                 # GPT-2 124M, 2M tokens, on the GPU
@@ -42,21 +43,22 @@ def synchronize() -> None:
 
 
 @torch.no_grad()
-def plain_forward(llm: LLM, batches: list[torch.Tensor], device: torch.device) -> float:
+def plain_forward(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> float:
     synchronize()
     start = time.perf_counter()
     for x in batches:
         with autocast_for(device):
-            llm.base_llm.base_model(input_ids=x.to(device, non_blocking=True), use_cache=False)
+            model(input_ids=x.to(device, non_blocking=True), use_cache=False)
     synchronize()
     return time.perf_counter() - start
 
 
-def hand_over(llm: LLM, data: SequenceData, batch_size: int, hard_ratio: float, path: Path, host_memory_bytes: int, gpu_memory: bool) -> float:
+def hand_over(llm: LLM, data: SequenceData, batch_size: int, hard_ratio: float, path: Path, host_memory_bytes: int, gpu_memory: bool,
+              compile: bool = False) -> float:
     synchronize()
     start = time.perf_counter()
     threshold_of = lambda scores: calibrate_threshold(llm, scores, hard_ratio)[0]  # noqa: E731
-    hand_over_to_disk(llm, data, batch_size, path, threshold_of, host_memory_bytes=host_memory_bytes, gpu_memory=gpu_memory)
+    hand_over_to_disk(llm, data, batch_size, path, threshold_of, host_memory_bytes=host_memory_bytes, gpu_memory=gpu_memory, compile=compile)
     return time.perf_counter() - start
 
 
@@ -128,6 +130,7 @@ def same_data(a: Path, b: Path) -> bool:
 def main() -> None:
     args = inference_arguments(__doc__, tokens=2_000_000)
     device = args.device
+    compile = device.type == "cuda"  # as StageHandover does after a compiled stage; on a CPU, compiling costs more
     workdir = Path(tempfile.mkdtemp(prefix="bench_handover_"))
 
     torch.manual_seed(0)
@@ -137,18 +140,25 @@ def main() -> None:
     if device.type == "cuda":
         batches = [x.pin_memory() for x in batches]
 
-    plain_forward(llm, batches[:3], device)  # warm-up: kernels, cuBLAS handles
-    hand_over(llm, data.select(torch.arange(min(8, data.num_sequences))), args.batch_size, args.hard_ratio, workdir / "warmup", 0, True)
-    t_plain = min(plain_forward(llm, batches, device) for _ in range(args.repeats))
+    model = llm.base_llm.base_model
+    compiled_model = torch.compile(model, dynamic=False) if compile else model
+    for m in (model, compiled_model):  # warm-up: kernels, cuBLAS handles, compiling for both batch shapes
+        plain_forward(m, batches[:2] + batches[-1:], device)
+    warm_up = data.select(torch.arange(min(args.batch_size + (data.num_sequences % args.batch_size or args.batch_size), data.num_sequences)))
+    for compiled in {False, compile}:
+        hand_over(llm, warm_up, args.batch_size, args.hard_ratio, workdir / f"warmup-{compiled}", 0, True, compiled)
+    t_plain = min(plain_forward(model, batches, device) for _ in range(args.repeats))
+    t_plain_compiled = min(plain_forward(compiled_model, batches, device) for _ in range(args.repeats))
     in_memory = HOST_MEMORY_BYTES  # the default budget; 2M tokens x 768 take 3.1 GB
 
-    def timed(name: str, host_memory_bytes: int, gpu_memory: bool) -> float:
+    def timed(name: str, host_memory_bytes: int, gpu_memory: bool, compiled: bool = False) -> float:
         return min(
-            hand_over(llm, data, args.batch_size, args.hard_ratio, workdir / f"{name}-{i}", host_memory_bytes, gpu_memory)
+            hand_over(llm, data, args.batch_size, args.hard_ratio, workdir / f"{name}-{i}", host_memory_bytes, gpu_memory, compiled)
             for i in range(args.repeats)
         )
 
     t_gpu, t_hand, t_file = timed("gpu", in_memory, True), timed("host", in_memory, False), timed("file", 0, False)
+    t_compiled = timed("compiled", in_memory, True, compile)
     assert same_data(workdir / "gpu-0", workdir / "host-0") and same_data(workdir / "gpu-0", workdir / "file-0"), "hand-overs differ"
     t_scoring = min(scoring_pass(llm, data, args.batch_size) for _ in range(args.repeats))
     hard = SequenceData.load(workdir / "gpu-0")
@@ -171,8 +181,12 @@ def main() -> None:
         ("  of which the scoring pass", t_scoring),
         ("bound: plain forward + saving the hard tokens", t_plain + t_store),
     ]
+    if compile:
+        rows += [("plain forward, compiled", t_plain_compiled), ("hand-over, compiled forward (StageHandover's)", t_compiled)]
     for label, seconds in rows:
         print(f"{label:<50}{seconds:>10.3f}{n / seconds:>12,.0f}{t_plain / seconds:>8.3f}")
+    if compile:
+        print(f"compiled hand-over / compiled plain forward: {t_plain_compiled / t_compiled:.3f}")
     print("after the forward, each part alone (seconds):")
     print(f"{'  gathering the hard rows to the host':<50}{t_gather:>10.3f}")
     print(f"{'  saving the hard tokens (SequenceData.save)':<50}{t_store:>10.3f}")

@@ -83,7 +83,9 @@ class StageHandover(Callback):
         train_share = share(data.train_data, trainer.global_rank, trainer.world_size, batch_size)
         val_share = share(data.val_data, trainer.global_rank, trainer.world_size, batch_size)
         if self.output_dir:
-            train, val, scores = self._hand_over_to_disk(trainer, llm, train_share, val_share, batch_size)
+            # the forward compiled where the stage's training was (a GPU, no Mixture-of-Depths: it swaps layers per call)
+            compile = bool(getattr(pl_module.hparams, "compile", False)) and llm.device.type == "cuda" and llm.mod is None
+            train, val, scores = self._hand_over_to_disk(trainer, llm, train_share, val_share, batch_size, compile)
         else:
             train, scores = collect_hard_tokens(llm, train_share.data, self.hard_ratio, batch_size, gather, train_share.row_length)
             val = route_hard_tokens(llm, val_share.data, batch_size, val_share.row_length)
@@ -102,7 +104,7 @@ class StageHandover(Callback):
                 logger.experiment.add_histogram("handover/exit_scores", scores, trainer.global_step)
                 logger.experiment.flush()
 
-    def _hand_over_to_disk(self, trainer: Trainer, llm, train_share: "Share", val_share: "Share", batch_size: int):
+    def _hand_over_to_disk(self, trainer: Trainer, llm, train_share: "Share", val_share: "Share", batch_size: int, compile: bool):
         """Each process streams its part of `output_dir/train` and `output_dir/val`; returns them memory-mapped."""
         strategy, rank, world_size = trainer.strategy, trainer.global_rank, trainer.world_size
         out = Path(self.output_dir)
@@ -118,9 +120,9 @@ class StageHandover(Callback):
             return threshold
 
         train_part, val_part = (out / split / part_name(rank, world_size) for split in ("train", "val"))
-        budget = self.host_memory_bytes
-        hand_over_to_disk(llm, train_share.data, batch_size, train_part, calibrate, train_share.row_length, budget)
-        hand_over_to_disk(llm, val_share.data, batch_size, val_part, lambda local: float(llm.threshold), val_share.row_length, budget)
+        options = {"host_memory_bytes": self.host_memory_bytes, "compile": compile}
+        hand_over_to_disk(llm, train_share.data, batch_size, train_part, calibrate, train_share.row_length, **options)
+        hand_over_to_disk(llm, val_share.data, batch_size, val_part, lambda local: float(llm.threshold), val_share.row_length, **options)
         strategy.barrier()
         train, val = SequenceData.load(train_part), SequenceData.load(val_part)
         if rank == 0 and world_size > 1:  # one part, so that the next stage memory-maps it whole

@@ -41,6 +41,7 @@ def hand_over_to_disk(
     row_length: int | None = None,
     host_memory_bytes: int = HOST_MEMORY_BYTES,
     gpu_memory: bool = True,
+    compile: bool = False,
 ) -> Tensor:
     """Write the tokens of `data` that score below `threshold_of(scores)` to `path` (a SequenceData directory).
 
@@ -48,7 +49,7 @@ def hand_over_to_disk(
     the LLM's threshold); every process calls it, also one with no tokens. Every token's hidden
     state waits for the threshold on the GPU (`gpu_memory`) if they take at most half its free memory, else in host
     memory if they take at most `host_memory_bytes`, else in a temporary file beside `path`. Returns
-    the scores.
+    the scores. `compile`: the LLM's forward under `torch.compile` (see `run_llm`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,14 +60,16 @@ def hand_over_to_disk(
     size = data.num_tokens * llm.dim * 2
     on_device = gpu_memory and llm.device.type == "cuda" and size <= free_gpu_memory(llm.device) // 2
     if on_device or size <= host_memory_bytes:
-        out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length, hidden_on_device=on_device)
+        out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length, hidden_on_device=on_device, compile=compile)
         threshold = threshold_of(out.scores)
         _write_compacted(data, hard_mask(out.scores, threshold), out.hidden, path)
         return out.scores
     hidden_path = path.with_name(f".{path.name}.hidden-{os.getpid()}.bin")
     try:
         with open(hidden_path, "wb") as hidden_file:
-            scores = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length, hidden_file=hidden_file).scores
+            scores = run_llm(
+                llm, data, batch_size, scores=True, hidden=True, row_length=row_length, hidden_file=hidden_file, compile=compile
+            ).scores
         threshold = threshold_of(scores)
         all_hidden = np.memmap(hidden_path, dtype=np.int16, mode="r", shape=(data.num_tokens, llm.dim))
         _write_compacted(data, hard_mask(scores, threshold), all_hidden, path)

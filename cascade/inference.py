@@ -51,12 +51,15 @@ def run_llm(
     row_length: int | None = None,
     hidden_file: BinaryIO | None = None,
     hidden_on_device: bool = False,
+    compile: bool = False,
 ) -> TokenOutputs:
     """Run `llm` (in eval mode) over every token of `data` in packed batches of `batch_size` rows of `row_length`.
 
     With `hidden_file`, the output hidden states are not kept but written there as raw bf16 rows
     in token order (batches come in token order), so host memory holds a few batches of them. With
     `hidden_on_device`, they stay on the LLM's device (`hidden` is a device tensor): none is copied to the host.
+    With `compile`, the LLM's forward runs under `torch.compile` (one graph per batch shape; worth it on
+    a GPU for more than a few batches: eager HF modules launch many small kernels).
     On a GPU, each batch's results are copied to the host on a CUDA stream of their own, beside the
     next batch's compute, and stored `STORES_BEHIND` batches later, once the GPU has the next
     batches queued: the GPU does not wait for the copies or the stores.
@@ -87,6 +90,7 @@ def run_llm(
             touch.join()
         pending.popleft().store(out, hidden_file, written)
 
+    forward = torch.compile(llm, dynamic=False) if compile else llm
     was_training = llm.training
     llm.eval()
     try:
@@ -99,7 +103,7 @@ def run_llm(
             pick = None if real.numel() == flat_index.numel() else real.to(device, non_blocking=True)
             results = {}
             with autocast_for(device):
-                h_out, hidden_history = llm(b.inputs, data.input_type, b.model_position_ids(), b.model_segment_ids(), history)
+                h_out, hidden_history = forward(b.inputs, data.input_type, b.model_position_ids(), b.model_segment_ids(), history)
                 h = _real(h_out, pick)  # (n, D)
                 if scores:
                     results["scores"] = _real(llm.exit_scores(hidden_history, h_out), pick).float()

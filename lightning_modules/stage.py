@@ -66,7 +66,8 @@ class StageModule(LightningModule):
         mod_aux_weight: Weight of the routers' BCE loss that teaches them to predict their top-k (the causal
             routing used in evaluation).
         compile: Train with the HF model, LM head and loss under `torch.compile` on a GPU (fused kernels, and
-            the float32 logits are never written out); only when the last layer alone carries the loss.
+            the float32 logits are never written out); only when the last layer alone carries the loss. The
+            hand-over's scoring pass after the stage (`StageHandover`) then runs the model compiled too.
         compile_mode: The `torch.compile` mode: default, reduce-overhead (CUDA graphs: the step's kernels are
             launched as one graph, for models too small to hide the CPU's launch cost) or max-autotune.
         pad_vocab_to_multiple_of: Pad the embedding and LM head of a model built here to a multiple of this

@@ -1,6 +1,8 @@
 """The fast paths of issue 5 compute what the plain ones do: fused-able loss, vocabulary padding,
 mask-free causal rows, fixed-length batches, pipelined inference, merged optimizer groups."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,6 +114,23 @@ def test_run_llm_results_are_in_token_order_with_and_without_a_hidden_file(tmp_p
     h, _ = llm(data.inputs.view(15, 16))
     nll = F.cross_entropy(llm.get_logits(h).flatten(0, 1), data.targets, reduction="none")
     assert torch.allclose(every.nll, nll, atol=1e-5)
+
+
+def test_a_compiled_run_llm_gives_the_eager_results_and_compiles_once(monkeypatch):
+    """The exit score's hooks are registered on every call; the compiled forward must not be traced again for them."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="eager"))  # dynamo traces, no code generation
+    llm = LLM(tiny_model("gpt2"))
+    data = SequenceData.from_token_batches(token_batches(3, batch_size=5))
+    eager = run_llm(llm, data, 4, scores=True, hidden=True, nll=True)
+    compiled = run_llm(llm, data, 4, scores=True, hidden=True, nll=True, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    again = run_llm(llm, data, 4, scores=True, hidden=True, nll=True, compile=True)
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs, "the second pass traced the model again"
+    for out in (compiled, again):
+        assert torch.allclose(out.scores, eager.scores, atol=1e-6) and torch.allclose(out.nll, eager.nll, atol=1e-5)
+        assert torch.allclose(out.hidden.float(), eager.hidden.float(), atol=1e-2)
 
 
 def test_a_failed_store_stops_run_llm_with_its_error():
