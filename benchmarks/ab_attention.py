@@ -18,19 +18,18 @@ of model + loss (mode `--compile-mode`), vocabulary padded to 64, dropout 0.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench_stage_training import ATTENTION_KERNELS, hard_token_data, synchronize
+from bench_stage_training import ATTENTION_KERNELS, hard_token_data, synchronize, train_step
 from cascade.attention import ATTENTION, packed_rows_mask
 from cascade.hf_models import build_causal_lm
 from cascade.packing import block_causal_mask
 from cascade.sequence_data import IGNORE_INDEX
-from synthetic import random_windows
+from synthetic import ab_training_arguments, random_windows
 
 
 def four_d_mask(segment_ids: torch.Tensor) -> dict:
@@ -66,14 +65,8 @@ def run(args, name: str, implementation: str, batches, mask, device) -> dict:
             start = time.perf_counter()
         b = batch.to(device, non_blocking=True)
         segments = None if b.single_sequence_rows else b.segment_ids
-        if compiled and args.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast:
-            loss = step_loss(b.inputs, b.position_ids, segments, b.targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        inputs = (b.inputs, b.position_ids, segments, b.targets)
+        loss = train_step(model, optimizer, step_loss, inputs, autocast, compiled and args.compile_mode == "reduce-overhead")
         if step >= args.warmup:
             tokens += b.num_tokens
     synchronize()
@@ -92,23 +85,12 @@ def run(args, name: str, implementation: str, batches, mask, device) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=45)
-    parser.add_argument("--warmup", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--hard-ratio", type=float, default=0.3)
-    parser.add_argument("--hard-spread", type=float, default=0.071)
-    parser.add_argument("--model-config", default='{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}')
-    parser.add_argument("--compile-mode", default="reduce-overhead")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps, no compile (CI)")
-    args = parser.parse_args()
-    if args.smoke:
-        args.steps, args.warmup, args.batch_size, args.seq_len, args.vocab = 3, 1, 2, 32, 300
-        args.model_config = '{"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 32}'
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
+    def packing(parser):
+        parser.add_argument("--hard-ratio", type=float, default=0.3)
+        parser.add_argument("--hard-spread", type=float, default=0.071)
+
+    args = ab_training_arguments(__doc__, steps=45, warmup=15, more=packing)
+    device = args.device
 
     windows = random_windows((args.steps + 1) * args.batch_size * args.seq_len, args.seq_len, args.vocab)
     plain = list(windows.batches(args.batch_size, args.seq_len))[: args.steps]

@@ -13,17 +13,17 @@ clipping at 1.0; plus the unpadded head; and the time of the loss's own kernels 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench_stage_training import synchronize
+from bench_stage_training import synchronize, train_step
 from cascade.attention import own_masks
 from cascade.hf_models import build_causal_lm
 from cascade.losses import without_padded_vocab
+from synthetic import ab_training_arguments
 
 VARIANTS = {  # name: (pad to a multiple of, loss logits)
     "padded head, logits cut to the vocabulary": (64, lambda logits, vocab: logits[..., :vocab]),
@@ -54,14 +54,7 @@ def run(args, pad: int | None, cut, device: torch.device) -> dict:
         if step == args.warmup:
             synchronize()
             start = time.perf_counter()
-        if compiled and args.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast:
-            loss = step_loss(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, optimizer, step_loss, (x, y), autocast, compiled and args.compile_mode == "reduce-overhead")
         first = loss.item() if first is None else first
     synchronize()
     seconds = time.perf_counter() - start
@@ -83,21 +76,8 @@ def run(args, pad: int | None, cut, device: torch.device) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--model-config", default='{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}')
-    parser.add_argument("--compile-mode", default="reduce-overhead")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps, no compile (CI)")
-    args = parser.parse_args()
-    if args.smoke:
-        args.steps, args.warmup, args.batch_size, args.seq_len, args.vocab = 3, 1, 2, 32, 300
-        args.model_config = '{"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 32}'
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
+    args = ab_training_arguments(__doc__, steps=40, warmup=12)
+    device = args.device
     results = {name: run(args, pad, cut, device) for name, (pad, cut) in VARIANTS.items()}
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"

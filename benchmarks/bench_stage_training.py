@@ -149,6 +149,20 @@ def peak_memory_gb() -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
 
 
+def train_step(model: torch.nn.Module, optimizer, step_loss, inputs: tuple, autocast, cuda_graphs: bool) -> torch.Tensor:
+    """One step of a plain loop: the loss under autocast (a new CUDA-graph step first), backward, clipping at 1.0,
+    the optimizer's step; returns the loss."""
+    if cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
+    with autocast:
+        loss = step_loss(*inputs)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def plain_loop(args, data: SequenceData, device: torch.device, fast_paths: bool = False) -> dict:
     """The same HF model and batches in a hand-written training loop; with `fast_paths`, the framework's:
     attention switched by `cascade.attention.own_masks` (SDPA gets no mask) and the loss over a padded
@@ -186,15 +200,8 @@ def plain_loop(args, data: SequenceData, device: torch.device, fast_paths: bool 
             synchronize()
             start = time.perf_counter()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if compiled and args.compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast:
-            loss = step_loss(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = train_step(model, optimizer, step_loss, (x, y), autocast, compiled and args.compile_mode == "reduce-overhead")
         schedule.step()
-        optimizer.zero_grad(set_to_none=True)
         if step >= args.warmup:
             tokens += x.numel()
     synchronize()
