@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +34,17 @@ def gather_variable(strategy: Strategy, t: Tensor) -> Tensor:
     return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)]).cpu()
 
 
+@contextmanager
+def on_device(module: LightningModule, device: torch.device):
+    """`module` on `device` inside the block, back where it was after."""
+    before = module.device
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(before)
+
+
 class Share(NamedTuple):
     data: SequenceData
     row_length: int | None
@@ -46,13 +59,17 @@ def share(data: SequenceData, rank: int, world_size: int, batch_size: int) -> Sh
 class StageHandover(Callback):
     """Collects exit scores on the stage's training tokens, sets the threshold, keeps the hard tokens.
 
-    Each process scores its own block of whole batches of the training and validation data; the threshold
-    is the `hard_ratio` quantile of all processes' scores together (exact). Each process writes its hard
-    tokens into one part of `output_dir/train` and `output_dir/val` (atomically, with manifests). Host
-    memory holds 4 bytes a token of scores. Every token's hidden state waits for the threshold in GPU
-    memory if they take at most half of what is free there, else in host memory up to `host_memory_gb`,
-    beyond which they go through a temporary file and host memory holds a batch of them. The exit-score
-    histogram, the threshold and the hard fractions go to the logger.
+    It runs when the stage's fit ends, where the stage trained: Lightning's teardown has moved the module
+    to the CPU by then (`Strategy.teardown` runs before `on_fit_end`), so the module goes back to the
+    strategy's root device for the hand-over, runs in the precision plugin's forward context, compiled if
+    the stage trained compiled, and returns to the CPU after. Each process scores its own block of whole
+    batches of the training and validation data; the threshold is the `hard_ratio` quantile of all
+    processes' scores together (exact). Each process writes its hard tokens into one part of
+    `output_dir/train` and `output_dir/val` (atomically, with manifests). Host memory holds 4 bytes a token
+    of scores. Every token's hidden state waits for the threshold in GPU memory if they take at most half
+    of what is free there, else in host memory up to `host_memory_gb`, beyond which they go through a
+    temporary file and host memory holds a batch of them. The exit-score histogram, the threshold, the hard
+    fractions and the hand-over's wall time go to the logger and to `stats`.
 
     Args:
         hard_ratio: Fraction of the stage's training tokens passed on to the next stage.
@@ -61,10 +78,17 @@ class StageHandover(Callback):
         host_memory_gb: Every token's hidden state waits for the threshold in host memory if this process's
             do not fit in half the GPU's free memory and take at most this many GB, else in a temporary
             file beside `output_dir`.
+        after_last_stage: Also hand over after the last stage of a run (`cascade.fit`), so that the cascade can
+            be extended later by more stages; by default the last stage hands over nothing.
     """
 
     def __init__(
-        self, hard_ratio: float = 0.3, output_dir: str | None = None, batch_size: int | None = None, host_memory_gb: float = 4.0
+        self,
+        hard_ratio: float = 0.3,
+        output_dir: str | None = None,
+        batch_size: int | None = None,
+        host_memory_gb: float = 4.0,
+        after_last_stage: bool = False,
     ):
         check_hard_ratio(hard_ratio)
         if host_memory_gb < 0:
@@ -73,22 +97,41 @@ class StageHandover(Callback):
         self.output_dir = output_dir
         self.batch_size = batch_size
         self.host_memory_bytes = int(host_memory_gb * 1e9)
+        self.after_last_stage = after_last_stage
         self.stats: dict = {}
         self.train_next = self.val_next = None  # this process's part of the hand-over, for the Python API
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with on_device(pl_module, trainer.strategy.root_device):
+            start = time.perf_counter()
+            scores = self.hand_over(trainer, pl_module)
+            seconds = time.perf_counter() - start
+        data = trainer.datamodule
+        self.stats["seconds"] = seconds
+        self.stats["scored_tokens"] = data.train_data.num_tokens + data.val_data.num_tokens
+        self.stats["tokens_per_s"] = self.stats["scored_tokens"] / seconds
+        for logger in trainer.loggers:  # loggers are active on rank 0 only
+            logger.log_metrics({f"handover/{k}": v for k, v in self.stats.items()}, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_histogram("handover/exit_scores", scores, trainer.global_step)
+                logger.experiment.flush()
+
+    def hand_over(self, trainer: Trainer, pl_module: LightningModule) -> Tensor:
+        """Score, calibrate, compact (the module on its device); sets `stats`, returns every process's scores."""
         data, llm = trainer.datamodule, pl_module.llm
         batch_size = self.batch_size or data.batch_size
         gather = partial(gather_variable, trainer.strategy)
         train_share = share(data.train_data, trainer.global_rank, trainer.world_size, batch_size)
         val_share = share(data.val_data, trainer.global_rank, trainer.world_size, batch_size)
+        forward_context = trainer.precision_plugin.forward_context
         if self.output_dir:
-            # the forward compiled where the stage's training was (a GPU, no Mixture-of-Depths: it swaps layers per call)
-            compile = bool(getattr(pl_module.hparams, "compile", False)) and llm.device.type == "cuda" and llm.mod is None
-            train, val, scores = self._hand_over_to_disk(trainer, llm, train_share, val_share, batch_size, compile)
+            compile = bool(getattr(pl_module, "compiled", False))
+            train, val, scores = self._hand_over_to_disk(trainer, llm, train_share, val_share, batch_size, compile, forward_context)
         else:
-            train, scores = collect_hard_tokens(llm, train_share.data, self.hard_ratio, batch_size, gather, train_share.row_length)
-            val = route_hard_tokens(llm, val_share.data, batch_size, val_share.row_length)
+            train, scores = collect_hard_tokens(
+                llm, train_share.data, self.hard_ratio, batch_size, gather, train_share.row_length, forward_context
+            )
+            val = route_hard_tokens(llm, val_share.data, batch_size, val_share.row_length, forward_context)
         self.train_next, self.val_next = train, val
         hard_train, hard_val, hard_sequences = gather(torch.tensor([train.num_tokens, val.num_tokens, train.num_sequences])).view(-1, 3).sum(0).tolist()
         self.stats = {
@@ -98,13 +141,11 @@ class StageHandover(Callback):
             "hard_tokens": hard_train,
             "hard_sequences": hard_sequences,
         }
-        for logger in trainer.loggers:  # loggers are active on rank 0 only
-            logger.log_metrics({f"handover/{k}": v for k, v in self.stats.items()}, step=trainer.global_step)
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_histogram("handover/exit_scores", scores, trainer.global_step)
-                logger.experiment.flush()
+        return scores
 
-    def _hand_over_to_disk(self, trainer: Trainer, llm, train_share: "Share", val_share: "Share", batch_size: int, compile: bool):
+    def _hand_over_to_disk(
+        self, trainer: Trainer, llm, train_share: Share, val_share: Share, batch_size: int, compile: bool, forward_context
+    ):
         """Each process streams its part of `output_dir/train` and `output_dir/val`; returns them memory-mapped."""
         strategy, rank, world_size = trainer.strategy, trainer.global_rank, trainer.world_size
         out = Path(self.output_dir)
@@ -120,7 +161,7 @@ class StageHandover(Callback):
             return threshold
 
         train_part, val_part = (out / split / part_name(rank, world_size) for split in ("train", "val"))
-        options = {"host_memory_bytes": self.host_memory_bytes, "compile": compile}
+        options = {"host_memory_bytes": self.host_memory_bytes, "compile": compile, "forward_context": forward_context}
         hand_over_to_disk(llm, train_share.data, batch_size, train_part, calibrate, train_share.row_length, **options)
         hand_over_to_disk(llm, val_share.data, batch_size, val_part, lambda local: float(llm.threshold), val_share.row_length, **options)
         strategy.barrier()

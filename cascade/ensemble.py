@@ -78,14 +78,15 @@ class Ensemble(nn.Module):
         return len(self.llms)
 
     @torch.no_grad()
-    def evaluate(self, val_batches: Sequence[tuple[Tensor, Tensor]], batch_size: int) -> dict:
+    def evaluate(self, val_batches: Sequence[tuple[Tensor, Tensor]], batch_size: int, **run_options) -> dict:
         """True early exit on `(x, y)` batches: each token is predicted by the LLM it exits at.
 
         An LLM runs only on the tokens routed to it and is not called at all when none is.
         Returns `ppl` = exp(total NLL / total tokens), `accuracy`, `total_tokens`,
         `compute_fraction` (forward FLOPs spent / FLOPs of every LLM on every token),
         `wall_time_s` and `llm_stats`, one dict per LLM (`input_tokens`, `exit_tokens`,
-        `exit_fraction` of all tokens, `ppl` of its exiting tokens, `pad_tokens`, ...).
+        `exit_fraction` of all tokens, `ppl` of its exiting tokens, `pad_tokens`, ...). Each LLM runs where it
+        is; `run_options` (`compile`, `forward_context`: the precision) go to `run_llm`.
         """
         data = create_sequence_data(self, val_batches)
         total, context = data.num_tokens, int(data.lengths.max())
@@ -95,7 +96,7 @@ class Ensemble(nn.Module):
             if data.num_tokens == 0:
                 stats = {"input_tokens": 0, "exit_tokens": 0, "pad_tokens": 0, "nll_sum": 0.0, "correct": 0, "ppl": math.nan}
             else:
-                data, stats = evaluate_llm(llm, data, batch_size, is_last=k == len(self.llms) - 1)
+                data, stats = evaluate_llm(llm, data, batch_size, is_last=k == len(self.llms) - 1, **run_options)
             llm_stats.append({**stats, "exit_fraction": stats["exit_tokens"] / total})
         wall_time = time.perf_counter() - start
         assert sum(s["exit_tokens"] for s in llm_stats) == total, "every token exits exactly once"

@@ -12,22 +12,26 @@ true early exit on the validation split and the table is written to `eval.json` 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.handover import StageHandover
+from callbacks.progress import default_progress_bar
+from callbacks.timing import TrainingTimer
 from cascade.ensemble import Ensemble, stage_dir
 from cascade.hf_models import max_positions
 from cascade.layer_skip import layer_perplexities, threshold_sweep
-from cascade.report import format_eval_table, format_layer_exit_table
-from cascade.run_state import latest_checkpoint, mark_stage_done, stage_is_done
+from cascade.report import format_eval_table, format_handover, format_layer_exit_table, format_training
+from cascade.run_state import latest_checkpoint, mark_stage_done, read_done, stage_is_done, trained_without_handover
 from cascade.shards import is_complete
-from cascade.utils import default_precision, get_device
+from cascade.utils import default_precision
 from datamodules.sequence import SequenceDataModule
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
@@ -67,9 +71,10 @@ class CascadeCLI(LightningCLI):
             help="Checkpoint to resume the first stage trained from ('last' or a path). By default an unfinished "
             "stage resumes from its newest checkpoint and finished stages are skipped.",
         )
-        parser.add_lightning_class_args(StageHandover, "handover")
+        parser.add_class_arguments(StageHandover, "handover")  # a callback of the stages that hand over (not the last)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100})
+        # "link": last.ckpt links to the step's checkpoint instead of writing the same state a second time
+        parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.every_n_train_steps": 100})
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
     def instantiate_classes(self) -> None:
@@ -79,6 +84,10 @@ class CascadeCLI(LightningCLI):
     def run_dir(self) -> Path:
         return Path(self.config.runs_dir) / self.config.name
 
+    def hands_over(self, k: int) -> bool:
+        """Every stage but the last hands its hard tokens to the next; the last one only if asked."""
+        return k < self.config.num_stages - 1 or self.config.handover.after_last_stage
+
     def run(self) -> dict | None:
         config = self.config
         if config.num_stages < 1:
@@ -86,75 +95,127 @@ class CascadeCLI(LightningCLI):
         if config.stage is not None:
             if not 0 <= config.stage < config.num_stages:
                 raise ValueError(f"stage {config.stage} is not one of the {config.num_stages} stages (0..{config.num_stages - 1})")
-            previous = stage_dir(self.run_dir, config.stage - 1) / "handover"
-            if config.stage > 0 and not is_complete(previous / "train"):
-                raise FileNotFoundError(
-                    f"stage {config.stage} reads {previous}, which does not exist: train stage {config.stage - 1} first"
+            previous = stage_dir(self.run_dir, config.stage - 1)
+            if config.stage > 0 and not is_complete(previous / "handover" / "train"):
+                hint = (
+                    "it was trained as the last stage and handed nothing over: run the whole cascade (without --stage) "
+                    "to hand it over" if trained_without_handover(previous) else f"train stage {config.stage - 1} first"
                 )
+                raise FileNotFoundError(f"stage {config.stage} reads {previous / 'handover'}, which does not exist: {hint}")
         stages = range(config.num_stages) if config.stage is None else [config.stage]
         ckpt_path = config.ckpt_path
         for k in stages:
-            if ckpt_path is None and stage_is_done(stage_dir(self.run_dir, k)):
-                rank_zero_info(f"stage {k}: complete in {stage_dir(self.run_dir, k)} (checked against its manifests), skipped")
+            path = stage_dir(self.run_dir, k)
+            if ckpt_path is None and stage_is_done(path, self.hands_over(k)):
+                rank_zero_info(f"stage {k}: complete in {path} (checked against its manifests), skipped")
                 continue
-            self.fit_stage(k, ckpt_path)
+            if ckpt_path is None and trained_without_handover(path):
+                rank_zero_info(f"stage {k}: trained as the last stage of an earlier run; handing its tokens over to stage {k + 1}")
+                self.fit_stage(k, None, trained=True)
+            else:
+                self.fit_stage(k, ckpt_path)
             ckpt_path = None
         if rank_zero_only.rank != 0:
             return None
         return self.evaluate(TextDataModule(**config.data.as_dict()), num_llms=stages[-1] + 1)
 
-    def fit_stage(self, k: int, ckpt_path: str | None) -> None:
+    def fit_stage(self, k: int, ckpt_path: str | None, trained: bool = False) -> None:
         """Train stage k with a fresh model, data module and Trainer (resuming from `ckpt_path` or the stage's
-        newest checkpoint); save its LLM in HF format and mark it done."""
+        newest checkpoint), hand its hard tokens over unless it is the last stage, save its LLM in HF format and
+        mark it done. With `trained`, the stage's saved LLM only hands over (no training)."""
         stage_path = stage_dir(self.run_dir, k)
         config = self.config.clone()
         config.model.stage = k
         config.handover.output_dir = str(stage_path / "handover")
         config.checkpoint.dirpath = str(stage_path / "checkpoints")
+        if trained:
+            config.model.model, config.model.pretrained, config.model.model_config = str(stage_path / "llm"), True, None
+            config.trainer.max_steps = 0
+        if isinstance(config.seed_everything, int) and not isinstance(config.seed_everything, bool):
+            # the stage's initialisation and dropout depend on the run's seed and k alone, not on earlier stages
+            seed_everything(config.seed_everything + k, workers=True)
         self.config_init = self.parser.instantiate_classes(config)
-        text, model = self.config_init.data, self.config_init.model
+        text, model, handover = self.config_init.data, self.config_init.model, self.config_init.handover
         limit = max_positions(model.llm.config)
         if limit is not None and text.seq_len > limit:
             raise ValueError(f"data.seq_len {text.seq_len} exceeds the model's {limit} positions; lower it or enlarge the model")
         if k == 0:
             datamodule = text
-        else:
+        else:  # its own shuffle seed: the data order of stage k does not depend on how stage 0's was drawn
             datamodule = SequenceDataModule(
-                str(stage_dir(self.run_dir, k - 1) / "handover"), text.batch_size, text.seq_len, text.num_workers, text.seed
+                str(stage_dir(self.run_dir, k - 1) / "handover"), text.batch_size, text.seq_len, text.num_workers, text.seed + k
             )
-        overrides = {"default_root_dir": str(stage_path)}
+        timer = TrainingTimer()
+        callbacks = [*(self.config_init.trainer.get("callbacks") or []), timer]
+        if self.hands_over(k):
+            callbacks.append(handover)
+        if self.config_init.trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(default_progress_bar())
+        overrides = {"default_root_dir": str(stage_path), "callbacks": callbacks}
         if self.config_init.trainer.get("logger") in (None, True):
             overrides["logger"] = TensorBoardLogger(str(self.run_dir), name=f"stage_{k}", version="")
-        saved, self.config = self.config, config  # SaveConfigCallback writes the stage's resolved config
+        # SaveConfigCallback writes the stage's resolved config (not for a hand-over alone: it keeps the training's)
+        saved = self.config, self.save_config_callback
+        self.config, self.save_config_callback = config, (None if trained else self.save_config_callback)
         self.trainer = self.instantiate_trainer(**overrides)
-        self.config = saved
-        if ckpt_path is None and (resume := latest_checkpoint(stage_path / "checkpoints")) is not None:
+        self.config, self.save_config_callback = saved
+        if not trained and ckpt_path is None and (resume := latest_checkpoint(stage_path / "checkpoints")) is not None:
             rank_zero_info(f"stage {k}: resuming from {resume}")
             ckpt_path = str(resume)
+        rank_zero_info(f"stage {k}: started on {self.trainer.strategy.root_device} ({self.trainer.precision}), "
+                       f"{self.trainer.world_size} process(es)")
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        train = timer.stats or (read_done(stage_path) or {}).get("train")
+        if timer.stats:
+            rank_zero_info(format_training(k, train))
+        if self.hands_over(k):
+            rank_zero_info(format_handover(k, handover.stats))
         if self.trainer.is_global_zero:
             model.llm.save_pretrained(stage_path / "llm")
             text.save_tokenizer(self.run_dir / "tokenizer")
-            handover = self.config_init.handover
-            mark_stage_done(stage_path, {"stage": k, "global_step": self.trainer.global_step, **handover.stats})
+            info = {"stage": k, "global_step": self.trainer.global_step, "train": train,
+                    "handover": dict(handover.stats) if self.hands_over(k) else None}
+            mark_stage_done(stage_path, info)
         self.trainer.strategy.barrier()
 
+    def evaluation_trainer(self) -> Trainer:
+        """The last stage's Trainer, or, when every stage was complete, one of the same settings: the evaluation
+        runs on its root device in its precision."""
+        if getattr(self, "trainer", None) is not None:
+            return self.trainer
+        settings = self.config.trainer
+        strategy = settings.strategy if isinstance(settings.strategy, str) else "auto"
+        return Trainer(
+            accelerator=settings.accelerator, devices=settings.devices, strategy=strategy, precision=settings.precision,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )
+
     def evaluate(self, text: TextDataModule, num_llms: int) -> dict:
-        """True early exit of the trained ensemble on the validation split; prints the table, writes eval.json."""
-        ensemble = Ensemble.from_pretrained(self.run_dir, num_llms=num_llms).to(get_device())
+        """True early exit of the trained ensemble on the validation split, on the device and in the precision the
+        stages trained with (compiled where they were); prints the table, writes eval.json and TensorBoard."""
+        trainer = self.evaluation_trainer()
+        device, forward_context = trainer.strategy.root_device, trainer.precision_plugin.forward_context
+        ensemble = Ensemble.from_pretrained(self.run_dir, num_llms=num_llms).to(device)
         batch_size = self.config.eval_batch_size or text.batch_size
-        stats = ensemble.evaluate(text.token_batches("validation", batch_size), batch_size)
-        print(f"\nTrue early-exit evaluation of {self.run_dir} on the validation split:")
+        compile = bool(self.config.model.compile) and device.type == "cuda"
+        start = time.perf_counter()
+        stats = ensemble.evaluate(text.token_batches("validation", batch_size), batch_size, compile=compile, forward_context=forward_context)
+        print(f"\nTrue early-exit evaluation of {self.run_dir} on the validation split ({device}, {trainer.precision}):")
         print(format_eval_table(stats))
         if (exit_layer := self.config.model.exit_layer) is not None:
             llm, data = ensemble.llms[0], text.val_data
             thresholds = sorted({*SWEEP_THRESHOLDS, self.config.model.routing_threshold})
             stats["layer_exits"] = {
-                "llm": 0, "exit_layer": exit_layer, "layer_ppl": layer_perplexities(llm, data, batch_size),
-                "sweep": threshold_sweep(llm, data, batch_size, exit_layer, thresholds),
+                "llm": 0, "exit_layer": exit_layer, "layer_ppl": layer_perplexities(llm, data, batch_size, forward_context),
+                "sweep": threshold_sweep(llm, data, batch_size, exit_layer, thresholds, forward_context),
             }
             print(format_layer_exit_table(stats["layer_exits"]))
+        stats["eval_s"] = time.perf_counter() - start
+        stats["stages"] = [read_done(stage_dir(self.run_dir, k)) for k in range(num_llms)]
         (self.run_dir / "eval.json").write_text(json.dumps(stats, indent=2))
+        logger = TensorBoardLogger(str(self.run_dir), name="eval", version="")
+        logger.log_metrics({f"eval/{key}": stats[key] for key in ("ppl", "accuracy", "compute_fraction", "wall_time_s", "eval_s")}, step=0)
+        logger.finalize("success")
         print(f"written to {self.run_dir / 'eval.json'}; dashboards: tensorboard --logdir {self.run_dir}")
         return stats
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
 from torch import Tensor
@@ -22,16 +22,18 @@ def collect_hard_tokens(
     batch_size: int,
     all_gather: Callable[[Tensor], Tensor] | None = None,
     row_length: int | None = None,
+    forward_context: Callable[[], ContextManager] | None = None,
 ) -> tuple[SequenceData, Tensor]:
     """Set `llm.threshold` to the `hard_ratio` quantile of the exit scores and keep the hard tokens of `data`.
 
     Under data parallelism each process passes its own share of the data and an `all_gather`
     that concatenates every process's scores, so that all compute the same threshold.
     Returns the hard tokens (their output hidden states as inputs) and the scores the
-    threshold was computed from.
+    threshold was computed from. `forward_context`: see `run_llm`.
     """
     check_hard_ratio(hard_ratio)
-    out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length) if data.num_tokens else None
+    run = dict(scores=True, hidden=True, row_length=row_length, forward_context=forward_context)
+    out = run_llm(llm, data, batch_size, **run) if data.num_tokens else None
     local_scores = out.scores if out else torch.empty(0)
     threshold, scores = calibrate_threshold(llm, local_scores, hard_ratio, all_gather)
     hidden = out.hidden if out else torch.empty(0, llm.dim, dtype=torch.bfloat16)
@@ -56,9 +58,15 @@ def calibrate_threshold(
     return threshold, scores
 
 
-def route_hard_tokens(llm: "LLM", data: SequenceData, batch_size: int, row_length: int | None = None) -> SequenceData:
+def route_hard_tokens(
+    llm: "LLM",
+    data: SequenceData,
+    batch_size: int,
+    row_length: int | None = None,
+    forward_context: Callable[[], ContextManager] | None = None,
+) -> SequenceData:
     """The tokens of `data` that do not exit at `llm` under its current threshold (e.g. the validation split)."""
     if data.num_tokens == 0:
         return compact_hard_tokens(data, torch.zeros(0, dtype=torch.bool), torch.empty(0, llm.dim, dtype=torch.bfloat16))
-    out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length)
+    out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length, forward_context=forward_context)
     return compact_hard_tokens(data, hard_mask(out.scores, float(llm.threshold)), out.hidden)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ def hand_over_to_disk(
     host_memory_bytes: int = HOST_MEMORY_BYTES,
     gpu_memory: bool = True,
     compile: bool = False,
+    forward_context: Callable[[], ContextManager] | None = None,
 ) -> Tensor:
     """Write the tokens of `data` that score below `threshold_of(scores)` to `path` (a SequenceData directory).
 
@@ -49,7 +50,7 @@ def hand_over_to_disk(
     the LLM's threshold); every process calls it, also one with no tokens. Every token's hidden
     state waits for the threshold on the GPU (`gpu_memory`) if they take at most half its free memory, else in host
     memory if they take at most `host_memory_bytes`, else in a temporary file beside `path`. Returns
-    the scores. `compile`: the LLM's forward under `torch.compile` (see `run_llm`).
+    the scores. `compile` and `forward_context`: see `run_llm`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,17 +60,16 @@ def hand_over_to_disk(
         return torch.empty(0)
     size = data.num_tokens * llm.dim * 2
     on_device = gpu_memory and llm.device.type == "cuda" and size <= free_gpu_memory(llm.device) // 2
+    run = dict(scores=True, hidden=True, row_length=row_length, compile=compile, forward_context=forward_context)
     if on_device or size <= host_memory_bytes:
-        out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length, hidden_on_device=on_device, compile=compile)
+        out = run_llm(llm, data, batch_size, **run, hidden_on_device=on_device)
         threshold = threshold_of(out.scores)
         _write_compacted(data, hard_mask(out.scores, threshold), out.hidden, path)
         return out.scores
     hidden_path = path.with_name(f".{path.name}.hidden-{os.getpid()}.bin")
     try:
         with open(hidden_path, "wb") as hidden_file:
-            scores = run_llm(
-                llm, data, batch_size, scores=True, hidden=True, row_length=row_length, hidden_file=hidden_file, compile=compile
-            ).scores
+            scores = run_llm(llm, data, batch_size, **run, hidden_file=hidden_file).scores
         threshold = threshold_of(scores)
         all_hidden = np.memmap(hidden_path, dtype=np.int16, mode="r", shape=(data.num_tokens, llm.dim))
         _write_compacted(data, hard_mask(scores, threshold), all_hidden, path)

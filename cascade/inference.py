@@ -6,7 +6,8 @@ import threading
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from functools import partial
+from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ def run_llm(
     hidden_file: BinaryIO | None = None,
     hidden_on_device: bool = False,
     compile: bool = False,
+    forward_context: Callable[[], ContextManager] | None = None,
 ) -> TokenOutputs:
     """Run `llm` (in eval mode) over every token of `data` in packed batches of `batch_size` rows of `row_length`.
 
@@ -59,7 +61,9 @@ def run_llm(
     in token order (batches come in token order), so host memory holds a few batches of them. With
     `hidden_on_device`, they stay on the LLM's device (`hidden` is a device tensor): none is copied to the host.
     With `compile`, the LLM's forward runs under `torch.compile` (one graph per batch shape; worth it on
-    a GPU for more than a few batches: eager HF modules launch many small kernels).
+    a GPU for more than a few batches: eager HF modules launch many small kernels). Each batch's forward runs
+    in `forward_context()` (Lightning's `trainer.precision_plugin.forward_context`, so that a stage is scored in
+    the precision it trained in); default `autocast_for(device)`.
     On a GPU, each batch's results are copied to the host on a CUDA stream of their own, beside the
     next batch's compute, and stored `STORES_BEHIND` batches later, once the GPU has the next
     batches queued: the GPU does not wait for the copies or the stores.
@@ -90,7 +94,8 @@ def run_llm(
             touch.join()
         pending.popleft().store(out, hidden_file, written)
 
-    forward = torch.compile(llm, dynamic=False) if compile else llm
+    forward = torch.compile(llm, dynamic=False) if compile and llm.mod is None else llm  # MoD swaps layers per call
+    forward_context = forward_context or partial(autocast_for, device)
     was_training = llm.training
     llm.eval()
     try:
@@ -102,7 +107,7 @@ def run_llm(
             b = _to_device(batch, device)
             pick = None if real.numel() == flat_index.numel() else real.to(device, non_blocking=True)
             results = {}
-            with autocast_for(device):
+            with forward_context():
                 h_out, hidden_history = forward(b.inputs, data.input_type, b.model_position_ids(), b.model_segment_ids(), history)
                 h = _real(h_out, pick)  # (n, D)
                 if scores:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,17 +113,25 @@ def routed_nll(llm: "LLM", batch: Batch, exit_layer: int, thresholds: Sequence[f
     return nll_exit, confidence, routed
 
 
-def threshold_sweep(llm: "LLM", data: SequenceData, batch_size: int, exit_layer: int, thresholds: Sequence[float]) -> list[dict]:
+def threshold_sweep(
+    llm: "LLM",
+    data: SequenceData,
+    batch_size: int,
+    exit_layer: int,
+    thresholds: Sequence[float],
+    forward_context: Callable[[], ContextManager] | None = None,
+) -> list[dict]:
     """`evaluate_layer_exit` at each threshold (layers 1..e run once per batch for all of them): the
-    perplexity-vs-compute curve of a confidence exit after layer `exit_layer`."""
+    perplexity-vs-compute curve of a confidence exit after layer `exit_layer`. `forward_context`: see `run_llm`."""
     check_exit_layer(exit_layer, llm.num_layers)
     L, device = llm.num_layers, llm.device
+    forward_context = forward_context or partial(autocast_for, device)
     nll_exit, confidence, routed = [], [], [[] for _ in thresholds]
     was_training = llm.training
     llm.eval()
     try:
         for batch in data.batches(batch_size):
-            with torch.no_grad(), autocast_for(device):
+            with torch.no_grad(), forward_context():
                 exit_nll, conf, nlls = routed_nll(llm, batch.to(device), exit_layer, thresholds)
             nll_exit.append(exit_nll.cpu())
             confidence.append(conf.cpu())
@@ -153,9 +162,13 @@ def evaluate_layer_exit(llm: "LLM", data: SequenceData, batch_size: int, exit_la
 
 
 @torch.no_grad()
-def layer_perplexities(llm: "LLM", data: SequenceData, batch_size: int) -> dict[int, float]:
-    """Perplexity of every layer's logit lens on every token ({l: ppl}, l = 1..L): the quality of each possible exit."""
+def layer_perplexities(
+    llm: "LLM", data: SequenceData, batch_size: int, forward_context: Callable[[], ContextManager] | None = None
+) -> dict[int, float]:
+    """Perplexity of every layer's logit lens on every token ({l: ppl}, l = 1..L): the quality of each possible exit.
+    `forward_context`: see `run_llm`."""
     L, device = llm.num_layers, llm.device
+    forward_context = forward_context or partial(autocast_for, device)
     total = torch.zeros(L + 1, dtype=torch.float64)
     was_training = llm.training
     llm.eval()
@@ -163,7 +176,7 @@ def layer_perplexities(llm: "LLM", data: SequenceData, batch_size: int) -> dict[
         for batch in data.batches(batch_size):
             b = batch.to(device)
             real = b.token_index >= 0
-            with autocast_for(device):
+            with forward_context():
                 h_out, history = llm(b.inputs, data.input_type, b.model_position_ids(), b.model_segment_ids(), history=range(1, L))
                 for layer in range(1, L + 1):
                     logits = llm.get_logits(h_out[real]) if layer == L else logit_lens(llm, history[layer][real])

@@ -21,7 +21,7 @@ def compute_ppl(llm: "LLM", data: SequenceData, batch_size: int) -> float:
     return math.exp(nll.double().mean().item())
 
 
-def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool) -> tuple[SequenceData, dict]:
+def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool, **run_options) -> tuple[SequenceData, dict]:
     """Route `data` through `llm`: tokens scoring >= its threshold exit here (all of them if `is_last`).
 
     Returns the continuing tokens (compacted, with this LLM's output hidden states as inputs)

@@ -25,3 +25,29 @@ def format_layer_exit_table(report: dict) -> str:
     for point in report["sweep"]:
         lines.append(f"{point['threshold']:>9.2f} {point['exit_fraction']:>9.1%} {point['routed_ppl']:>10.2f} {point['compute_fraction']:>8.1%}")
     return "\n".join(lines)
+
+
+def human(n: float) -> str:
+    """A count for a line of text: 950, 12.3k, 7.9M, 1.2B."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.{1 if abs(n) < 100 * scale else 0}f}{suffix}"
+    return f"{n:.0f}"
+
+
+def format_training(k: int, train: dict) -> str:
+    """`stage 0: trained 1,000 steps in 41.2 s (398k tokens/s; first step 9.1 s, validation 1.2 s)`."""
+    return (
+        f"stage {k}: trained {train['steps']:,} steps in {train['seconds']:.1f} s ({human(train['tokens_per_s'])} tokens/s "
+        f"after the first step; {human(train['tokens'])} tokens; first step {train['first_step_s']:.1f} s, "
+        f"validation {train['validation_s']:.1f} s)"
+    )
+
+
+def format_handover(k: int, handover: dict) -> str:
+    """`stage 0: hand-over: 7.9M tokens scored in 6.1 s, threshold 0.936, 2.4M hard tokens written`."""
+    return (
+        f"stage {k}: hand-over: {human(handover['scored_tokens'])} tokens scored in {handover['seconds']:.1f} s "
+        f"({human(handover['tokens_per_s'])} tokens/s), threshold {handover['threshold']:.6g}, "
+        f"{human(handover['hard_tokens'])} hard tokens written"
+    )

@@ -146,6 +146,11 @@ class StageModule(LightningModule):
         self._compiled_loss = None  # set at fit start on a GPU when `compile`
 
     @property
+    def compiled(self) -> bool:
+        """Whether this fit trains the model under `torch.compile` (set when the fit starts: `compile`, on a GPU)."""
+        return self._compiled_loss is not None
+
+    @property
     def peak_lr(self) -> float:
         return self.hparams.lr * self.hparams.lr_decay**self.hparams.stage
 

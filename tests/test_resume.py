@@ -26,7 +26,8 @@ def command(runs_dir, *extra):
         "--data.batch_size", "8", "--data.cache_dir", "cache",
         "--trainer.max_steps", "120", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "25",
         "--trainer.check_val_every_n_epoch", "null", "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--checkpoint.every_n_train_steps", "10", *extra,
+        "--trainer.enable_progress_bar", "false", "--checkpoint.every_n_train_steps", "10",
+        "--handover.after_last_stage", "true", *extra,  # the one stage hands over too
     ]
 
 

@@ -1,0 +1,171 @@
+"""The main command as users run it: the hand-over where the stage trained, per-phase timings, the last stage,
+stages that re-run alike, the step progress bar."""
+
+import io
+import json
+import shutil
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from safetensors.torch import load_file
+
+from callbacks.handover import StageHandover
+from callbacks.progress import StepProgressBar
+from callbacks.timing import TrainingTimer
+from cascade import LLM, SequenceData
+from cascade.fit import main
+from conftest import VOCAB, tiny_model, write_corpus
+from datamodules import SequenceDataModule
+from lightning_modules import StageModule
+from test_fit import tiny_args
+
+
+def tiny_stage_data(seed: int = 0, windows: int = 24, seq_len: int = 16) -> SequenceDataModule:
+    t = torch.randint(0, VOCAB, (windows, seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    train = SequenceData.from_token_batches([(t[:, :-1], t[:, 1:])])
+    val = SequenceData.from_token_batches([(t[:4, :-1], t[:4, 1:])])
+    return SequenceDataModule.from_data(train, val, batch_size=4)
+
+
+class ScoringSpy:
+    """Records, for every forward of the LLM's HF model while no gradient is taken (the hand-over's scoring),
+    where its weights are and whether bf16 autocast is on."""
+
+    def __init__(self, llm: LLM):
+        self.calls: list[tuple[torch.device, bool]] = []
+        llm.base_llm.base_model.register_forward_pre_hook(self.record)
+        self.llm = llm
+
+    def record(self, module, args):
+        if not torch.is_grad_enabled():
+            autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            self.calls.append((self.llm.device, autocast))
+
+
+def test_the_hand_over_runs_in_the_precision_and_on_the_device_the_stage_trained_with(tmp_path):
+    """Lightning tears the strategy down (module to the CPU) before `on_fit_end`; the hand-over must still score
+    the way the stage trained: here bf16 autocast on the CPU, as a GPU run trains under bf16-mixed."""
+    module = StageModule(llm=LLM(tiny_model("gpt2")), compile=False)
+    spy = ScoringSpy(module.llm)
+    handover = StageHandover(hard_ratio=0.3, output_dir=str(tmp_path / "handover"))
+    trainer = Trainer(
+        max_steps=3, precision="bf16-mixed", accelerator="cpu", callbacks=[handover], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=tiny_stage_data())
+    assert spy.calls, "the hand-over scored nothing"
+    assert all(device == trainer.strategy.root_device for device, _ in spy.calls)
+    assert all(autocast for _, autocast in spy.calls), "the hand-over must run in the stage's precision (bf16-mixed)"
+    assert module.device.type == "cpu", "and give the module back where Lightning's teardown left it"
+    assert handover.stats["scored_tokens"] == 24 * 16 + 4 * 16 and handover.stats["seconds"] > 0
+
+
+def test_full_precision_training_hands_over_in_full_precision(tmp_path):
+    module = StageModule(llm=LLM(tiny_model("gpt2")), compile=False)
+    spy = ScoringSpy(module.llm)
+    trainer = Trainer(
+        max_steps=2, precision="32-true", accelerator="cpu", callbacks=[StageHandover(output_dir=str(tmp_path / "h"))],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=tiny_stage_data())
+    assert spy.calls and not any(autocast for _, autocast in spy.calls)
+
+
+def test_training_timer_counts_steps_and_tokens_of_the_fit():
+    module = StageModule(llm=LLM(tiny_model("gpt2")), compile=False)
+    timer = TrainingTimer()
+    trainer = Trainer(
+        max_steps=9, accelerator="cpu", callbacks=[timer], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, val_check_interval=4, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=tiny_stage_data())  # 6 batches an epoch: the steps cross an epoch
+    stats = timer.stats
+    assert stats["steps"] == 9 and stats["tokens"] == 9 * 4 * 16
+    assert 0 < stats["first_step_s"] < stats["seconds"] and 0 < stats["validation_s"] < stats["seconds"]
+    steady = stats["seconds"] - stats["first_step_s"] - stats["validation_s"]
+    assert stats["tokens_per_s"] == pytest.approx(8 * 4 * 16 / steady)
+
+
+def test_the_progress_bar_counts_steps_against_max_steps_across_epochs():
+    bar = StepProgressBar(console_kwargs={"file": io.StringIO(), "force_terminal": False})
+    trainer = Trainer(
+        max_steps=9, accelerator="cpu", callbacks=[bar], logger=False, enable_checkpointing=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(StageModule(llm=LLM(tiny_model("gpt2")), compile=False), datamodule=tiny_stage_data())
+    assert trainer.current_epoch >= 1, "the steps cross an epoch"
+    task = bar.progress.tasks[bar.train_progress_bar_id]
+    assert (task.total, task.completed) == (9, 9)
+    assert "Epoch" not in task.description and "-2" not in task.description
+
+
+def weights(stage_path):
+    return load_file(str(stage_path / "llm" / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+@pytest.mark.slow
+def test_a_stage_trains_to_the_same_weights_alone_chained_or_rerun(tmp_path):
+    """Stage 1 alone (after `--stage 0`), in a chained run, and re-run after the run stopped before its first
+    checkpoint (stage 0 complete, stage 1 not begun) ends with bitwise the same weights."""
+    corpus = write_corpus(tmp_path / "corpus.txt", 150)
+
+    def run(runs, *extra):
+        return main(tiny_args(tmp_path, corpus, "--runs_dir", str(tmp_path / runs), "--trainer.max_steps", "12", *extra))
+
+    run("chained")
+    run("alone", "--stage", "0")
+    run("alone", "--stage", "1")
+    chained, alone = tmp_path / "chained" / "tiny", tmp_path / "alone" / "tiny"
+    shutil.copytree(chained, tmp_path / "rerun" / "tiny")
+    rerun = tmp_path / "rerun" / "tiny"
+    shutil.rmtree(rerun / "stage_1")
+    run("rerun")
+    for k in (0, 1):
+        assert_same_weights(chained / f"stage_{k}", alone / f"stage_{k}")
+    assert_same_weights(chained / "stage_1", rerun / "stage_1")
+    stage_0 = weights(chained / "stage_0")
+    assert any(not torch.equal(stage_0[n], w) for n, w in weights(chained / "stage_1").items()), "stage 1 is not stage 0"
+
+
+@pytest.mark.slow
+def test_the_last_stage_hands_over_nothing_and_a_longer_cascade_hands_it_over_later(tmp_path, caplog):
+    corpus = write_corpus(tmp_path / "corpus.txt", 150)
+    args = tiny_args(tmp_path, corpus, "--trainer.max_steps", "8", "--num_stages", "1")
+    main(args)
+    run = tmp_path / "runs" / "tiny"
+    stage_0 = run / "stage_0"
+    assert not (stage_0 / "handover").exists()
+    done = json.loads((stage_0 / "done.json").read_text())
+    assert done["handover"] is None and done["train"]["steps"] == 8
+    before, config = weights(stage_0), (stage_0 / "config.yaml").read_text()
+
+    caplog.clear()
+    main(args)  # complete without a hand-over: skipped
+    assert "stage 0: complete" in caplog.text
+
+    caplog.clear()
+    stats = main(tiny_args(tmp_path, corpus, "--trainer.max_steps", "8", "--num_stages", "2"))
+    assert "stage 0: trained as the last stage of an earlier run" in caplog.text
+    done = json.loads((stage_0 / "done.json").read_text())
+    assert done["handover"]["hard_tokens"] > 0 and done["train"]["steps"] == 8, "the training's figures are kept"
+    after = weights(stage_0)
+    assert all(torch.equal(before[n], after[n]) for n in before), "handed over from the saved model, not retrained"
+    assert (stage_0 / "config.yaml").read_text() == config
+    assert len(stats["llm_stats"]) == 2 and (run / "stage_1" / "llm" / "config.json").is_file()
+
+
+def test_stage_1_alone_after_a_one_stage_run_says_how_to_hand_over(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", 60)
+    main(tiny_args(tmp_path, corpus, "--trainer.max_steps", "2", "--num_stages", "1"))
+    with pytest.raises(FileNotFoundError, match="handed nothing over: run the whole cascade"):
+        main(tiny_args(tmp_path, corpus, "--trainer.max_steps", "2", "--stage", "1"))
