@@ -7,7 +7,6 @@ import time
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from cascade.handover import calibrate_threshold, collect_hard_tokens, route_hard_tokens
 from cascade.handover_disk import hand_over_to_disk
+from cascade.inference import run_llm
 from cascade.routing import check_hard_ratio
 from cascade.sequence_data import SequenceData
 from cascade.shards import merge_parts, part_name
@@ -45,15 +45,14 @@ def on_device(module: LightningModule, device: torch.device):
         module.to(before)
 
 
-class Share(NamedTuple):
-    data: SequenceData
-    row_length: int | None
-
-
-def share(data: SequenceData, rank: int, world_size: int, batch_size: int) -> Share:
-    """This process's whole batches of the one-process plan: every process computes what one process would."""
-    row_length = int(data.lengths.max()) if data.num_sequences else None
-    return Share(data.shard(rank, world_size, batch_size, row_length), row_length)
+def compile_scoring(llm, data: SequenceData, batch_size: int, **run) -> float:
+    """Compile the LLM's scoring forward for the hand-over's batch shape on the first batch of `data` (its outputs
+    unused), so that the hand-over itself is timed warm; returns the seconds it took."""
+    start = time.perf_counter()
+    if data.num_sequences:
+        first = data.select(torch.arange(min(batch_size, data.num_sequences)))
+        run_llm(llm, first, batch_size, scores=True, hidden=True, hidden_on_device=True, compile=True, **run)
+    return time.perf_counter() - start
 
 
 class StageHandover(Callback):
@@ -102,38 +101,41 @@ class StageHandover(Callback):
         self.train_next = self.val_next = None  # this process's part of the hand-over, for the Python API
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        data, llm = trainer.datamodule, pl_module.llm
+        batch_size = self.batch_size or data.batch_size
+        # one row length for both splits: a compiled forward then has one batch shape
+        row_length = max((int(d.lengths.max()) for d in (data.train_data, data.val_data) if d.num_sequences), default=None)
+        train, val = (data.train_data.shard(trainer.global_rank, trainer.world_size, batch_size, row_length),
+                      data.val_data.shard(trainer.global_rank, trainer.world_size, batch_size, row_length))
+        run = {"row_length": row_length, "forward_context": trainer.precision_plugin.forward_context}
         with on_device(pl_module, trainer.strategy.root_device):
+            compile_s = 0.0
+            if compiled := bool(getattr(pl_module, "compiled", False)):
+                compile_s = compile_scoring(llm, train, batch_size, **run)
             start = time.perf_counter()
-            scores = self.hand_over(trainer, pl_module)
+            scores = self.hand_over(trainer, llm, train, val, batch_size, run, compiled)
             seconds = time.perf_counter() - start
-        data = trainer.datamodule
-        self.stats["seconds"] = seconds
-        self.stats["scored_tokens"] = data.train_data.num_tokens + data.val_data.num_tokens
-        self.stats["tokens_per_s"] = self.stats["scored_tokens"] / seconds
+        scored = data.train_data.num_tokens + data.val_data.num_tokens
+        self.stats.update(scored_tokens=scored, seconds=seconds, tokens_per_s=scored / seconds, compile_s=compile_s)
         for logger in trainer.loggers:  # loggers are active on rank 0 only
             logger.log_metrics({f"handover/{k}": v for k, v in self.stats.items()}, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_histogram("handover/exit_scores", scores, trainer.global_step)
                 logger.experiment.flush()
 
-    def hand_over(self, trainer: Trainer, pl_module: LightningModule) -> Tensor:
-        """Score, calibrate, compact (the module on its device); sets `stats`, returns every process's scores."""
-        data, llm = trainer.datamodule, pl_module.llm
-        batch_size = self.batch_size or data.batch_size
+    def hand_over(
+        self, trainer: Trainer, llm, train: SequenceData, val: SequenceData, batch_size: int, run: dict, compiled: bool
+    ) -> Tensor:
+        """Score, calibrate, compact this process's shares of both splits; sets `stats`, returns every process's scores."""
         gather = partial(gather_variable, trainer.strategy)
-        train_share = share(data.train_data, trainer.global_rank, trainer.world_size, batch_size)
-        val_share = share(data.val_data, trainer.global_rank, trainer.world_size, batch_size)
-        forward_context = trainer.precision_plugin.forward_context
         if self.output_dir:
-            compile = bool(getattr(pl_module, "compiled", False))
-            train, val, scores = self._hand_over_to_disk(trainer, llm, train_share, val_share, batch_size, compile, forward_context)
+            train, val, scores = self._hand_over_to_disk(trainer, llm, train, val, batch_size, {**run, "compile": compiled})
         else:
-            train, scores = collect_hard_tokens(
-                llm, train_share.data, self.hard_ratio, batch_size, gather, train_share.row_length, forward_context
-            )
-            val = route_hard_tokens(llm, val_share.data, batch_size, val_share.row_length, forward_context)
+            train, scores = collect_hard_tokens(llm, train, self.hard_ratio, batch_size, gather, **run)
+            val = route_hard_tokens(llm, val, batch_size, **run)
         self.train_next, self.val_next = train, val
         hard_train, hard_val, hard_sequences = gather(torch.tensor([train.num_tokens, val.num_tokens, train.num_sequences])).view(-1, 3).sum(0).tolist()
+        data = trainer.datamodule
         self.stats = {
             "threshold": float(llm.threshold),
             "hard_fraction": hard_train / data.train_data.num_tokens,
@@ -143,9 +145,7 @@ class StageHandover(Callback):
         }
         return scores
 
-    def _hand_over_to_disk(
-        self, trainer: Trainer, llm, train_share: Share, val_share: Share, batch_size: int, compile: bool, forward_context
-    ):
+    def _hand_over_to_disk(self, trainer: Trainer, llm, train: SequenceData, val: SequenceData, batch_size: int, run: dict):
         """Each process streams its part of `output_dir/train` and `output_dir/val`; returns them memory-mapped."""
         strategy, rank, world_size = trainer.strategy, trainer.global_rank, trainer.world_size
         out = Path(self.output_dir)
@@ -161,9 +161,9 @@ class StageHandover(Callback):
             return threshold
 
         train_part, val_part = (out / split / part_name(rank, world_size) for split in ("train", "val"))
-        options = {"host_memory_bytes": self.host_memory_bytes, "compile": compile, "forward_context": forward_context}
-        hand_over_to_disk(llm, train_share.data, batch_size, train_part, calibrate, train_share.row_length, **options)
-        hand_over_to_disk(llm, val_share.data, batch_size, val_part, lambda local: float(llm.threshold), val_share.row_length, **options)
+        run = {**run, "host_memory_bytes": self.host_memory_bytes}
+        hand_over_to_disk(llm, train, batch_size, train_part, calibrate, **run)
+        hand_over_to_disk(llm, val, batch_size, val_part, lambda local: float(llm.threshold), **run)
         strategy.barrier()
         train, val = SequenceData.load(train_part), SequenceData.load(val_part)
         if rank == 0 and world_size > 1:  # one part, so that the next stage memory-maps it whole

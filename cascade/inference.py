@@ -99,7 +99,8 @@ def run_llm(
     was_training = llm.training
     llm.eval()
     try:
-        for batch in data.batches(batch_size, row_length, fixed_length=True):
+        # one shape for every batch, the last one too: compiled, each other shape would be compiled again
+        for batch in data.batches(batch_size, row_length, fixed_length=True, pad_last_batch=compile):
             out.positions += batch.num_positions
             flat_index = batch.token_index.flatten()
             real = (flat_index >= 0).nonzero().squeeze(1)  # where the real tokens sit, row-major (CPU)

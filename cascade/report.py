@@ -46,8 +46,9 @@ def format_training(k: int, train: dict) -> str:
 
 def format_handover(k: int, handover: dict) -> str:
     """`stage 0: hand-over: 7.9M tokens scored in 6.1 s, threshold 0.936, 2.4M hard tokens written`."""
+    compiling = f", after {handover['compile_s']:.1f} s compiling" if handover.get("compile_s") else ""
     return (
         f"stage {k}: hand-over: {human(handover['scored_tokens'])} tokens scored in {handover['seconds']:.1f} s "
-        f"({human(handover['tokens_per_s'])} tokens/s), threshold {handover['threshold']:.6g}, "
+        f"({human(handover['tokens_per_s'])} tokens/s{compiling}), threshold {handover['threshold']:.6g}, "
         f"{human(handover['hard_tokens'])} hard tokens written"
     )

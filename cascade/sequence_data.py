@@ -207,6 +207,7 @@ class SequenceData:
         generator: torch.Generator | None = None,
         fixed_length: bool = False,
         best_fit: bool = False,
+        pad_last_batch: bool = False,
     ) -> Iterator[Batch]:
         """Yield batches of `batch_size` rows covering every token exactly once.
 
@@ -217,11 +218,13 @@ class SequenceData:
         which wastes less padding when lengths vary but reorders sequences within groups. Each
         batch is padded to its fullest row, or with `fixed_length` to the row length, so that every
         full batch has one shape (compiled graphs and cuDNN's attention plans are then built once,
-        not per batch). With `shuffle`, sequences are visited in a random order drawn from `generator`.
+        not per batch); with `pad_last_batch` too, the last batch gets rows of padding up to `batch_size`.
+        With `shuffle`, sequences are visited in a random order drawn from `generator`.
         """
         length = self._check_row_length(row_length) if fixed_length and self.num_sequences else None
+        num_rows = batch_size if pad_last_batch else None
         for seqs, row_bounds in self.plan_batches(batch_size, row_length, pack, shuffle, generator, best_fit):
-            yield self.make_batch(seqs, row_bounds, length)
+            yield self.make_batch(seqs, row_bounds, length, num_rows)
 
     def plan_batches(
         self,
@@ -284,7 +287,10 @@ class SequenceData:
         segment_ids[row * T + col] = segment
         segment_ids = segment_ids.view(rows, T)
         token_index = source.view(rows, T).masked_fill(pad, -1)
-        single = filled_rows == rows and bool((seqs_per_row == 1).all()) and bool((row_fill == T).all())
+        # Rows of padding alone (an epoch's last batch) change nothing: nothing reads their outputs, so they take
+        # the default positions and leave a batch of full single-sequence rows on the mask-free path of the others.
+        position_ids[filled_rows:] = torch.arange(T)
+        single = bool((seqs_per_row == 1).all()) and bool((row_fill == T).all())
         default_positions = single and bool((position_ids == torch.arange(T)).all())
         return Batch(inputs, targets, position_ids, segment_ids, token_index, single, token.numel(), default_positions)
 

@@ -169,3 +169,37 @@ def test_stage_1_alone_after_a_one_stage_run_says_how_to_hand_over(tmp_path):
     main(tiny_args(tmp_path, corpus, "--trainer.max_steps", "2", "--num_stages", "1"))
     with pytest.raises(FileNotFoundError, match="handed nothing over: run the whole cascade"):
         main(tiny_args(tmp_path, corpus, "--trainer.max_steps", "2", "--stage", "1"))
+
+
+class CompiledStage(StageModule):
+    """A stage that reports it trained compiled (on a CPU it never does), to exercise the compiled hand-over."""
+
+    @property
+    def compiled(self) -> bool:
+        return True
+
+
+def test_a_compiled_hand_over_compiles_once_before_it_is_timed(tmp_path, monkeypatch):
+    """The scoring forward is compiled on a first batch, timed apart; the hand-over of both splits (their last
+    batches shorter than the others) then runs that one graph and traces nothing again."""
+    from functools import partial
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="eager"))  # dynamo traces, no code generation
+    graphs = []
+    original = StageHandover.hand_over
+
+    def counting(self, *args, **kwargs):
+        graphs.append(counters["stats"]["unique_graphs"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StageHandover, "hand_over", counting)
+    module = CompiledStage(llm=LLM(tiny_model("gpt2")), compile=False)
+    handover = StageHandover(hard_ratio=0.3, output_dir=str(tmp_path / "handover"), batch_size=5)  # 24 and 4 windows
+    trainer = Trainer(max_steps=2, accelerator="cpu", callbacks=[handover], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=tiny_stage_data())
+    assert graphs and graphs[0] > 0, "compiled before the hand-over"
+    assert counters["stats"]["unique_graphs"] == graphs[0], "the hand-over traced the model again"
+    assert handover.stats["compile_s"] > 0 and handover.stats["hard_tokens"] > 0

@@ -165,12 +165,16 @@ def test_padding_rows_give_the_last_batch_the_shape_of_the_others():
     data = SequenceData.from_token_batches(token_batches(1, batch_size=5))
     (seqs, bounds), = data.plan_batches(8)
     batch = data.make_batch(seqs, bounds, num_rows=8)
-    assert batch.inputs.shape == (8, 16) and batch.num_tokens == 80 and not batch.single_sequence_rows
+    assert batch.inputs.shape == (8, 16) and batch.num_tokens == 80
     assert (batch.targets[5:] == IGNORE_INDEX).all() and (batch.token_index[5:] == -1).all()
+    # rows of padding alone keep the batch on the others' mask-free path (one compiled graph for every batch)
+    assert batch.single_sequence_rows and batch.default_positions
+    assert batch.model_position_ids() is None and batch.model_segment_ids() is None
     llm = LLM(tiny_model("gpt2"))
-    h, _ = llm(batch.inputs, position_ids=batch.position_ids, segment_ids=batch.segment_ids)
     alone, _ = llm(data.inputs.view(5, 16))
-    assert torch.allclose(h[:5], alone, atol=1e-5)
+    for position_ids, segment_ids in ((None, None), (batch.position_ids, batch.segment_ids)):
+        h, _ = llm(batch.inputs, position_ids=position_ids, segment_ids=segment_ids)
+        assert torch.allclose(h[:5], alone, atol=1e-5)
 
 
 def test_an_unknown_compile_mode_is_refused():
