@@ -162,19 +162,23 @@ class CascadeCLI(LightningCLI):
         if not trained and ckpt_path is None and (resume := latest_checkpoint(stage_path / "checkpoints")) is not None:
             rank_zero_info(f"stage {k}: resuming from {resume}")
             ckpt_path = str(resume)
-        rank_zero_info(f"stage {k}: started on {self.trainer.strategy.root_device} ({self.trainer.precision}), "
-                       f"{self.trainer.world_size} process(es)")
+        processes = self.trainer.world_size
+        rank_zero_info(f"stage {k}: {'handing over' if trained else 'training'} on {self.trainer.strategy.root_device}"
+                       f"{f' and {processes - 1} more devices' if processes > 1 else ''}, precision {self.trainer.precision}")
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        train = timer.stats or (read_done(stage_path) or {}).get("train")
+        info = (read_done(stage_path) or {}) if trained else {}  # a hand-over alone keeps the training's figures
         if timer.stats:
-            rank_zero_info(format_training(k, train))
+            info["train"] = timer.stats
+            rank_zero_info(format_training(k, timer.stats))
+        if k == 0 and not trained:
+            info["data"] = {"tokenize_s": text.prepare_seconds, "train_tokens": text.train_data.num_tokens,
+                            "val_tokens": text.val_data.num_tokens}
+        info.update(stage=k, global_step=self.trainer.global_step, handover=dict(handover.stats) if self.hands_over(k) else None)
         if self.hands_over(k):
             rank_zero_info(format_handover(k, handover.stats))
         if self.trainer.is_global_zero:
             model.llm.save_pretrained(stage_path / "llm")
             text.save_tokenizer(self.run_dir / "tokenizer")
-            info = {"stage": k, "global_step": self.trainer.global_step, "train": train,
-                    "handover": dict(handover.stats) if self.hands_over(k) else None}
             mark_stage_done(stage_path, info)
         self.trainer.strategy.barrier()
 

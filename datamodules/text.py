@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from cascade.report import human
 from cascade.sequence_data import SequenceData
 from datamodules.base import PackedDataModule
 from datamodules.corpus import load_corpus
@@ -82,6 +86,7 @@ class TextDataModule(PackedDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         self._vocab_size = len(self.tokenizer) if self.tokenizer else vocab_size
+        self.prepare_seconds = 0.0
 
     @property
     def vocab_size(self) -> int:
@@ -99,14 +104,22 @@ class TextDataModule(PackedDataModule):
         return self.cache_dir / f"tokens-{fingerprint(self._corpus_key(), self.tokenizer_name or self._vocab_size, self.source['text_column'])}"
 
     def prepare_data(self) -> None:
-        """Tokenize the corpus once (training the BPE first if needed); later runs reuse the cache."""
+        """Tokenize the corpus once (training the BPE first if needed); later runs reuse the cache.
+        `prepare_seconds` says how long it took (0 when cached)."""
         key = self._corpus_key()
         if (self.token_dir / "train" / "manifest.json").is_file() and (self.token_dir / "validation" / "manifest.json").is_file():
             return
+        start = time.perf_counter()
         corpus = load_corpus(**self.source)
         tokenizer = self._tokenizer(corpus["train"], key)
+        counts = {}
         for split in ("train", "validation"):
-            tokenize_to_cache(corpus[split], tokenizer, self.source["text_column"], self.token_dir / split)
+            counts[split] = tokenize_to_cache(corpus[split], tokenizer, self.source["text_column"], self.token_dir / split).numel()
+        self.prepare_seconds = time.perf_counter() - start
+        rank_zero_info(
+            f"data: {human(counts['train'])} training and {human(counts['validation'])} validation tokens, tokenized in "
+            f"{self.prepare_seconds:.1f} s and cached in {self.token_dir}"
+        )
 
     def _tokenizer(self, train_split=None, key: str | None = None):
         if self.tokenizer is None:

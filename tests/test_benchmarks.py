@@ -35,3 +35,20 @@ def test_packing_waste_script_reports_best_fit_below_next_fit(tmp_path):
     assert result.returncode == 0, result.stderr
     next_fit, best_fit = (float(m) for m in re.findall(r"(\d+\.\d)%$", result.stdout, flags=re.M))
     assert best_fit < next_fit, result.stdout
+
+
+def test_bench_fit_smoke_accounts_for_the_command_phase_by_phase():
+    """The main command's phases, read back from its run directory, and the wall clock they leave unaccounted."""
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fit.py"), "--smoke"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {m[0].strip(): m for m in re.findall(r"^(\S.{53})\s*([\d.]+)\s+([\d,]*)\s+([\d,]*)\s+([\d.]+)%$", result.stdout, flags=re.M)}
+    steps = 24  # --smoke: 2 stages of 24 steps, batch 4 x 64
+    assert int(rows["stage 0: training, steps 2..24"][2].replace(",", "")) == (steps - 1) * 4 * 64
+    tokenized = int(rows["data: tokenizing the corpus"][2].replace(",", ""))
+    assert int(rows["stage 0: hand-over"][2].replace(",", "")) == tokenized, "the hand-over scores both splits"
+    assert "stage 1: hand-over" not in rows, "the last stage hands nothing over"
+    wall = float(rows["the command, wall clock"][1])
+    parts = [float(m[1]) for label, m in rows.items() if label != "the command, wall clock"]
+    assert sum(parts) == pytest.approx(wall, abs=0.01 * len(parts)) and all(p >= 0 for p in parts)
+    ratios = [float(r) for r in re.findall(r"/ .*\s(\d+\.\d+)$", result.stdout, flags=re.M)]
+    assert len(ratios) == 3 and all(r > 0 for r in ratios), result.stdout
