@@ -5,7 +5,8 @@ Runs `python -m cascade.fit` three times in one call:
   2. stage 0 on 2 devices with the same per-device batch (trains; its throughput is compared with 1);
   3. run 1's trained weights handed over again by 2 processes (no training): threshold and hard set
      must equal run 1's.
-Throughput is wall clock between two logged steps (after warm-up), from the TensorBoard event times.
+Throughput is what each run records in stage_0/done.json: real tokens trained (all processes) over the training's wall
+clock, its first step (compiling) and validation left out.
 
     python benchmarks/bench_ddp_scaling.py --train-files a.raw b.raw --tokenizer DIR   # GPUs, GPT-2 small
     python benchmarks/bench_ddp_scaling.py --smoke                                      # CPU, gloo, tiny
@@ -21,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cascade.shards import load_parts
 
@@ -33,12 +33,8 @@ def fit(workdir: Path, runs: str, args: list[str]) -> None:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
 
 
-def tokens_per_second(stage_dir: Path, tokens_per_step: int, first: int) -> float:
-    events = EventAccumulator(str(stage_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    times = {e.step: e.wall_time for e in events.Scalars("train/loss")}
-    last = max(times)
-    return (last - first) * tokens_per_step / (times[last] - times[first])
+def tokens_per_second(stage_dir: Path) -> float:
+    return json.loads((stage_dir / "done.json").read_text())["train"]["tokens_per_s"]
 
 
 def main() -> None:
@@ -46,7 +42,6 @@ def main() -> None:
     parser.add_argument("--train-files", nargs="+", help="corpus files (.raw/.txt)")
     parser.add_argument("--tokenizer", help="HF tokenizer directory (default: a BPE trained on the corpus)")
     parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--warmup", type=int, default=20, help="steps left out of the timing")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per device")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
@@ -59,7 +54,7 @@ def main() -> None:
         from pydoc_data.topics import topics
 
         (workdir / "corpus.txt").write_text("\n\n".join(topics[k] for k in sorted(topics))[:200_000])
-        args.train_files, args.steps, args.warmup, args.batch_size, args.seq_len = [str(workdir / "corpus.txt")], 30, 5, 4, 64
+        args.train_files, args.steps, args.batch_size, args.seq_len = [str(workdir / "corpus.txt")], 30, 4, 64
         args.model_config = '{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}'
     accelerator = "cpu" if args.smoke else "gpu"
     common = [
@@ -69,7 +64,7 @@ def main() -> None:
         "--data.num_workers", str(0 if args.smoke else args.num_workers),
         "--trainer.accelerator", accelerator, "--trainer.max_steps", str(args.steps), "--trainer.log_every_n_steps", "1",
         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--checkpoint.every_n_train_steps", str(10 * args.steps),
+        "--checkpoint.every_n_train_steps", str(10 * args.steps), "--handover.after_last_stage", "true",
     ]
     if args.tokenizer:
         common += ["--data.tokenizer", str(Path(args.tokenizer).resolve())]
@@ -82,15 +77,14 @@ def main() -> None:
     trained = workdir / "one" / "bench" / "stage_0" / "llm"
     fit(workdir, "again", [*common, *ddp, "--model.model", str(trained), "--model.pretrained", "true", "--trainer.max_steps", "0"])
 
-    step_tokens = args.batch_size * args.seq_len
-    one = tokens_per_second(workdir / "one" / "bench" / "stage_0", step_tokens, args.warmup)
-    two = tokens_per_second(workdir / "two" / "bench" / "stage_0", 2 * step_tokens, args.warmup)
+    one = tokens_per_second(workdir / "one" / "bench" / "stage_0")
+    two = tokens_per_second(workdir / "two" / "bench" / "stage_0")
     thresholds = [json.loads((workdir / r / "bench" / "stage_0" / "llm" / "config.json").read_text())["exit_threshold"] for r in ("one", "again")]
     a = load_parts(workdir / "one" / "bench" / "stage_0" / "handover" / "train")
     b = load_parts(workdir / "again" / "bench" / "stage_0" / "handover" / "train")
     same_set = a.num_tokens == b.num_tokens and torch.equal(a.sequence_ids, b.sequence_ids) and torch.equal(a.positions, b.positions)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "CPU"
-    print(f"stage-0 training, {device}, per-device batch {args.batch_size} x {args.seq_len}, steps {args.warmup}..{args.steps}")
+    print(f"stage-0 training, {device}, per-device batch {args.batch_size} x {args.seq_len}, steps 2..{args.steps}")
     print(f"{'devices':<10}{'tokens/s':>14}{'ratio':>8}")
     print(f"{'1':<10}{one:>14,.0f}{1.0:>8.2f}")
     print(f"{'2 (DDP)':<10}{two:>14,.0f}{two / one:>8.2f}")

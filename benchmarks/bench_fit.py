@@ -58,8 +58,8 @@ def smoke_corpus(workdir: Path) -> tuple[Path, Path]:
     return workdir / "train.txt", workdir / "val.txt"
 
 
-def run_command(args, workdir: Path, train: Path, val: Path) -> tuple[float, Path, str]:
-    """`python -m cascade.fit` as a user runs it; returns its wall clock, its run directory and its output."""
+def run_command(args, workdir: Path, train: Path, val: Path) -> tuple[float, Path]:
+    """`python -m cascade.fit` as a user runs it, its output into `args.log`; returns its wall clock and run directory."""
     model_config = json.loads(args.model_config) | {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     command = [
         sys.executable, "-m", "cascade.fit", "--config", str(ROOT / "configs" / "gpt2_small_wikitext2.yaml"),
@@ -75,12 +75,13 @@ def run_command(args, workdir: Path, train: Path, val: Path) -> tuple[float, Pat
                     "--trainer.val_check_interval", "10", "--checkpoint.every_n_train_steps", "10"]
     else:
         command += ["--data.tokenizer", str(args.data / "gpt2-tokenizer")]
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-6000:]}")
-    return wall, workdir / "runs" / "bench", result.stdout + result.stderr
+    with open(args.log, "w") as log:  # written as it runs: a run cut short still says where it was
+        start = time.perf_counter()
+        returncode = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        wall = time.perf_counter() - start
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{args.log.read_text()[-6000:]}")
+    return wall, workdir / "runs" / "bench"
 
 
 def phases(run: Path) -> tuple[list[tuple[str, float, int | None, bool]], dict]:
@@ -149,9 +150,13 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=60, help="steps of the framework baseline")
     parser.add_argument("--train-warmup", type=int, default=20, help="its steps left out of the timing")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of the hand-over baseline; the best is kept")
+    parser.add_argument("--workdir", type=Path, help="where the corpus, the run and its caches go (default: a new temporary folder)")
+    parser.add_argument("--log", type=Path, help="the command's output (default: WORKDIR/command_output.txt)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, a small corpus (CI)")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="bench_fit_"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_fit_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    args.log = args.log or workdir / "command_output.txt"
     if args.smoke:
         args.steps, args.batch_size, args.seq_len, args.vocab, args.repeats = 24, 4, 64, 300, 1
         args.train_steps, args.train_warmup = 4, 2
@@ -162,14 +167,13 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    wall, run, output = run_command(args, workdir, train, val)
-    (workdir / "command_output.txt").write_text(output)
+    wall, run = run_command(args, workdir, train, val)
     rows, stage0 = phases(run)
     base = baselines(args, device, stage0["handover"]["scored_tokens"], workdir)
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
     print(f"python -m cascade.fit: 2 stages of {args.steps} steps, batch {args.batch_size} x {args.seq_len}; {name}; "
-          f"torch {torch.__version__}; output in {workdir / 'command_output.txt'}")
+          f"torch {torch.__version__}; its output in {args.log}")
     print(f"{'phase':<54}{'seconds':>10}{'tokens':>14}{'tokens/s':>12}{'share':>8}")
     for label, seconds, tokens, _ in rows:
         count = f"{tokens:>14,}" if tokens else f"{'':>14}"

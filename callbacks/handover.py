@@ -115,6 +115,7 @@ class StageHandover(Callback):
             start = time.perf_counter()
             scores = self.hand_over(trainer, llm, train, val, batch_size, run, compiled)
             seconds = time.perf_counter() - start
+            device = str(llm.device)
         scored = data.train_data.num_tokens + data.val_data.num_tokens
         self.stats.update(scored_tokens=scored, seconds=seconds, tokens_per_s=scored / seconds, compile_s=compile_s)
         for logger in trainer.loggers:  # loggers are active on rank 0 only
@@ -122,6 +123,7 @@ class StageHandover(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_histogram("handover/exit_scores", scores, trainer.global_step)
                 logger.experiment.flush()
+        self.stats.update(device=device, compiled=compiled)  # where it ran (not logged: not a number)
 
     def hand_over(
         self, trainer: Trainer, llm, train: SequenceData, val: SequenceData, batch_size: int, run: dict, compiled: bool

@@ -70,3 +70,4 @@ class TrainingTimer(Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics({f"time/train_{k}": v for k, v in self.stats.items()}, step=trainer.global_step)
+        self.stats["device"] = str(pl_module.device)

@@ -38,7 +38,8 @@ def human(n: float) -> str:
 def format_training(k: int, train: dict) -> str:
     """`stage 0: trained 1,000 steps in 41.2 s (398k tokens/s; first step 9.1 s, validation 1.2 s)`."""
     return (
-        f"stage {k}: trained {train['steps']:,} steps in {train['seconds']:.1f} s ({human(train['tokens_per_s'])} tokens/s "
+        f"stage {k}: trained {train['steps']:,} steps on {train.get('device', '?')} in {train['seconds']:.1f} s "
+        f"({human(train['tokens_per_s'])} tokens/s "
         f"after the first step; {human(train['tokens'])} tokens; first step {train['first_step_s']:.1f} s, "
         f"validation {train['validation_s']:.1f} s)"
     )
@@ -48,7 +49,8 @@ def format_handover(k: int, handover: dict) -> str:
     """`stage 0: hand-over: 7.9M tokens scored in 6.1 s, threshold 0.936, 2.4M hard tokens written`."""
     compiling = f", after {handover['compile_s']:.1f} s compiling" if handover.get("compile_s") else ""
     return (
-        f"stage {k}: hand-over: {human(handover['scored_tokens'])} tokens scored in {handover['seconds']:.1f} s "
+        f"stage {k}: hand-over on {handover.get('device', '?')}: {human(handover['scored_tokens'])} tokens scored in "
+        f"{handover['seconds']:.1f} s "
         f"({human(handover['tokens_per_s'])} tokens/s{compiling}), threshold {handover['threshold']:.6g}, "
         f"{human(handover['hard_tokens'])} hard tokens written"
     )
