@@ -8,7 +8,7 @@ One call, on one GPU (with --smoke: the CPU, tiny models):
   2. Then in this process, on the same GPU, the baselines the main path is held to: bench_handover.py's compiled
      hand-over (warm) and eager plain forward of the same model shape over as many tokens as the command's stage-0
      hand-over scored, and bench_stage_training.py's framework figure (StageModule in a bare Trainer) with the
-     command's model settings.
+     command's model settings, timed over the same steps as the command's figure (2..N: after the first step).
 It prints each phase's seconds, tokens and tokens/s with its share of the command's wall clock, what no phase
 accounts for (start-up, model building, checkpoints, teardown), and the ratios.
 
@@ -147,8 +147,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--hard-ratio", type=float, default=0.3)
     parser.add_argument("--model-config", default=GPT2_SMALL)
-    parser.add_argument("--train-steps", type=int, default=60, help="steps of the framework baseline")
-    parser.add_argument("--train-warmup", type=int, default=20, help="its steps left out of the timing")
+    parser.add_argument("--train-steps", type=int, help="steps of the framework baseline (default: --steps)")
+    parser.add_argument("--train-warmup", type=int, default=1,
+                        help="its steps left out of the timing (default 1: the command's figure leaves out its first step)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of the hand-over baseline; the best is kept")
     parser.add_argument("--workdir", type=Path, help="where the corpus, the run and its caches go (default: a new temporary folder)")
     parser.add_argument("--log", type=Path, help="the command's output (default: WORKDIR/command_output.txt)")
@@ -157,9 +158,10 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_fit_"))
     workdir.mkdir(parents=True, exist_ok=True)
     args.log = args.log or workdir / "command_output.txt"
+    args.train_steps = args.train_steps or args.steps
     if args.smoke:
         args.steps, args.batch_size, args.seq_len, args.vocab, args.repeats = 24, 4, 64, 300, 1
-        args.train_steps, args.train_warmup = 4, 2
+        args.train_warmup = 2
         args.model_config = '{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}'
         train, val = smoke_corpus(workdir)
     else:
