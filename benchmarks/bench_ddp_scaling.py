@@ -40,6 +40,7 @@ def tokens_per_second(stage_dir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-files", nargs="+", help="corpus files (.raw/.txt)")
+    parser.add_argument("--repeat", type=int, default=1, help="train on the files' text repeated this many times (fewer epoch ends)")
     parser.add_argument("--tokenizer", help="HF tokenizer directory (default: a BPE trained on the corpus)")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=16, help="rows per device")
@@ -56,13 +57,17 @@ def main() -> None:
         (workdir / "corpus.txt").write_text("\n\n".join(topics[k] for k in sorted(topics))[:200_000])
         args.train_files, args.steps, args.batch_size, args.seq_len = [str(workdir / "corpus.txt")], 30, 4, 64
         args.model_config = '{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}'
+    if args.repeat > 1:
+        text = "".join(Path(f).read_text() for f in args.train_files)
+        (workdir / "repeated.raw").write_text(text * args.repeat)
+        args.train_files = [str(workdir / "repeated.raw")]
     accelerator = "cpu" if args.smoke else "gpu"
     common = [
         "--model.model", "gpt2", "--model.model_config", args.model_config, "--model.warmup_steps", "10",
         "--data.train_files", json.dumps([str(Path(f).resolve()) for f in args.train_files]),
         "--data.seq_len", str(args.seq_len), "--data.batch_size", str(args.batch_size), "--data.cache_dir", "cache",
         "--data.num_workers", str(0 if args.smoke else args.num_workers),
-        "--trainer.accelerator", accelerator, "--trainer.max_steps", str(args.steps), "--trainer.log_every_n_steps", "1",
+        "--trainer.accelerator", accelerator, "--trainer.max_steps", str(args.steps),
         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--checkpoint.every_n_train_steps", str(10 * args.steps), "--handover.after_last_stage", "true",
     ]
@@ -88,6 +93,9 @@ def main() -> None:
     print(f"{'devices':<10}{'tokens/s':>14}{'ratio':>8}")
     print(f"{'1':<10}{one:>14,.0f}{1.0:>8.2f}")
     print(f"{'2 (DDP)':<10}{two:>14,.0f}{two / one:>8.2f}")
+    handovers = [json.loads((workdir / r / "bench" / "stage_0" / "done.json").read_text())["handover"] for r in ("one", "again")]
+    print(f"hand-over of {handovers[0]['scored_tokens']:,} tokens: 1 process {handovers[0]['seconds']:.2f} s, "
+          f"2 processes {handovers[1]['seconds']:.2f} s")
     print(f"hand-over: threshold 1 process {thresholds[0]:.8f}, 2 processes {thresholds[1]:.8f}; "
           f"hard tokens {a.num_tokens:,} vs {b.num_tokens:,}; same hard set: {same_set}")
 

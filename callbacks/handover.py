@@ -112,6 +112,7 @@ class StageHandover(Callback):
             compile_s = 0.0
             if compiled := bool(getattr(pl_module, "compiled", False)):
                 compile_s = compile_scoring(llm, train, batch_size, **run)
+                trainer.strategy.barrier()  # the hand-over is timed from when every process has compiled
             start = time.perf_counter()
             scores = self.hand_over(trainer, llm, train, val, batch_size, run, compiled)
             seconds = time.perf_counter() - start
