@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
     parser.add_argument("--model-config", default='{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}')
+    parser.add_argument("--strategy", default="ddp", help="--trainer.strategy of the 2-device run (a name or a class config in JSON)")
+    parser.add_argument("--train-only", action="store_true", help="time the training only: no hand-over, no 1-vs-2 check")
     parser.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny model (CI)")
     args = parser.parse_args()
 
@@ -59,7 +61,7 @@ def main() -> None:
         args.model_config = '{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}'
     if args.repeat > 1:
         text = "".join(Path(f).read_text() for f in args.train_files)
-        (workdir / "repeated.raw").write_text(text * args.repeat)
+        (workdir / "repeated.raw").write_text("\n\n".join([text] * args.repeat))  # documents to hold some out for validation
         args.train_files = [str(workdir / "repeated.raw")]
     accelerator = "cpu" if args.smoke else "gpu"
     common = [
@@ -69,30 +71,33 @@ def main() -> None:
         "--data.num_workers", str(0 if args.smoke else args.num_workers),
         "--trainer.accelerator", accelerator, "--trainer.max_steps", str(args.steps),
         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--checkpoint.every_n_train_steps", str(10 * args.steps), "--handover.after_last_stage", "true",
+        "--checkpoint.every_n_train_steps", str(10 * args.steps), "--handover.after_last_stage", str(not args.train_only).lower(),
     ]
     if args.tokenizer:
         common += ["--data.tokenizer", str(Path(args.tokenizer).resolve())]
     else:
         common += ["--data.vocab_size", "2048" if not args.smoke else "300"]
-    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    ddp = ["--trainer.strategy", args.strategy, "--trainer.devices", "2"]
 
     fit(workdir, "one", [*common, "--trainer.devices", "1"])
     fit(workdir, "two", [*common, *ddp])
-    trained = workdir / "one" / "bench" / "stage_0" / "llm"
-    fit(workdir, "again", [*common, *ddp, "--model.model", str(trained), "--model.pretrained", "true", "--trainer.max_steps", "0"])
+    if not args.train_only:
+        trained = workdir / "one" / "bench" / "stage_0" / "llm"
+        fit(workdir, "again", [*common, *ddp, "--model.model", str(trained), "--model.pretrained", "true", "--trainer.max_steps", "0"])
 
     one = tokens_per_second(workdir / "one" / "bench" / "stage_0")
     two = tokens_per_second(workdir / "two" / "bench" / "stage_0")
-    thresholds = [json.loads((workdir / r / "bench" / "stage_0" / "llm" / "config.json").read_text())["exit_threshold"] for r in ("one", "again")]
-    a = load_parts(workdir / "one" / "bench" / "stage_0" / "handover" / "train")
-    b = load_parts(workdir / "again" / "bench" / "stage_0" / "handover" / "train")
-    same_set = a.num_tokens == b.num_tokens and torch.equal(a.sequence_ids, b.sequence_ids) and torch.equal(a.positions, b.positions)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "CPU"
     print(f"stage-0 training, {device}, per-device batch {args.batch_size} x {args.seq_len}, steps 2..{args.steps}")
     print(f"{'devices':<10}{'tokens/s':>14}{'ratio':>8}")
     print(f"{'1':<10}{one:>14,.0f}{1.0:>8.2f}")
     print(f"{'2 (DDP)':<10}{two:>14,.0f}{two / one:>8.2f}")
+    if args.train_only:
+        return
+    thresholds = [json.loads((workdir / r / "bench" / "stage_0" / "llm" / "config.json").read_text())["exit_threshold"] for r in ("one", "again")]
+    a = load_parts(workdir / "one" / "bench" / "stage_0" / "handover" / "train")
+    b = load_parts(workdir / "again" / "bench" / "stage_0" / "handover" / "train")
+    same_set = a.num_tokens == b.num_tokens and torch.equal(a.sequence_ids, b.sequence_ids) and torch.equal(a.positions, b.positions)
     handovers = [json.loads((workdir / r / "bench" / "stage_0" / "done.json").read_text())["handover"] for r in ("one", "again")]
     print(f"hand-over of {handovers[0]['scored_tokens']:,} tokens: 1 process {handovers[0]['seconds']:.2f} s, "
           f"2 processes {handovers[1]['seconds']:.2f} s")
