@@ -131,8 +131,9 @@ class StageHandover(Callback):
     ) -> Tensor:
         """Score, calibrate, compact this process's shares of both splits; sets `stats`, returns every process's scores."""
         gather = partial(gather_variable, trainer.strategy)
+        run = {**run, "compile": compiled}
         if self.output_dir:
-            train, val, scores = self._hand_over_to_disk(trainer, llm, train, val, batch_size, {**run, "compile": compiled})
+            train, val, scores = self._hand_over_to_disk(trainer, llm, train, val, batch_size, run)
         else:
             train, scores = collect_hard_tokens(llm, train, self.hard_ratio, batch_size, gather, **run)
             val = route_hard_tokens(llm, val, batch_size, **run)

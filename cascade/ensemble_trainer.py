@@ -19,7 +19,8 @@ def train_ensemble(
 ) -> list[dict]:
     """Train LLM 0 on all tokens, hand its hard tokens to LLM 1, train it, and so on.
 
-    Every LLM but the last gets its threshold set. Returns each stage's metrics.
+    Every LLM but the last gets its threshold set. Each stage trains and hands over on the Trainer's device;
+    afterwards Lightning's teardown leaves the LLM on the CPU. Returns each stage's metrics.
     """
     results = []
     for k, llm in enumerate(ensemble.llms):

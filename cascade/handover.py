@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ContextManager
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -22,18 +22,17 @@ def collect_hard_tokens(
     batch_size: int,
     all_gather: Callable[[Tensor], Tensor] | None = None,
     row_length: int | None = None,
-    forward_context: Callable[[], ContextManager] | None = None,
+    **run_options,
 ) -> tuple[SequenceData, Tensor]:
     """Set `llm.threshold` to the `hard_ratio` quantile of the exit scores and keep the hard tokens of `data`.
 
     Under data parallelism each process passes its own share of the data and an `all_gather`
     that concatenates every process's scores, so that all compute the same threshold.
     Returns the hard tokens (their output hidden states as inputs) and the scores the
-    threshold was computed from. `forward_context`: see `run_llm`.
+    threshold was computed from. `run_options` (`compile`, `forward_context`) go to `run_llm`.
     """
     check_hard_ratio(hard_ratio)
-    run = dict(scores=True, hidden=True, row_length=row_length, forward_context=forward_context)
-    out = run_llm(llm, data, batch_size, **run) if data.num_tokens else None
+    out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length, **run_options) if data.num_tokens else None
     local_scores = out.scores if out else torch.empty(0)
     threshold, scores = calibrate_threshold(llm, local_scores, hard_ratio, all_gather)
     hidden = out.hidden if out else torch.empty(0, llm.dim, dtype=torch.bfloat16)
@@ -63,10 +62,11 @@ def route_hard_tokens(
     data: SequenceData,
     batch_size: int,
     row_length: int | None = None,
-    forward_context: Callable[[], ContextManager] | None = None,
+    **run_options,
 ) -> SequenceData:
-    """The tokens of `data` that do not exit at `llm` under its current threshold (e.g. the validation split)."""
+    """The tokens of `data` that do not exit at `llm` under its current threshold (e.g. the validation split);
+    `run_options` go to `run_llm`."""
     if data.num_tokens == 0:
         return compact_hard_tokens(data, torch.zeros(0, dtype=torch.bool), torch.empty(0, llm.dim, dtype=torch.bfloat16))
-    out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length, forward_context=forward_context)
+    out = run_llm(llm, data, batch_size, scores=True, hidden=True, row_length=row_length, **run_options)
     return compact_hard_tokens(data, hard_mask(out.scores, float(llm.threshold)), out.hidden)
