@@ -12,6 +12,8 @@ true early exit on the validation split and the table is written to `eval.json` 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,9 +21,11 @@ from typing import Optional
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from callbacks.checkpoint_io import AtomicCheckpointIO, remove_partial_checkpoints
 from callbacks.handover import StageHandover
 from callbacks.progress import default_progress_bar
 from callbacks.timing import TrainingTimer
@@ -29,7 +33,17 @@ from cascade.ensemble import Ensemble, stage_dir
 from cascade.hf_models import max_positions
 from cascade.layer_skip import layer_perplexities, threshold_sweep
 from cascade.report import format_eval_table, format_handover, format_layer_exit_table, format_training
-from cascade.run_state import latest_checkpoint, mark_stage_done, read_done, stage_is_done, trained_without_handover
+from cascade.run_state import (
+    RunDirectoryInUse,
+    RunLock,
+    changed_files,
+    checksums,
+    latest_checkpoint,
+    mark_stage_done,
+    read_done,
+    stage_problem,
+    trained_without_handover,
+)
 from cascade.shards import is_complete
 from cascade.utils import default_precision
 from datamodules.sequence import SequenceDataModule
@@ -71,6 +85,7 @@ class CascadeCLI(LightningCLI):
             help="Checkpoint to resume the first stage trained from ('last' or a path). By default an unfinished "
             "stage resumes from its newest checkpoint and finished stages are skipped.",
         )
+        parser.add_argument("--debug", type=bool, default=False, help="On an error, show its traceback, not only its message.")
         parser.add_class_arguments(StageHandover, "handover")  # a callback of the stages that hand over (not the last)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # "link": last.ckpt links to the step's checkpoint instead of writing the same state a second time
@@ -89,6 +104,15 @@ class CascadeCLI(LightningCLI):
         return k < self.config.num_stages - 1 or self.config.handover.after_last_stage
 
     def run(self) -> dict | None:
+        """Train the stages not complete yet, then evaluate; the run directory is held until this returns."""
+        try:
+            return self._run()
+        finally:
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _run(self) -> dict | None:
         config = self.config
         if config.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {config.num_stages}")
@@ -106,18 +130,43 @@ class CascadeCLI(LightningCLI):
         ckpt_path = config.ckpt_path
         for k in stages:
             path = stage_dir(self.run_dir, k)
-            if ckpt_path is None and stage_is_done(path, self.hands_over(k)):
-                rank_zero_info(f"stage {k}: complete in {path} (checked against its manifests), skipped")
+            problem = stage_problem(path, self.hands_over(k)) if ckpt_path is None else "resuming from --ckpt_path"
+            if problem is None:
+                rank_zero_info(f"stage {k}: complete in {path} (checked against its checksums), skipped")
                 continue
             if ckpt_path is None and trained_without_handover(path):
                 rank_zero_info(f"stage {k}: trained as the last stage of an earlier run; handing its tokens over to stage {k + 1}")
                 self.fit_stage(k, None, trained=True)
             else:
+                if read_done(path) is not None and ckpt_path is None:
+                    rank_zero_info(f"stage {k} was complete, but {problem}: training it again")
                 self.fit_stage(k, ckpt_path)
             ckpt_path = None
         if rank_zero_only.rank != 0:
             return None
-        return self.evaluate(TextDataModule(**config.data.as_dict()), num_llms=stages[-1] + 1)
+        text = TextDataModule(**config.data.as_dict())
+        self.hold_run_dir()
+        self.check_tokenizer(text, num_llms=stages[-1] + 1)
+        return self.evaluate(text, num_llms=stages[-1] + 1)
+
+    def hold_run_dir(self) -> None:
+        """Take the run directory's lock before the first write (the first process of the first node only: the
+        others are this run's own DDP processes)."""
+        if getattr(self, "_lock", None) is None and rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+            self._lock = RunLock(self.run_dir)
+            if self._lock.previous:
+                rank_zero_info(f"{self.run_dir}: taking over from an earlier run that ended ({self._lock.previous})")
+
+    def check_tokenizer(self, text: TextDataModule, num_llms: int) -> None:
+        """The run's tokenizer/ against the checksums the stage that saved it last recorded; saved again from the
+        data's tokenizer if it differs (nothing needs training again)."""
+        tokenizer = self.run_dir / "tokenizer"
+        for k in reversed(range(num_llms)):
+            if recorded := ((read_done(stage_dir(self.run_dir, k)) or {}).get("files") or {}).get("tokenizer"):
+                if problem := changed_files(tokenizer, recorded):
+                    rank_zero_info(f"{problem}: saving the tokenizer again")
+                    text.save_tokenizer(tokenizer)
+                return
 
     def fit_stage(self, k: int, ckpt_path: str | None, trained: bool = False) -> None:
         """Train stage k with a fresh model, data module and Trainer (resuming from `ckpt_path` or the stage's
@@ -133,13 +182,14 @@ class CascadeCLI(LightningCLI):
             config.trainer.max_steps = 0
         if isinstance(config.seed_everything, int) and not isinstance(config.seed_everything, bool):
             # the stage's initialisation and dropout depend on the run's seed and k alone, not on earlier stages
-            seed_everything(config.seed_everything + k, workers=True)
+            seed_everything(config.seed_everything + k, workers=True, verbose=False)
         self.config_init = self.parser.instantiate_classes(config)
         text, model, handover = self.config_init.data, self.config_init.model, self.config_init.handover
         limit = max_positions(model.llm.config)
         if limit is not None and text.seq_len > limit:
             raise ValueError(f"data.seq_len {text.seq_len} exceeds the model's {limit} positions; lower it or enlarge the model")
         if k == 0:
+            text.prepare_data()  # the corpus read and tokenized (or its cache checked) before anything is written
             datamodule = text
         else:  # its own shuffle seed: the data order of stage k does not depend on how stage 0's was drawn
             datamodule = SequenceDataModule(
@@ -151,17 +201,25 @@ class CascadeCLI(LightningCLI):
             callbacks.append(handover)
         if self.config_init.trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(default_progress_bar())
-        overrides = {"default_root_dir": str(stage_path), "callbacks": callbacks}
+        plugins = list(self.config_init.trainer.get("plugins") or [])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        overrides = {"default_root_dir": str(stage_path), "callbacks": callbacks, "plugins": plugins}
         if self.config_init.trainer.get("logger") in (None, True):
             overrides["logger"] = TensorBoardLogger(str(self.run_dir), name=f"stage_{k}", version="")
         # SaveConfigCallback writes the stage's resolved config (not for a hand-over alone: it keeps the training's)
         saved = self.config, self.save_config_callback
         self.config, self.save_config_callback = config, (None if trained else self.save_config_callback)
+        self.hold_run_dir()  # every setting above is checked; from here on the run writes
         self.trainer = self.instantiate_trainer(**overrides)
         self.config, self.save_config_callback = saved
-        if not trained and ckpt_path is None and (resume := latest_checkpoint(stage_path / "checkpoints")) is not None:
-            rank_zero_info(f"stage {k}: resuming from {resume}")
-            ckpt_path = str(resume)
+        if self.trainer.is_global_zero:
+            for partial in remove_partial_checkpoints(stage_path / "checkpoints"):
+                rank_zero_info(f"stage {k}: removed {partial}, a checkpoint whose writing was cut short")
+        if not trained and ckpt_path is None:
+            if (resume := latest_checkpoint(stage_path / "checkpoints", warn=rank_zero_info)) is not None:
+                rank_zero_info(f"stage {k}: resuming from {resume}")
+                ckpt_path = str(resume)
         processes = self.trainer.world_size
         rank_zero_info(f"stage {k}: {'handing over' if trained else 'training'} on {self.trainer.strategy.root_device}"
                        f"{f' and {processes - 1} more devices' if processes > 1 else ''}, precision {self.trainer.precision}")
@@ -171,14 +229,17 @@ class CascadeCLI(LightningCLI):
             info["train"] = timer.stats
             rank_zero_info(format_training(k, timer.stats))
         if k == 0 and not trained:
-            info["data"] = {"tokenize_s": text.prepare_seconds, "train_tokens": text.train_data.num_tokens,
+            info["data"] = {"tokenize_s": text.prepare_seconds, "cached": text.cached, "train_tokens": text.train_data.num_tokens,
                             "val_tokens": text.val_data.num_tokens}
-        info.update(stage=k, global_step=self.trainer.global_step, handover=dict(handover.stats) if self.hands_over(k) else None)
+        if not trained:
+            info["global_step"] = self.trainer.global_step
+        info.update(stage=k, handover=dict(handover.stats) if self.hands_over(k) else None)
         if self.hands_over(k):
             rank_zero_info(format_handover(k, handover.stats))
         if self.trainer.is_global_zero:
             model.llm.save_pretrained(stage_path / "llm")
             text.save_tokenizer(self.run_dir / "tokenizer")
+            info["files"] = {"llm": checksums(stage_path / "llm"), "tokenizer": checksums(self.run_dir / "tokenizer")}
             mark_stage_done(stage_path, info)
         self.trainer.strategy.barrier()
 
@@ -224,9 +285,26 @@ class CascadeCLI(LightningCLI):
         return stats
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, RunDirectoryInUse)  # what settings and data cause
+
+
 def main(args=None) -> dict | None:
     return CascadeCLI(args).run()
 
 
+def command_line() -> int:
+    """`python -m cascade.fit`: an error that the settings or the data cause is one line on stderr (exit status 1);
+    its traceback only with `--debug true`."""
+    cli = CascadeCLI()
+    try:
+        cli.run()
+    except USER_ERRORS as e:
+        if cli.config.debug:
+            raise
+        print(f"error: {e}\n(run again with --debug true for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(command_line())

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging as transformers_logging
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from cascade.hub import require_hub
 
 UNPADDED_VOCAB = "unpadded_vocab_size"  # config field set by `pad_vocab`: the real vocabulary below the padding
 
@@ -36,6 +39,9 @@ def build_causal_lm(
     if not is_path and model in CONFIG_MAPPING and not pretrained:
         hf_config = AutoConfig.for_model(model, **overrides)
     elif is_path or "/" in model or pretrained:
+        if not is_path:
+            require_hub(model, "model.model", "give a local directory saved with save_pretrained, or a transformers "
+                        "model type (gpt2, llama, ...) for a fresh model")
         try:
             hf_config = AutoConfig.from_pretrained(model, **overrides)
         except OSError as e:
@@ -49,12 +55,33 @@ def build_causal_lm(
             "a hub model name, or a local directory saved with save_pretrained"
         )
     if pretrained:
-        causal_lm = AutoModelForCausalLM.from_pretrained(model, config=hf_config, attn_implementation=attn_implementation)
+        causal_lm = _load_pretrained(model, hf_config, dict(config or {}), attn_implementation)
     else:
         causal_lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
     if pad_vocab_to_multiple_of:
         pad_vocab(causal_lm, pad_vocab_to_multiple_of)
     return causal_lm
+
+
+def _load_pretrained(model: str, hf_config, overrides: dict, attn_implementation: str) -> PreTrainedModel:
+    """`from_pretrained`, with a clear error where `overrides` (model_config) reshaped the saved model."""
+    saved = AutoConfig.from_pretrained(model) if overrides else None
+    changed = {k: (getattr(saved, k, None), v) for k, v in overrides.items() if getattr(saved, k, None) != v}
+    if not changed:
+        return AutoModelForCausalLM.from_pretrained(model, config=hf_config, attn_implementation=attn_implementation)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report would list every reshaped weight
+    try:
+        return AutoModelForCausalLM.from_pretrained(model, config=hf_config, attn_implementation=attn_implementation)
+    except (RuntimeError, ValueError) as e:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(
+            f"model.model_config changes the saved config of {model} ({listed}), so its weights no longer fit the model "
+            f"({str(e).splitlines()[0][:200]}): drop those keys from model.model_config to load the pretrained weights, "
+            "or set model.pretrained false to train a fresh model of the new shape"
+        ) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def pad_vocab(model: PreTrainedModel, multiple_of: int) -> None:

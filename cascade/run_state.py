@@ -1,21 +1,27 @@
-"""What a run directory says about its stages: which are complete, and where a stage can resume."""
+"""What a run directory says about its stages: which are complete (every file checked against what was written),
+where a stage can resume, and which process holds the directory."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import time
 import zipfile
 from pathlib import Path
 
 from cascade.shards import verify_parts
-from cascade.storage import write_json_atomic
+from cascade.storage import file_checksum, write_json_atomic
 
 DONE = "done.json"
+LOCK = ".lock"
 
 
 def mark_stage_done(stage_path: str | os.PathLike, info: dict) -> None:
     """Written last, once the stage's model and (if it hands over) its hand-over are on disk. `info["handover"]`
-    holds the hand-over's figures, or None for a stage that handed nothing over."""
+    holds the hand-over's figures, or None for a stage that handed nothing over; `info["files"]` the checksums of
+    the files the stage wrote besides its hand-over (see `checksums`)."""
     write_json_atomic(Path(stage_path) / DONE, info)
 
 
@@ -27,40 +33,111 @@ def read_done(stage_path: str | os.PathLike) -> dict | None:
         return None
 
 
-def stage_is_done(stage_path: str | os.PathLike, hands_over: bool = True) -> bool:
-    """A stage is complete when its marker and its model are there and, if it hands over, every part of its
-    hand-over is there and verifies."""
+def checksums(directory: str | os.PathLike) -> dict[str, str]:
+    """{file name: checksum} of the files in `directory` (a saved model or tokenizer), for `done.json`."""
+    return {p.name: file_checksum(p) for p in sorted(Path(directory).iterdir()) if p.is_file()}
+
+
+def changed_files(directory: str | os.PathLike, recorded: dict[str, str]) -> str | None:
+    """What differs between `directory` and the checksums recorded for it, in words; None when nothing does."""
+    directory = Path(directory)
+    for name, checksum in recorded.items():
+        file = directory / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file_checksum(file) != checksum:
+            return f"{file} does not match the checksum recorded when it was written (corrupted or changed)"
+    return None
+
+
+def stage_problem(stage_path: str | os.PathLike, hands_over: bool = True) -> str | None:
+    """Why the stage is not complete, in words; None when it is: its marker, its model (every file matching the
+    checksum recorded in `done.json`) and, if it hands over, every part of its hand-over (matching its manifest)."""
     stage_path = Path(stage_path)
     done = read_done(stage_path)
-    if done is None or not (stage_path / "llm" / "config.json").is_file():
-        return False
+    if done is None:
+        return f"{stage_path / DONE} is missing: the stage did not finish"
+    if not (stage_path / "llm" / "config.json").is_file():
+        return f"{stage_path / 'llm' / 'config.json'} is missing"
+    if problem := changed_files(stage_path / "llm", done.get("files", {}).get("llm", {})):
+        return problem
     if not hands_over:
-        return True
+        return None
     if done.get("handover", {}) is None:
-        return False  # trained as the last stage, which handed nothing over
-    try:
-        for split in ("train", "val"):
+        return "it was the last stage of its run and handed nothing over"
+    for split in ("train", "val"):
+        try:
             verify_parts(stage_path / "handover" / split)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
+        except (FileNotFoundError, ValueError) as e:
+            return str(e)
+    return None
+
+
+def stage_is_done(stage_path: str | os.PathLike, hands_over: bool = True) -> bool:
+    return stage_problem(stage_path, hands_over) is None
 
 
 def trained_without_handover(stage_path: str | os.PathLike) -> bool:
     """The stage finished as the last one of its run and handed nothing over (its model is complete)."""
     done = read_done(stage_path)
-    return done is not None and done.get("handover", {}) is None and (Path(stage_path) / "llm" / "config.json").is_file()
+    return done is not None and done.get("handover", {}) is None and stage_problem(stage_path, hands_over=False) is None
 
 
-def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint in `checkpoint_dir` that is a complete file (a kill may have cut the last write short)."""
-    files = [p for p in Path(checkpoint_dir).glob("*.ckpt") if p.exists()]  # not a link to a removed file
-    files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    for file in files:
-        try:
-            with zipfile.ZipFile(file) as archive:  # torch.save writes a zip; a truncated one has no directory
-                archive.namelist()
+def checkpoint_problem(file: Path) -> str | None:
+    """Why `file` cannot be resumed from (a cut-short write, an entry failing its CRC), in words; None if it can."""
+    try:
+        with zipfile.ZipFile(file) as archive:  # torch.save writes a zip with a CRC-32 per entry
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"{file} is not a complete checkpoint ({e})"
+    return f"{file}: its entry {bad} fails its CRC check (corrupted)" if bad else None
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike, warn=print) -> Path | None:
+    """The newest checkpoint in `checkpoint_dir` that reads back whole; each one passed over is reported through `warn`."""
+    files = {p.resolve() for p in Path(checkpoint_dir).glob("*.ckpt") if p.exists()}  # last.ckpt links to another
+    for file in sorted(files, key=lambda p: p.stat().st_mtime, reverse=True):
+        if (problem := checkpoint_problem(file)) is None:
             return file
-        except (zipfile.BadZipFile, OSError):
-            continue
+        warn(f"{problem}: not resuming from it")
     return None
+
+
+class RunDirectoryInUse(RuntimeError):
+    """Another run holds the run directory."""
+
+
+class RunLock:
+    """One run at a time in a run directory: an exclusive `flock` on `<run_dir>/.lock`, held until the process ends.
+
+    The file names the holder (host, pid, start time), for the message a second run gets. The kernel releases the
+    lock of a process that dies, however it dies, so a killed run's lock is taken over by the next run; `previous`
+    then describes the run that held it (None after a run that released it).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise RunDirectoryInUse(
+                f"{self.path.parent} is in use by another run ({holder}): wait for it to end, or give this run another --name"
+            ) from None
+        self._file.seek(0)
+        self.previous = self._file.read().strip() or None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self._file.flush()
+
+    def release(self) -> None:
+        """Give the directory up; the file is emptied, so only a run that ended without releasing leaves its name."""
+        self._file.truncate(0)
+        self._file.flush()
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()

@@ -21,6 +21,10 @@ class PackedDataModule(LightningDataModule):
 
     def __init__(self, batch_size: int, num_workers: int, seed: int):
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1 (rows per batch), got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed

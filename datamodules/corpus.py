@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ast
+import codecs
 import sysconfig
 from pathlib import Path
 
 import datasets
+
+from cascade.hub import require_hub
 
 PYTHON_STDLIB = "python-stdlib"
 _LOADERS = {".txt": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -40,6 +43,36 @@ def _loader(files: list[str]) -> str:
     return kinds.pop()
 
 
+def check_corpus_file(path: Path, setting: str, read: bool = True) -> None:
+    """A corpus file the loaders can read: there, a file, not empty, of a known kind, and (with `read`, for text)
+    UTF-8 throughout."""
+    if path.is_dir():
+        raise ValueError(f"{setting} names {path}, a directory: list the files in it instead")
+    if not path.is_file():
+        raise FileNotFoundError(f"{setting}: corpus files not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{setting}: {path} is empty; give a corpus file with text in it")
+    if path.suffix.lower() not in _LOADERS:
+        raise ValueError(f"{setting}: cannot read {path}: give .txt/.raw (text), .json/.jsonl or .parquet files")
+    if not read or _LOADERS[path.suffix.lower()] != "text":
+        return
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path} is not UTF-8 text: the byte 0x{chunk[e.start]:02x} at offset {offset + e.start:,} cannot be "
+                    "decoded; convert the file to UTF-8 (for example: iconv -f latin1 -t utf-8)"
+                ) from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: it ends inside a multi-byte character; convert the file to UTF-8") from None
+
+
 def load_corpus(
     dataset: str | None,
     dataset_config: str | None,
@@ -49,26 +82,41 @@ def load_corpus(
     val_fraction: float,
     seed: int,
 ) -> datasets.DatasetDict:
-    """Load the corpus; without a validation split, hold out `val_fraction` of the documents (seeded)."""
+    """Load the corpus; without a validation split, hold out `val_fraction` of the documents (seeded).
+
+    Raises ValueError or FileNotFoundError naming the file or setting for anything that cannot be read or split.
+    """
     if train_files:
-        missing = [f for f in [*train_files, *(val_files or [])] if not Path(f).expanduser().is_file()]
-        if missing:
-            raise FileNotFoundError(f"corpus files not found: {missing}")
-        files = {"train": [str(Path(f).expanduser()) for f in train_files]}
+        files = {"train": [Path(f).expanduser() for f in train_files]}
         if val_files:
-            files["validation"] = [str(Path(f).expanduser()) for f in val_files]
+            files["validation"] = [Path(f).expanduser() for f in val_files]
+        for split, paths in files.items():
+            for path in paths:
+                check_corpus_file(path, f"data.{'train' if split == 'train' else 'val'}_files")
         loader = _loader(train_files + list(val_files or []))
         options = {"sample_by": "paragraph"} if loader == "text" else {}
-        corpus = datasets.load_dataset(loader, data_files=files, **options)
+        try:
+            corpus = datasets.load_dataset(loader, data_files={k: [str(p) for p in v] for k, v in files.items()}, **options)
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise ValueError(f"cannot read {[str(p) for v in files.values() for p in v]} as {loader}: {e.__cause__ or e}") from e
+        source = f"data.train_files {train_files}"
     elif dataset == PYTHON_STDLIB:
         corpus = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": python_stdlib_documents()})})
+        source = PYTHON_STDLIB
     elif dataset:
+        require_hub(dataset, "data.dataset", "give local files instead: --data.train_files [a.txt] --data.val_files [b.txt]")
         corpus = datasets.load_dataset(dataset, dataset_config)
+        source = f"data.dataset {dataset!r}"
     else:
         raise ValueError(f"no corpus: give data.dataset (a HF dataset name, or {PYTHON_STDLIB!r}) or data.train_files")
     if text_column not in corpus["train"].column_names:
         raise ValueError(f"the corpus has no column {text_column!r}; its columns are {corpus['train'].column_names}")
     if "validation" not in corpus:
+        if len(corpus["train"]) < 2:
+            raise ValueError(
+                f"{source} holds {len(corpus['train'])} document (a text file is split into documents at blank lines), "
+                "too few to hold some out for validation: give data.val_files, or separate the documents by blank lines"
+            )
         split = corpus["train"].train_test_split(test_size=val_fraction, shuffle=True, seed=seed)
         corpus = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
     return corpus

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from cascade.report import human
 from cascade.sequence_data import SequenceData
 from datamodules.base import PackedDataModule
-from datamodules.corpus import load_corpus
+from datamodules.corpus import check_corpus_file, load_corpus
 from datamodules.tokens import default_cache_dir, fingerprint, load_tokenizer, load_tokens, tokenize_to_cache, train_bpe
 
 
@@ -72,6 +73,11 @@ class TextDataModule(PackedDataModule):
         seed: int = 0,
     ):
         super().__init__(batch_size, num_workers, seed)
+        if seq_len < 1:
+            raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+        for setting, files in (("data.train_files", train_files), ("data.val_files", val_files)):
+            for f in files or []:
+                check_corpus_file(Path(f).expanduser(), setting, read=False)  # reading them waits for the tokenizing
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
         if tokenizer is None and vocab_size < 257:
@@ -86,7 +92,7 @@ class TextDataModule(PackedDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else None
         self._vocab_size = len(self.tokenizer) if self.tokenizer else vocab_size
-        self.prepare_seconds = 0.0
+        self.prepare_seconds, self.cached = 0.0, False  # set by prepare_data
 
     @property
     def vocab_size(self) -> int:
@@ -105,10 +111,20 @@ class TextDataModule(PackedDataModule):
 
     def prepare_data(self) -> None:
         """Tokenize the corpus once (training the BPE first if needed); later runs reuse the cache.
-        `prepare_seconds` says how long it took (0 when cached)."""
+        `prepare_seconds` says how long it took, `cached` whether the cache was there already."""
+        if self.cached or self.prepare_seconds:  # done by this object already (the runner, then Lightning, then setup)
+            return
         key = self._corpus_key()
         if (self.token_dir / "train" / "manifest.json").is_file() and (self.token_dir / "validation" / "manifest.json").is_file():
-            return
+            try:
+                counts = {split: load_tokens(self.token_dir / split).numel() for split in ("train", "validation")}
+                self.prepare_seconds, self.cached = 0.0, True  # checked against its checksum if it changed since
+                rank_zero_info(f"data: {human(counts['train'])} training and {human(counts['validation'])} validation "
+                               f"tokens from the cache in {self.token_dir}")
+                return
+            except (FileNotFoundError, ValueError) as e:
+                rank_zero_info(f"the token cache is damaged: {e}; tokenizing the corpus again")
+                shutil.rmtree(self.token_dir)
         start = time.perf_counter()
         corpus = load_corpus(**self.source)
         tokenizer = self._tokenizer(corpus["train"], key)

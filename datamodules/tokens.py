@@ -13,9 +13,11 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from cascade.storage import TensorDirWriter, load_tensors
+from cascade.hub import require_hub
+from cascade.storage import TensorDirWriter, load_tensors, write_json_atomic
 
 DOCUMENT_SEPARATOR = "<|endoftext|>"
+VERIFIED = "verified.json"  # the token cache's file stamps when its checksums last matched
 
 
 def train_bpe(texts, vocab_size: int, path: Path) -> PreTrainedTokenizerFast:
@@ -28,6 +30,9 @@ def train_bpe(texts, vocab_size: int, path: Path) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(name_or_path: str):
+    if not Path(name_or_path).expanduser().is_dir():
+        require_hub(name_or_path, "data.tokenizer", "give a local directory holding its tokenizer.json, or leave "
+                    "data.tokenizer unset to train a BPE on the corpus")
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except OSError as e:
@@ -60,12 +65,33 @@ def tokenize_to_cache(split: datasets.Dataset, tokenizer, text_column: str, path
         writer.append("ids", ids)
         tokens += ids.numel()
     writer.commit({"format": "cascade.tokens/1", "tokens": tokens})
+    write_json_atomic(path / VERIFIED, _stamp(path))  # hashed as it was written
     return load_tokens(path)
 
 
 def load_tokens(path: Path) -> torch.Tensor:
-    """The cached token ids at `path`, memory-mapped (int32)."""
-    return load_tensors(path, verify=False)[0]["ids"]
+    """The cached token ids at `path`, memory-mapped (int32).
+
+    They are checked against their checksum whenever a file of the cache changed (size, modification time or
+    inode) since it was last checked, and the check is recorded in `verified.json`: a start costs a `stat` of the
+    cache, not a read of it. Raises ValueError naming the file when it does not match.
+    """
+    path = Path(path)
+    stamp = _stamp(path)
+    try:
+        checked = json.loads((path / VERIFIED).read_text()) == stamp
+    except (OSError, ValueError):
+        checked = False
+    tensors, _ = load_tensors(path, verify=not checked)
+    if not checked:
+        write_json_atomic(path / VERIFIED, stamp)
+    return tensors["ids"]
+
+
+def _stamp(path: Path) -> dict[str, list[int]]:
+    """What identifies the contents of the cache's files without reading them: size, mtime (ns) and inode of each."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino] for p in sorted(path.iterdir())
+            if p.name != VERIFIED and not p.name.startswith(".")}
 
 
 def default_cache_dir() -> Path:

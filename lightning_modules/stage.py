@@ -28,6 +28,21 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 FINITE_CHECK_EVERY = 20  # steps between checks for a non-finite loss (each check waits for the GPU)
 
 
+def check_optimizer_settings(lr: float, lr_decay: float, weight_decay: float, betas, warmup_steps: int, min_lr_ratio: float) -> None:
+    """ValueError naming the setting, before anything is built or written."""
+    checks = [
+        ("model.lr", lr, lr > 0, "> 0"),
+        ("model.lr_decay", lr_decay, lr_decay > 0, "> 0"),
+        ("model.weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+        ("model.betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)"),
+        ("model.warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
+        ("model.min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
+    ]
+    for setting, value, ok, wanted in checks:
+        if not ok:
+            raise ValueError(f"{setting} must be {wanted}, got {value}")
+
+
 class StageModule(LightningModule):
     """Next-token training of one LLM on its stage's tokens (token ids at stage 0, hidden states after).
 
@@ -107,6 +122,7 @@ class StageModule(LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["llm"])
+        check_optimizer_settings(lr, lr_decay, weight_decay, betas, warmup_steps, min_lr_ratio)
         if llm is None:
             llm = LLM(build_causal_lm(model, model_config, pretrained, vocab_size, pad_vocab_to_multiple_of=pad_vocab_to_multiple_of), exit_fn)
         if vocab_size is not None and vocab_size > llm.vocab_size:

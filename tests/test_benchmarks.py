@@ -9,7 +9,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_sequence_data.py", "bench_stage_training.py", "bench_handover.py", "bench_early_exit.py", "bench_mod.py", "ab_attention.py", "ab_padded_loss.py"]
+    "script", ["bench_sequence_data.py", "bench_stage_training.py", "bench_handover.py", "bench_early_exit.py", "bench_mod.py", "ab_attention.py", "ab_padded_loss.py", "bench_token_cache.py"]
 )
 def test_benchmark_smoke_mode_prints_finite_ratios(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke"], capture_output=True, text=True, timeout=300)

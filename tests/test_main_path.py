@@ -103,7 +103,8 @@ def test_the_progress_bar_counts_steps_against_max_steps_across_epochs():
 
 
 def weights(stage_path):
-    return load_file(str(stage_path / "llm" / "model.safetensors"))
+    """The stage's weights, copied (safetensors maps the file: a later change to it would show through)."""
+    return {k: v.clone() for k, v in load_file(str(stage_path / "llm" / "model.safetensors")).items()}
 
 
 def assert_same_weights(a, b):
