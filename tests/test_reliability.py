@@ -308,3 +308,14 @@ def test_killed_while_writing_then_rerun_ends_with_the_weights_of_an_uninterrupt
         json.loads((tmp_path / "straight" / "tiny" / "eval.json").read_text())["ppl"])
     leftovers = [p for p in (tmp_path / "killed").rglob("*") if ".tmp-" in p.name]
     assert not leftovers, leftovers
+
+
+def test_a_run_started_while_another_holds_its_directory_stops_naming_it_and_a_later_one_works(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", 60)
+    args = tiny_args(tmp_path, corpus, "--trainer.max_steps", "2", "--num_stages", "1")
+    other = RunLock(tmp_path / "runs" / "tiny")  # a run in progress
+    with pytest.raises(RunDirectoryInUse, match=r"runs/tiny is in use by another run \(pid \d+ on .*another --name"):
+        main(args)
+    assert not (tmp_path / "runs" / "tiny" / "stage_0").exists(), "it wrote nothing there"
+    other.release()
+    assert main(args)["total_tokens"] > 0
