@@ -81,17 +81,57 @@ def flex_block_mask(segment_ids: Tensor) -> "BlockMask":
     return create_block_mask(mask_mod, B, None, T, T, device=segment_ids.device)
 
 
-def packed_rows_mask(segment_ids: Tensor, implementation: str, flex: bool, dtype: torch.dtype) -> dict:
+def layer_kinds(config) -> list[str]:
+    """The kinds of attention the model's layers use (transformers' `layer_types`; else one kind for every layer)."""
+    if types := getattr(config, "layer_types", None):
+        return sorted(set(types))
+    return ["sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"]
+
+
+def _segment_starts(segment_ids: Tensor) -> Tensor:
+    """(B, T): the row index where each token's segment begins (segments are contiguous in their rows)."""
+    T = segment_ids.shape[1]
+    index = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
+    new = torch.ones_like(segment_ids, dtype=torch.bool)
+    new[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return torch.cummax(torch.where(new, index, torch.zeros_like(index)), dim=1).values
+
+
+def _layer_kind_mask(allowed: Tensor, segment_ids: Tensor, kind: str, config) -> Tensor:
+    """`allowed` (B, 1, T, T) narrowed to what a layer of attention `kind` sees (transformers' sliding-window and
+    chunked overlays), counted within each token's own sequence in the row."""
+    T = segment_ids.shape[1]
+    q = torch.arange(T, device=segment_ids.device)[:, None]
+    k = torch.arange(T, device=segment_ids.device)[None, :]
+    if kind == "sliding_attention" and getattr(config, "sliding_window", None):
+        return allowed & (q - k < config.sliding_window)
+    if kind == "chunked_attention" and getattr(config, "attention_chunk_size", None):
+        start = _segment_starts(segment_ids)[:, None, :, None]  # (B, 1, T, 1): the query's segment start
+        chunk = config.attention_chunk_size
+        return allowed & ((q - start) // chunk == (k - start) // chunk)
+    return allowed
+
+
+def packed_rows_mask(segment_ids: Tensor, implementation: str, flex: bool, dtype: torch.dtype, config=None) -> dict:
     """The keyword arguments that give a model of attention `implementation` the block-causal mask of `segment_ids`:
-    a BlockMask for flex attention if `flex` (and the model owns its masks), else a 4D mask for SDPA or eager attention."""
+    a BlockMask for flex attention if `flex` (and the model owns its masks), else a 4D mask for SDPA or eager attention,
+    one per kind of layer (sliding windows, chunks) where the model's layers differ (`config`)."""
     if implementation == ATTENTION and flex and BlockMask is not None:
         return {"block_mask": flex_block_mask(segment_ids)}
     allowed = block_causal_mask(segment_ids)
-    if implementation in (ATTENTION, "sdpa"):
-        return {"attention_mask": allowed}
+    if implementation not in (ATTENTION, "sdpa", "eager"):
+        raise ValueError(
+            f"packed or padded rows need attn_implementation 'sdpa' or 'eager', but the model uses {implementation!r}; "
+            "load it with attn_implementation='sdpa'"
+        )
+    kinds = ["full_attention"] if implementation == ATTENTION or config is None else layer_kinds(config)
+    if getattr(config, "layer_types", None) and implementation != ATTENTION:  # every standard kind the model may look up
+        kinds = sorted({"full_attention", *kinds} | ({"sliding_attention"} if getattr(config, "sliding_window", None) else set())
+                       | ({"chunked_attention"} if getattr(config, "attention_chunk_size", None) else set()))
+    masks = {kind: _layer_kind_mask(allowed, segment_ids, kind, config) for kind in kinds}
     if implementation == "eager":
-        return {"attention_mask": torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)}
-    raise ValueError(
-        f"packed or padded rows need attn_implementation 'sdpa' or 'eager', but the model uses {implementation!r}; "
-        "load it with attn_implementation='sdpa'"
-    )
+        masks = {kind: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, torch.finfo(dtype).min)
+                 for kind, m in masks.items()}
+    if getattr(config, "layer_types", None) and implementation != ATTENTION:
+        return {"attention_mask": masks}  # transformers takes one mask per kind of layer
+    return {"attention_mask": next(iter(masks.values()))}

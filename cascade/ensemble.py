@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from cascade.flops import forward_flops_per_token
-from cascade.llm import LLM
+from cascade.llm import LLM, later_stage_refused
 from cascade.llm_evaluator import evaluate_llm
 from cascade.sequence_data import SequenceData
 
@@ -38,6 +38,8 @@ class Ensemble(nn.Module):
             raise TypeError(f"expected an LLM, got {type(llm).__name__}; wrap a Hugging Face model as LLM(model)")
         k = len(self.llms)
         if k:
+            if llm.only_first:
+                raise ValueError(later_stage_refused(llm, f"LLM {k}"))
             for attr in ("vocab_size", "dim"):
                 have, want = getattr(llm, attr), getattr(self.llms[0], attr)
                 if have != want:

@@ -18,23 +18,25 @@ def build_causal_lm(
     config: dict | None = None,
     pretrained: bool = False,
     vocab_size: int | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     pad_vocab_to_multiple_of: int | None = None,
 ) -> PreTrainedModel:
     """A CausalLM from `model`: a model type ("gpt2", "llama", ...), a hub name or a local directory.
 
     `config` overrides fields of the model type's default config (or of the saved config).
     With `pretrained`, weights are loaded with `from_pretrained`; otherwise the model is freshly
-    initialised. `vocab_size` applies to fresh models unless `config` sets it. With
-    `pad_vocab_to_multiple_of`, the embedding and LM head get rows up to that multiple (see `pad_vocab`).
+    initialised, with no special token ids of the family's hub tokenizer (a pad id would freeze a real token's
+    embedding row, or fall outside a small vocabulary). `vocab_size` applies to fresh models unless `config` sets it.
+    `attn_implementation`: transformers' attention ("sdpa", "eager", ...); default SDPA where the family has it,
+    else eager. With `pad_vocab_to_multiple_of`, the embedding and LM head get rows up to that multiple (`pad_vocab`).
     """
     overrides = dict(config or {})
     if not pretrained:
         if vocab_size is not None:
             overrides.setdefault("vocab_size", vocab_size)
         # a fresh model for pre-training has no special tokens of its own (and no generation)
-        overrides.setdefault("bos_token_id", None)
-        overrides.setdefault("eos_token_id", None)
+        for special in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            overrides.setdefault(special, None)
     is_path = Path(model).expanduser().is_dir()
     if not is_path and model in CONFIG_MAPPING and not pretrained:
         hf_config = AutoConfig.for_model(model, **overrides)
@@ -54,6 +56,8 @@ def build_causal_lm(
             f"unknown model type {model!r}: give a transformers model type (e.g. {known}), "
             "a hub model name, or a local directory saved with save_pretrained"
         )
+    if attn_implementation is None:
+        attn_implementation = "sdpa" if supports_sdpa(hf_config) else "eager"
     if pretrained:
         causal_lm = _load_pretrained(model, hf_config, dict(config or {}), attn_implementation)
     else:
@@ -61,6 +65,12 @@ def build_causal_lm(
     if pad_vocab_to_multiple_of:
         pad_vocab(causal_lm, pad_vocab_to_multiple_of)
     return causal_lm
+
+
+def supports_sdpa(hf_config) -> bool:
+    """Whether the family's CausalLM has SDPA attention in transformers."""
+    model_class = AutoModelForCausalLM._model_mapping.get(type(hf_config), None)
+    return model_class is None or bool(getattr(model_class, "_supports_sdpa", False))
 
 
 def _load_pretrained(model: str, hf_config, overrides: dict, attn_implementation: str) -> PreTrainedModel:

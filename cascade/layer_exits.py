@@ -7,28 +7,15 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel
 
 from cascade.sequence_data import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from cascade.llm import LLM
 
-_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm")
-
-
-def final_norm(model: PreTrainedModel) -> nn.Module:
-    """The norm the base model applies after its last layer (`norm`, `ln_f`, `final_layer_norm`, ...)."""
-    for name in _FINAL_NORM_NAMES:
-        module = getattr(model.base_model, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise ValueError(f"cannot find the final norm of {type(model).__name__}: none of {_FINAL_NORM_NAMES} in its base model")
-
-
 def logit_lens(llm: "LLM", h: Tensor) -> Tensor:
     """Logits of a residual-stream state through the model's own final norm and LM head."""
-    return llm.get_logits(final_norm(llm.base_llm)(h))
+    return llm.get_logits(llm.final_norm(h))
 
 
 def check_layer_weights(layer_weights: Mapping[int, float], num_layers: int) -> None:
@@ -62,7 +49,7 @@ def parameters_by_layer(llm: "LLM") -> dict[int | str, list[nn.Parameter]]:
     owner: dict[int, int | str] = {}
     for i, layer in enumerate(llm.layers, start=1):
         owner.update({id(p): i for p in layer.parameters()})
-    head = [*final_norm(llm.base_llm).parameters(), *llm.base_llm.get_output_embeddings().parameters()]
+    head = [*llm.final_norm_parameters, *llm.base_llm.get_output_embeddings().parameters()]
     embedding = llm.base_llm.get_input_embeddings().weight
     owner.update({id(p): "head" for p in head if p is not embedding})
     if llm.mod is not None:  # a Mixture-of-Depths router learns with the layer it routes

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from cascade.attention import ATTENTION, own_masks, packed_rows_mask
 from cascade.exit_fn import ExitFn, exit_fn_name, get_exit_fn
+from cascade.families import backbone, check_family, family, find_final_norm, head_logits_function
 from cascade.handover import collect_hard_tokens
-from cascade.hf_models import UNPADDED_VOCAB
+from cascade.hf_models import UNPADDED_VOCAB, supports_sdpa
 from cascade.inference import run_llm
 from cascade.mod import MixtureOfDepths
 from cascade.sequence_data import SequenceData
@@ -26,10 +27,19 @@ MOD_ROUTERS = "mod_routers.safetensors"  # beside the HF weights of a Mixture-of
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The model's stack of decoder layers: the ModuleList of `num_hidden_layers` modules in its base model."""
     n = model.config.get_text_config().num_hidden_layers
-    for module in model.base_model.modules():
+    for module in backbone(model).modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module
     raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}: no nn.ModuleList of that length")
+
+
+def later_stage_refused(llm: "LLM", where: str) -> str:
+    """The error for a family that can only be LLM 0 of a cascade (`LLM.only_first` says why)."""
+    return (
+        f"{where}: {family(llm.base_llm)} can only be the first LLM of a cascade: {llm.only_first}, so it cannot "
+        "read the compacted hard tokens of a later stage at their original positions, packed several to a row; use "
+        "it as LLM 0, or choose a family with rotary or learned positions"
+    )
 
 
 def _first(output):
@@ -43,15 +53,23 @@ class LLM(nn.Module):
     exits here iff its exit score is >= `threshold`.
     """
 
-    def __init__(self, base_llm: PreTrainedModel, exit_fn: ExitFn | str | None = None):
+    def __init__(self, base_llm: PreTrainedModel, exit_fn: ExitFn | str | None = None, check: bool = True):
         super().__init__()
         self.base_llm = base_llm
         self.exit_fn = get_exit_fn(exit_fn)
         self.register_buffer("threshold", torch.tensor(0.0))
         self.mod: MixtureOfDepths | None = None
-        self._layers = [decoder_layers(base_llm)]  # a list, so the layers are not registered twice
+        self._backbone = [backbone(base_llm)]  # lists, so that these modules are not registered twice
+        self._layers = [decoder_layers(base_llm)]
         own_masks(base_llm)  # masks built here, not by transformers (see cascade.attention)
+        self._head_logits = head_logits_function(base_llm)  # None: the LM head alone
+        try:
+            self._final: list[nn.Module] | ValueError = find_final_norm(base_llm, self.layers)
+        except ValueError as e:  # raised where the final norm is needed (layer exits)
+            self._final = e
         self.train(base_llm.training)  # wrap without changing the model's mode
+        # why the model can only be LLM 0 (later LLMs read packed rows at the tokens' original positions), or None
+        self.only_first = check_family(self) if check else None
 
     @property
     def config(self):
@@ -109,7 +127,8 @@ class LLM(nn.Module):
         implementation = self.base_llm.config._attn_implementation
         if segment_ids is not None:
             flex = self.training and x.is_cuda and self.mod is None  # Mixture-of-Depths gathers 4D masks per layer
-            masks = packed_rows_mask(segment_ids, implementation, flex, self.base_llm.get_input_embeddings().weight.dtype)
+            dtype = self.base_llm.get_input_embeddings().weight.dtype
+            masks = packed_rows_mask(segment_ids, implementation, flex, dtype, self.config)
         elif position_ids is None or implementation == ATTENTION:
             masks = {}  # plain causal rows: SDPA's is_causal kernel (see cascade.attention)
         else:
@@ -118,13 +137,37 @@ class LLM(nn.Module):
             masks = {"attention_mask": torch.ones(x.shape[:2], dtype=torch.long, device=x.device)}
         routing = nullcontext() if self.mod is None else self.mod.routing(self, segment_ids)
         with routing, self._capture(history) as hidden_history:  # hooks go on the routed layers' stand-ins
-            out = self.base_llm.base_model(**inputs, position_ids=position_ids, **masks, use_cache=False)
+            out = self._backbone[0](**inputs, position_ids=position_ids, **masks, use_cache=False)
         return out.last_hidden_state, hidden_history
 
+    def head_logits(self, h: Tensor) -> Tensor:
+        """Logits of final hidden states (..., D) as the model's own CausalLM computes them: its LM head and whatever
+        its family does after it (soft-capping, scaling; `cascade.families`), over the head's full (padded) width."""
+        return self._head_logits(h) if self._head_logits is not None else self.base_llm.get_output_embeddings()(h)
+
     def get_logits(self, h: Tensor) -> Tensor:
-        """Logits through the model's own LM head, over the real vocabulary (padded rows are cut off)."""
-        logits = self.base_llm.get_output_embeddings()(h)
+        """The model's own logits of final hidden states `h` (..., D), over the real vocabulary (padded rows cut off)."""
+        logits = self.head_logits(h)
         return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]
+
+    @property
+    def final_norm(self) -> Callable[[Tensor], Tensor]:
+        """The model's own map from the last layer's output to its final hidden states (its final norm), for the logit
+        lens of any layer; raises ValueError naming the family where it could not be found."""
+        if isinstance(self._final, ValueError):
+            raise self._final
+        modules = self._final
+
+        def apply(h: Tensor) -> Tensor:
+            for module in modules:
+                h = module(h)
+            return h
+
+        return apply
+
+    @property
+    def final_norm_parameters(self) -> list[nn.Parameter]:
+        return [] if isinstance(self._final, ValueError) else [p for m in self._final for p in m.parameters()]
 
     def enable_mod(self, capacity: float, layers: list[int] | None = None) -> MixtureOfDepths:
         """Route `layers` (default 2, 4, ...) by Mixture-of-Depths with `capacity`: every forward
@@ -146,7 +189,8 @@ class LLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, exit_fn: ExitFn | str | None = None, **kwargs) -> "LLM":
         """Load what `save_pretrained` wrote (or any HF CausalLM); `kwargs` go to `AutoModelForCausalLM.from_pretrained`."""
-        kwargs.setdefault("attn_implementation", "sdpa")
+        if "attn_implementation" not in kwargs:  # SDPA where the family has it (the masks cascade gives), else eager
+            kwargs["attn_implementation"] = "sdpa" if supports_sdpa(AutoConfig.from_pretrained(path)) else "eager"
         base_llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         llm = cls(base_llm, exit_fn or getattr(base_llm.config, "exit_fn", None))
         llm.threshold.fill_(getattr(base_llm.config, "exit_threshold", 0.0))

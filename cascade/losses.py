@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 def next_token_loss(llm: "LLM", h_out: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy of the LM head's logits of `h_out` (B, T, D) against `targets` (B, T), in float32,
     over the real vocabulary (padded head rows get -inf) and the real tokens (padding is ignored)."""
-    logits = without_padded_vocab(llm.base_llm.get_output_embeddings()(h_out), llm.vocab_size)
+    logits = without_padded_vocab(llm.head_logits(h_out), llm.vocab_size)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 

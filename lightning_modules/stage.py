@@ -19,7 +19,7 @@ from cascade.layer_exits import (
     scheduled_layer_weights,
 )
 from cascade.layer_skip import routed_nll
-from cascade.llm import LLM
+from cascade.llm import LLM, later_stage_refused
 from cascade.losses import next_token_loss
 from cascade.optim import param_groups, warmup_cosine
 from cascade.sequence_data import Batch
@@ -87,6 +87,8 @@ class StageModule(LightningModule):
             launched as one graph, for models too small to hide the CPU's launch cost) or max-autotune.
         pad_vocab_to_multiple_of: Pad the embedding and LM head of a model built here to a multiple of this
             many rows (GPT-2's 50,257 -> 50,304) for faster matrix products; padded rows are never predicted.
+        attn_implementation: transformers' attention implementation of a model built here ("sdpa", "eager", ...);
+            default SDPA where the family has it, else eager (Gemma 2).
         llm: An existing LLM to train (Python API); when given, the model arguments are unused.
     """
 
@@ -118,13 +120,17 @@ class StageModule(LightningModule):
         compile: bool = True,
         compile_mode: str = "default",
         pad_vocab_to_multiple_of: int | None = 64,
+        attn_implementation: str | None = None,
         llm: LLM | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["llm"])
         check_optimizer_settings(lr, lr_decay, weight_decay, betas, warmup_steps, min_lr_ratio)
         if llm is None:
-            llm = LLM(build_causal_lm(model, model_config, pretrained, vocab_size, pad_vocab_to_multiple_of=pad_vocab_to_multiple_of), exit_fn)
+            causal_lm = build_causal_lm(model, model_config, pretrained, vocab_size, attn_implementation, pad_vocab_to_multiple_of)
+            llm = LLM(causal_lm, exit_fn)
+        if stage > 0 and llm.only_first:
+            raise ValueError(later_stage_refused(llm, f"stage {stage}"))
         if vocab_size is not None and vocab_size > llm.vocab_size:
             raise ValueError(
                 f"the tokenizer has {vocab_size} tokens but the model's vocabulary only {llm.vocab_size}; "
