@@ -87,8 +87,10 @@ class Ensemble(nn.Module):
         Returns `ppl` = exp(total NLL / total tokens), `accuracy`, `total_tokens`,
         `compute_fraction` (forward FLOPs spent / FLOPs of every LLM on every token),
         `wall_time_s` and `llm_stats`, one dict per LLM (`input_tokens`, `exit_tokens`,
-        `exit_fraction` of all tokens, `ppl` of its exiting tokens, `pad_tokens`, ...). Each LLM runs where it
-        is; `run_options` (`compile`, `forward_context`: the precision) go to `run_llm`.
+        `exit_fraction` of all tokens, `ppl` of its exiting tokens, `pad_tokens`, and for each LLM that hands on,
+        `exit_auroc` of every registered exit function), and `prefix_ppl`: the perplexity of the cascade cut after
+        each LLM (LLM 0 alone first). Each LLM runs where it is; `run_options` (`compile`, `forward_context`: the
+        precision) go to `run_llm`.
         """
         data = create_sequence_data(self, val_batches)
         total, context = data.num_tokens, int(data.lengths.max())
@@ -96,7 +98,8 @@ class Ensemble(nn.Module):
         llm_stats = []
         for k, llm in enumerate(self.llms):
             if data.num_tokens == 0:
-                stats = {"input_tokens": 0, "exit_tokens": 0, "pad_tokens": 0, "nll_sum": 0.0, "correct": 0, "ppl": math.nan}
+                stats = {"input_tokens": 0, "exit_tokens": 0, "pad_tokens": 0, "nll_sum": 0.0, "correct": 0, "ppl": math.nan,
+                         "nll_sum_all": 0.0}
             else:
                 data, stats = evaluate_llm(llm, data, batch_size, is_last=k == len(self.llms) - 1, **run_options)
             llm_stats.append({**stats, "exit_fraction": stats["exit_tokens"] / total})
@@ -104,8 +107,13 @@ class Ensemble(nn.Module):
         assert sum(s["exit_tokens"] for s in llm_stats) == total, "every token exits exactly once"
         flops = [forward_flops_per_token(llm, context) for llm in self.llms]
         spent = sum(s["input_tokens"] * f for s, f in zip(llm_stats, flops))
+        # the cascade cut after LLM j: LLM j predicts every token that reaches it (j = 0: LLM 0 alone)
+        exited = [0.0, *torch.tensor([s["nll_sum"] for s in llm_stats], dtype=torch.float64).cumsum(0).tolist()]
+        prefix_ppl = [math.exp((exited[j] + s["nll_sum_all"]) / total) if s["input_tokens"] else math.nan
+                      for j, s in enumerate(llm_stats)]
         return {
             "ppl": math.exp(sum(s["nll_sum"] for s in llm_stats) / total),
+            "prefix_ppl": prefix_ppl,
             "accuracy": sum(s["correct"] for s in llm_stats) / total,
             "total_tokens": total,
             "compute_fraction": spent / (total * sum(flops)),

@@ -29,10 +29,11 @@ from callbacks.checkpoint_io import AtomicCheckpointIO, remove_partial_checkpoin
 from callbacks.handover import StageHandover
 from callbacks.progress import default_progress_bar
 from callbacks.timing import TrainingTimer
-from cascade.ensemble import Ensemble, stage_dir
+from cascade.diagnostics import sweep_compute
+from cascade.ensemble import Ensemble, create_sequence_data, stage_dir
 from cascade.hf_models import max_positions
 from cascade.layer_skip import layer_perplexities, threshold_sweep
-from cascade.report import format_eval_table, format_handover, format_layer_exit_table, format_training
+from cascade.report import format_diagnostics, format_eval_table, format_handover, format_layer_exit_table, format_training, plot_curve
 from cascade.run_state import (
     RunDirectoryInUse,
     RunLock,
@@ -80,6 +81,11 @@ class CascadeCLI(LightningCLI):
             help="Train only stage k (it reads stage k-1's hand-over); default: every stage in turn.",
         )
         parser.add_argument("--eval_batch_size", type=Optional[int], default=None, help="Rows per batch in the final evaluation.")
+        parser.add_argument(
+            "--eval_curve", type=bool, default=True,
+            help="Also sweep the hand-over fraction at evaluation (a forward of every later LLM per point): the "
+            "perplexity-vs-compute curve, in eval.json and eval_curve.png.",
+        )
         parser.add_argument(
             "--ckpt_path", type=Optional[str], default=None,
             help="Checkpoint to resume the first stage trained from ('last' or a path). By default an unfinished "
@@ -264,9 +270,16 @@ class CascadeCLI(LightningCLI):
         batch_size = self.config.eval_batch_size or text.batch_size
         compile = bool(self.config.model.compile) and device.type == "cuda"
         start = time.perf_counter()
-        stats = ensemble.evaluate(text.token_batches("validation", batch_size), batch_size, compile=compile, forward_context=forward_context)
+        run = {"compile": compile, "forward_context": forward_context}
+        batches = text.token_batches("validation", batch_size)
+        stats = ensemble.evaluate(batches, batch_size, **run)
+        if self.config.eval_curve and len(ensemble) > 1:
+            stats["curve"] = sweep_compute(ensemble, create_sequence_data(ensemble, batches), batch_size, **run)
         print(f"\nTrue early-exit evaluation of {self.run_dir} on the validation split ({device}, {trainer.precision}):")
         print(format_eval_table(stats))
+        print(format_diagnostics(stats))
+        if "curve" in stats and plot_curve(stats, self.run_dir / "eval_curve.png"):
+            print(f"the curve: {self.run_dir / 'eval_curve.png'}")
         if (exit_layer := self.config.model.exit_layer) is not None:
             llm, data = ensemble.llms[0], text.val_data
             thresholds = sorted({*SWEEP_THRESHOLDS, self.config.model.routing_threshold})
@@ -279,7 +292,11 @@ class CascadeCLI(LightningCLI):
         stats["stages"] = [read_done(stage_dir(self.run_dir, k)) for k in range(num_llms)]
         (self.run_dir / "eval.json").write_text(json.dumps(stats, indent=2))
         logger = TensorBoardLogger(str(self.run_dir), name="eval", version="")
-        logger.log_metrics({f"eval/{key}": stats[key] for key in ("ppl", "accuracy", "compute_fraction", "wall_time_s", "eval_s")}, step=0)
+        scalars = {f"eval/{key}": stats[key] for key in ("ppl", "accuracy", "compute_fraction", "wall_time_s", "eval_s")}
+        scalars.update({f"eval/prefix_ppl_{j}": ppl for j, ppl in enumerate(stats["prefix_ppl"])})
+        scalars.update({f"eval/exit_auroc_{k}/{name}": value for k, s in enumerate(stats["llm_stats"])
+                        for name, value in s.get("exit_auroc", {}).items()})
+        logger.log_metrics(scalars, step=0)
         logger.finalize("success")
         print(f"written to {self.run_dir / 'eval.json'}; dashboards: tensorboard --logdir {self.run_dir}")
         return stats

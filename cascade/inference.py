@@ -5,15 +5,15 @@ from __future__ import annotations
 import threading
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager
+from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cascade.exit_fn import history_indices
+from cascade.exit_fn import ExitFn, history_indices
 from cascade.sequence_data import SequenceData
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ class TokenOutputs:
     nll: Tensor | None  # (N,) float32 next-token negative log-likelihood
     correct: Tensor | None  # (N,) bool, argmax == target
     positions: int  # row positions processed, padding included
+    exit_scores: dict[str, Tensor] = field(default_factory=dict)  # name -> (N,) float32, for `exit_fns`
 
 
 def autocast_for(device: torch.device):
@@ -54,6 +55,7 @@ def run_llm(
     hidden_on_device: bool = False,
     compile: bool = False,
     forward_context: Callable[[], ContextManager] | None = None,
+    exit_fns: Mapping[str, ExitFn] | None = None,
 ) -> TokenOutputs:
     """Run `llm` (in eval mode) over every token of `data` in packed batches of `batch_size` rows of `row_length`.
 
@@ -63,7 +65,8 @@ def run_llm(
     With `compile`, the LLM's forward runs under `torch.compile` (one graph per batch shape; worth it on
     a GPU for more than a few batches: eager HF modules launch many small kernels). Each batch's forward runs
     in `forward_context()` (Lightning's `trainer.precision_plugin.forward_context`, so that a stage is scored in
-    the precision it trained in); default `autocast_for(device)`.
+    the precision it trained in); default `autocast_for(device)`. `exit_fns` {name: function}: each one's exit scores
+    too, in `exit_scores` (for diagnostics: every registered exit function from the same forward).
     On a GPU, each batch's results are copied to the host on a CUDA stream of their own, beside the
     next batch's compute, and stored `STORES_BEHIND` batches later, once the GPU has the next
     batches queued: the GPU does not wait for the copies or the stores.
@@ -79,6 +82,11 @@ def run_llm(
         0,
     )
     history = history_indices(llm.exit_fn) if scores else ()
+    exit_fns = dict(exit_fns or {})
+    for name, fn in exit_fns.items():
+        out.exit_scores[name] = torch.empty(n, dtype=torch.float32)
+        wanted = history_indices(fn)
+        history = None if wanted is None or history is None else tuple({*history, *wanted})
     written = [0]  # tokens written to `hidden_file` so far
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     pending: deque[_HostCopy] = deque()  # batches' results not stored yet, oldest first
@@ -113,6 +121,8 @@ def run_llm(
                 h = _real(h_out, pick)  # (n, D)
                 if scores:
                     results["scores"] = _real(llm.exit_scores(hidden_history, h_out), pick).float()
+                for name, fn in exit_fns.items():
+                    results[f"exit:{name}"] = _real(fn(hidden_history, h_out, llm), pick).float()
                 if on_device:
                     out.hidden[int(index[0]) : int(index[-1]) + 1] = h  # one slice: batches come in token order
                 elif hidden:
@@ -183,3 +193,5 @@ class _HostCopy:
         if "nll" in host:
             out.nll[begin:end] = host["nll"]
             out.correct[begin:end] = host["correct"]
+        for name, scores in out.exit_scores.items():
+            scores[begin:end] = host[f"exit:{name}"]

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cascade.diagnostics import auroc, hard_by_loss
+from cascade.exit_fn import EXIT_FNS
 from cascade.inference import run_llm
 from cascade.routing import compact_hard_tokens, hard_mask
 from cascade.sequence_data import SequenceData
@@ -26,9 +28,12 @@ def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool,
 
     Returns the continuing tokens (compacted, with this LLM's output hidden states as inputs)
     and statistics over this LLM: `input_tokens`, `exit_tokens`, `nll_sum`, `correct` and
-    `ppl` of the exiting tokens, and `pad_tokens` (padding positions it also processed).
+    `ppl` of the exiting tokens, `pad_tokens` (padding positions it also processed), `nll_sum_all` (over every
+    token in) and, unless `is_last`, `exit_auroc`: {exit function: AUROC against the token loss above its median}.
+    `run_options` (`compile`, `forward_context`) go to `run_llm`.
     """
-    out = run_llm(llm, data, batch_size, scores=not is_last, hidden=not is_last, nll=True)
+    exit_fns = {} if is_last else EXIT_FNS  # every registered exit score, for its AUROC, from the same forward
+    out = run_llm(llm, data, batch_size, scores=not is_last, hidden=not is_last, nll=True, exit_fns=exit_fns, **run_options)
     if is_last:
         hard = torch.zeros(data.num_tokens, dtype=torch.bool)
         continuing = compact_hard_tokens(data, hard)
@@ -45,5 +50,9 @@ def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool,
         "nll_sum": nll_sum,
         "correct": int(out.correct[exits].sum()),
         "ppl": math.exp(nll_sum / exit_tokens) if exit_tokens else float("nan"),
+        "nll_sum_all": out.nll.double().sum().item(),  # as if it were the last LLM: for the cascade's prefixes
     }
+    if not is_last:  # how well each exit score finds the tokens whose loss here is above the median
+        hard = hard_by_loss(out.nll)
+        stats["exit_auroc"] = {name: auroc(scores, hard) for name, scores in out.exit_scores.items()}
     return continuing, stats

@@ -15,6 +15,42 @@ def format_eval_table(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def format_diagnostics(stats: dict) -> str:
+    """Each prefix's perplexity, each exit score's AUROC, and the perplexity-vs-compute curve, as printed lines."""
+    lines = ["perplexity of the cascade cut after each LLM: " + ", ".join(
+        f"{'LLM 0 alone' if j == 0 else f'LLMs 0..{j}'} {ppl:.2f}" for j, ppl in enumerate(stats["prefix_ppl"]))]
+    for k, s in enumerate(stats["llm_stats"]):
+        if "exit_auroc" in s:
+            lines.append(f"exit scores of LLM {k} as detectors of its tokens with a loss above the median (AUROC, 0.5 is "
+                         "chance): " + ", ".join(f"{name} {value:.3f}" for name, value in s["exit_auroc"].items()))
+    if curve := stats.get("curve"):
+        lines.append("perplexity vs compute, the hand-over fraction swept at evaluation: " + ", ".join(
+            f"{p['hard_fraction']:.1f}: {p['ppl']:.2f} at {p['compute_fraction']:.0%}" for p in curve))
+    return "\n".join(lines)
+
+
+def plot_curve(stats: dict, path) -> bool:
+    """The perplexity-vs-compute curve as a PNG at `path` (with the trained thresholds' point); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    curve = stats["curve"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p["compute_fraction"] for p in curve], [p["ppl"] for p in curve], "o-", label="hand-over fraction swept")
+    ax.plot([stats["compute_fraction"]], [stats["ppl"]], "r*", markersize=12, label="trained thresholds")
+    ax.set_xlabel("forward FLOPs / every LLM on every token")
+    ax.set_ylabel("perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def format_layer_exit_table(report: dict) -> str:
     """Render the layer-exit report of one LLM: each layer's exit perplexity, then the threshold sweep."""
     e = report["exit_layer"]
