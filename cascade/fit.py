@@ -150,7 +150,7 @@ class CascadeCLI(LightningCLI):
             ckpt_path = None
         if rank_zero_only.rank != 0:
             return None
-        text = TextDataModule(**config.data.as_dict())
+        text = getattr(self, "text", None) or TextDataModule(**config.data.as_dict())  # stage 0's, where it ran
         self.hold_run_dir()
         self.check_tokenizer(text, num_llms=stages[-1] + 1)
         return self.evaluate(text, num_llms=stages[-1] + 1)
@@ -196,7 +196,7 @@ class CascadeCLI(LightningCLI):
             raise ValueError(f"data.seq_len {text.seq_len} exceeds the model's {limit} positions; lower it or enlarge the model")
         if k == 0:
             text.prepare_data()  # the corpus read and tokenized (or its cache checked) before anything is written
-            datamodule = text
+            datamodule = self.text = text
         else:  # its own shuffle seed: the data order of stage k does not depend on how stage 0's was drawn
             datamodule = SequenceDataModule(
                 str(stage_dir(self.run_dir, k - 1) / "handover"), text.batch_size, text.seq_len, text.num_workers, text.seed + k

@@ -63,14 +63,14 @@ def check_corpus_file(path: Path, setting: str, read: bool = True) -> None:
                 decoder.decode(chunk)
             except UnicodeDecodeError as e:
                 raise ValueError(
-                    f"{path} is not UTF-8 text: the byte 0x{chunk[e.start]:02x} at offset {offset + e.start:,} cannot be "
-                    "decoded; convert the file to UTF-8 (for example: iconv -f latin1 -t utf-8)"
+                    f"{setting}: {path} is not UTF-8 text: the byte 0x{chunk[e.start]:02x} at offset {offset + e.start:,} "
+                    "cannot be decoded; convert the file to UTF-8 (for example: iconv -f latin1 -t utf-8)"
                 ) from None
             offset += len(chunk)
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text: it ends inside a multi-byte character; convert the file to UTF-8") from None
+        raise ValueError(f"{setting}: {path} is not UTF-8 text: it ends inside a multi-byte character; convert it to UTF-8") from None
 
 
 def load_corpus(

@@ -123,7 +123,8 @@ class TextDataModule(PackedDataModule):
                                f"tokens from the cache in {self.token_dir}")
                 return
             except (FileNotFoundError, ValueError) as e:
-                rank_zero_info(f"the token cache is damaged: {e}; tokenizing the corpus again")
+                reason = str(e).removesuffix("; write it again").removesuffix(": the file is corrupted")
+                rank_zero_info(f"the token cache is damaged ({reason}): tokenizing the corpus again")
                 shutil.rmtree(self.token_dir)
         start = time.perf_counter()
         corpus = load_corpus(**self.source)

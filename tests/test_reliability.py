@@ -72,7 +72,7 @@ def test_a_corrupt_token_cache_is_caught_and_rebuilt(tmp_path, caplog):
     ids.write_bytes(bytes(raw))
     caplog.clear()
     main(tiny_args(tmp_path, corpus, "--trainer.max_steps", "4", "--num_stages", "1", "--name", "b"))
-    assert f"the token cache is damaged: {ids} does not match the checksum" in caplog.text
+    assert f"the token cache is damaged ({ids} does not match the checksum in its manifest): tokenizing the corpus again" in caplog.text
     runs = tmp_path / "runs"
     assert same_weights(weights(runs / "a" / "stage_0"), weights(runs / "b" / "stage_0")), "rebuilt to the same tokens"
 
@@ -172,7 +172,7 @@ def test_a_corpus_of_one_document_says_how_to_validate(tmp_path):
 def test_a_corpus_that_is_not_utf8_names_the_file_and_the_byte(tmp_path):
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("caf\u00e9 au lait\n\nsecond paragraph\n".encode("latin-1"))
-    fails_before_writing(tmp_path, latin, rf"{latin} is not UTF-8 text: the byte 0xe9 at offset 3")
+    fails_before_writing(tmp_path, latin, rf"data.train_files: {latin} is not UTF-8 text: the byte 0xe9 at offset 3")
 
 
 def test_a_directory_given_as_a_corpus_file_is_named(tmp_path):
