@@ -16,7 +16,9 @@ from torch import Tensor
 
 from cascade.handover import calibrate_threshold, collect_hard_tokens, route_hard_tokens
 from cascade.handover_disk import hand_over_to_disk
+from cascade.exit_fn import learned_exit_fn
 from cascade.inference import run_llm
+from cascade.learned_exit import fit_exit_router
 from cascade.routing import check_hard_ratio
 from cascade.sequence_data import SequenceData
 from cascade.shards import merge_parts, part_name
@@ -67,8 +69,9 @@ class StageHandover(Callback):
     `output_dir/train` and `output_dir/val` (atomically, with manifests). Host memory holds 4 bytes a token
     of scores. Every token's hidden state waits for the threshold in GPU memory if they take at most half
     of what is free there, else in host memory up to `host_memory_gb`, beyond which they go through a
-    temporary file and host memory holds a batch of them. The exit-score histogram, the threshold, the hard
-    fractions and the hand-over's wall time go to the logger and to `stats`.
+    temporary file and host memory holds a batch of them. With the learned exit function (`exit_fn: learned`), its
+    router is fitted first (`cascade.learned_exit`), unless the stage trained no step and the LLM came with one. The exit-score histogram, the threshold, the hard fractions and
+    the hand-over's wall time go to the logger and to `stats`.
 
     Args:
         hard_ratio: Fraction of the stage's training tokens passed on to the next stage.
@@ -109,6 +112,8 @@ class StageHandover(Callback):
                       data.val_data.shard(trainer.global_rank, trainer.world_size, batch_size, row_length))
         run = {"row_length": row_length, "forward_context": trainer.precision_plugin.forward_context}
         with on_device(pl_module, trainer.strategy.root_device):
+            refit = llm.exit_fn is learned_exit_fn and (trainer.global_step > 0 or llm.exit_router is None)
+            router = self.fit_router(trainer, llm, batch_size, run) if refit else None
             compile_s = 0.0
             if compiled := bool(getattr(pl_module, "compiled", False)):
                 compile_s = compile_scoring(llm, train, batch_size, **run)
@@ -119,12 +124,22 @@ class StageHandover(Callback):
             device = str(llm.device)
         scored = data.train_data.num_tokens + data.val_data.num_tokens
         self.stats.update(scored_tokens=scored, seconds=seconds, tokens_per_s=scored / seconds, compile_s=compile_s)
+        if router is not None:
+            self.stats.update({f"router_{k}": v for k, v in router.items()})
         for logger in trainer.loggers:  # loggers are active on rank 0 only
             logger.log_metrics({f"handover/{k}": v for k, v in self.stats.items()}, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_histogram("handover/exit_scores", scores, trainer.global_step)
                 logger.experiment.flush()
         self.stats.update(device=device, compiled=compiled)  # where it ran (not logged: not a number)
+
+    def fit_router(self, trainer: Trainer, llm, batch_size: int, run: dict) -> dict:
+        """Fit the learned exit function's router on the first training sequences (the same ones on every process),
+        then give every process rank 0's, so that all score alike; returns the fit's figures."""
+        figures = fit_exit_router(llm, trainer.datamodule.train_data, batch_size, forward_context=run["forward_context"])
+        state = trainer.strategy.broadcast({k: v.cpu() for k, v in llm.exit_router.state_dict().items()}, src=0)
+        llm.exit_router.load_state_dict(state)
+        return figures
 
     def hand_over(
         self, trainer: Trainer, llm, train: SequenceData, val: SequenceData, batch_size: int, run: dict, compiled: bool

@@ -10,12 +10,13 @@ import torch
 from torch import Tensor
 
 from cascade.flops import forward_flops_per_token
-from cascade.inference import run_llm
+from cascade.inference import TokenOutputs, run_llm
 from cascade.routing import compact_hard_tokens, quantile
 from cascade.sequence_data import SequenceData
 
 if TYPE_CHECKING:
     from cascade.ensemble import Ensemble
+    from cascade.llm import LLM
 
 SWEEP_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -38,6 +39,30 @@ def auroc(scores: Tensor, hard: Tensor) -> float:
 def hard_by_loss(nll: Tensor) -> Tensor:
     """The tokens whose loss is above the median of the tokens' losses: the hard ones an exit score should find."""
     return nll > nll.median()
+
+
+def routing_bound(out: TokenOutputs, data: SequenceData, next_llm: "LLM", count: int, batch_size: int,
+                  **run_options) -> dict:
+    """How far routing at LLM k is from the best possible at the same hand-over count, for the pair LLM k -> LLM k+1.
+
+    `out` is LLM k's forward on `data` (the tokens reaching it) with `nll`, `hidden` and `exit_scores`; LLM k+1 runs
+    once on every one of those tokens (a forward of every token, hence behind a setting). A routing hands on `count`
+    tokens; the pair's perplexity counts LLM k's loss on the tokens that exit and LLM k+1's on those handed on (LLM k+1
+    seeing every token's context, an idealisation shared by every routing compared). The oracle hands on the tokens
+    where LLM k+1 gains most over LLM k, so no routing of `count` tokens scores below it; beside it, routing by each
+    exit score (lowest first) and by LLM k's own loss (highest first). Returns `hard_fraction` and `ppl`: {routing:
+    perplexity}, the oracle first. After the oracle of the cascade-vs-baselines measurements (issue 16).
+    """
+    every = compact_hard_tokens(data, torch.ones(data.num_tokens, dtype=torch.bool), out.hidden)
+    nll_next = run_llm(next_llm, every, batch_size, nll=True, **run_options).nll.double()
+    nll = out.nll.double()
+    routes = {"oracle": nll_next - nll, "own_loss": -nll, **out.exit_scores}  # hand on the lowest
+    ppl = {}
+    for name, scores in routes.items():
+        hard = torch.zeros(data.num_tokens, dtype=torch.bool)
+        hard[torch.argsort(scores.double(), stable=True)[:count]] = True
+        ppl[name] = math.exp((nll[~hard].sum() + nll_next[hard].sum()).item() / data.num_tokens)
+    return {"hard_fraction": count / data.num_tokens, "ppl": ppl}
 
 
 def sweep_compute(ensemble: "Ensemble", data: SequenceData, batch_size: int, fractions: Sequence[float] = SWEEP_FRACTIONS,

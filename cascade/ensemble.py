@@ -80,7 +80,8 @@ class Ensemble(nn.Module):
         return len(self.llms)
 
     @torch.no_grad()
-    def evaluate(self, val_batches: Sequence[tuple[Tensor, Tensor]], batch_size: int, **run_options) -> dict:
+    def evaluate(self, val_batches: Sequence[tuple[Tensor, Tensor]], batch_size: int, routing_bound: bool = False,
+                 **run_options) -> dict:
         """True early exit on `(x, y)` batches: each token is predicted by the LLM it exits at.
 
         An LLM runs only on the tokens routed to it and is not called at all when none is.
@@ -89,7 +90,9 @@ class Ensemble(nn.Module):
         `wall_time_s` and `llm_stats`, one dict per LLM (`input_tokens`, `exit_tokens`,
         `exit_fraction` of all tokens, `ppl` of its exiting tokens, `pad_tokens`, and for each LLM that hands on,
         `exit_auroc` of every registered exit function), and `prefix_ppl`: the perplexity of the cascade cut after
-        each LLM (LLM 0 alone first). Each LLM runs where it is; `run_options` (`compile`, `forward_context`: the
+        each LLM (LLM 0 alone first). With `routing_bound`, each LLM that hands on also reports `routing_bound`: the
+        oracle's perplexity at its hand-over fraction beside each exit score's (`cascade.diagnostics.routing_bound`;
+        one more forward of each later LLM on every token reaching the one before). Each LLM runs where it is; `run_options` (`compile`, `forward_context`: the
         precision) go to `run_llm`.
         """
         data = create_sequence_data(self, val_batches)
@@ -101,7 +104,9 @@ class Ensemble(nn.Module):
                 stats = {"input_tokens": 0, "exit_tokens": 0, "pad_tokens": 0, "nll_sum": 0.0, "correct": 0, "ppl": math.nan,
                          "nll_sum_all": 0.0}
             else:
-                data, stats = evaluate_llm(llm, data, batch_size, is_last=k == len(self.llms) - 1, **run_options)
+                is_last = k == len(self.llms) - 1
+                next_llm = self.llms[k + 1] if routing_bound and not is_last else None
+                data, stats = evaluate_llm(llm, data, batch_size, is_last, next_llm, **run_options)
             llm_stats.append({**stats, "exit_fraction": stats["exit_tokens"] / total})
         wall_time = time.perf_counter() - start
         assert sum(s["exit_tokens"] for s in llm_stats) == total, "every token exits exactly once"

@@ -79,6 +79,17 @@ def neg_entropy_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, 
     return (log_probs.exp() * log_probs).sum(dim=-1)
 
 
+@reads_history()
+def learned_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: "LLM") -> Tensor:
+    """The token loss the LLM's fitted exit router predicts from its final hidden state, negated: tokens it expects
+    to predict well exit (see `cascade.exit_router`; CALM's learned classifier, Schuster et al. 2022)."""
+    if llm.exit_router is None:
+        raise ValueError("the learned exit function needs the LLM's exit router: fit it first (cascade.exit_router.fit_exit_router)")
+    return -llm.exit_router(h_out).float()
+
+
+LEARNED = "learned"  # the name of `learned_exit_fn`; not in EXIT_FNS, whose functions need nothing fitted
+
 EXIT_FNS: MappingProxyType[str, ExitFn] = MappingProxyType(
     {
         "cosine": default_exit_fn,
@@ -95,14 +106,16 @@ def get_exit_fn(exit_fn: str | ExitFn | None) -> ExitFn:
         return default_exit_fn
     if callable(exit_fn):
         return exit_fn
+    if exit_fn == LEARNED:
+        return learned_exit_fn
     if exit_fn not in EXIT_FNS:
-        raise ValueError(f"unknown exit function {exit_fn!r}; choose one of {sorted(EXIT_FNS)} or pass a callable")
+        raise ValueError(f"unknown exit function {exit_fn!r}; choose one of {sorted([*EXIT_FNS, LEARNED])} or pass a callable")
     return EXIT_FNS[exit_fn]
 
 
 def exit_fn_name(exit_fn: ExitFn) -> str | None:
     """The name under which `exit_fn` is in `EXIT_FNS`, or None for a custom function."""
-    return next((name for name, fn in EXIT_FNS.items() if fn is exit_fn), None)
+    return LEARNED if exit_fn is learned_exit_fn else next((name for name, fn in EXIT_FNS.items() if fn is exit_fn), None)
 
 
 def history_indices(exit_fn: ExitFn) -> tuple[int, ...] | None:

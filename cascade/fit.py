@@ -33,6 +33,7 @@ from cascade.diagnostics import sweep_compute
 from cascade.ensemble import Ensemble, create_sequence_data, stage_dir
 from cascade.hf_models import max_positions
 from cascade.layer_skip import layer_perplexities, threshold_sweep
+from cascade.llm import LLM
 from cascade.report import format_diagnostics, format_eval_table, format_handover, format_layer_exit_table, format_training, plot_curve
 from cascade.run_state import (
     RunDirectoryInUse,
@@ -47,6 +48,7 @@ from cascade.run_state import (
 )
 from cascade.shards import is_complete
 from cascade.utils import default_precision
+from cascade.warm_start import identity_start
 from datamodules.sequence import SequenceDataModule
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
@@ -85,6 +87,11 @@ class CascadeCLI(LightningCLI):
             "--eval_curve", type=bool, default=True,
             help="Also sweep the hand-over fraction at evaluation (a forward of every later LLM per point): the "
             "perplexity-vs-compute curve, in eval.json and eval_curve.png.",
+        )
+        parser.add_argument(
+            "--eval_routing_bound", type=bool, default=False,
+            help="Also run each later LLM on every token reaching the one before, to report the oracle's perplexity at "
+            "the same hand-over fraction beside each exit score's (eval.json llm_stats[k].routing_bound).",
         )
         parser.add_argument(
             "--ckpt_path", type=Optional[str], default=None,
@@ -201,6 +208,8 @@ class CascadeCLI(LightningCLI):
             datamodule = SequenceDataModule(
                 str(stage_dir(self.run_dir, k - 1) / "handover"), text.batch_size, text.seq_len, text.num_workers, text.seed + k
             )
+        if k > 0 and model.hparams.warm_start and not trained:  # a resumed stage's checkpoint then overwrites it
+            identity_start(model.llm, LLM.from_pretrained(stage_dir(self.run_dir, k - 1) / "llm"))
         timer = TrainingTimer()
         callbacks = [*(self.config_init.trainer.get("callbacks") or []), timer]
         if self.hands_over(k):
@@ -272,7 +281,7 @@ class CascadeCLI(LightningCLI):
         start = time.perf_counter()
         run = {"compile": compile, "forward_context": forward_context}
         batches = text.token_batches("validation", batch_size)
-        stats = ensemble.evaluate(batches, batch_size, **run)
+        stats = ensemble.evaluate(batches, batch_size, routing_bound=self.config.eval_routing_bound, **run)
         if self.config.eval_curve and len(ensemble) > 1:
             stats["curve"] = sweep_compute(ensemble, create_sequence_data(ensemble, batches), batch_size, **run)
         print(f"\nTrue early-exit evaluation of {self.run_dir} on the validation split ({device}, {trainer.precision}):")
@@ -296,6 +305,8 @@ class CascadeCLI(LightningCLI):
         scalars.update({f"eval/prefix_ppl_{j}": ppl for j, ppl in enumerate(stats["prefix_ppl"])})
         scalars.update({f"eval/exit_auroc_{k}/{name}": value for k, s in enumerate(stats["llm_stats"])
                         for name, value in s.get("exit_auroc", {}).items()})
+        scalars.update({f"eval/routing_bound_{k}/{name}": value for k, s in enumerate(stats["llm_stats"])
+                        for name, value in s.get("routing_bound", {}).get("ppl", {}).items()})
         logger.log_metrics(scalars, step=0)
         logger.finalize("success")
         print(f"written to {self.run_dir / 'eval.json'}; dashboards: tensorboard --logdir {self.run_dir}")

@@ -56,10 +56,12 @@ def run_llm(
     compile: bool = False,
     forward_context: Callable[[], ContextManager] | None = None,
     exit_fns: Mapping[str, ExitFn] | None = None,
+    residual: bool | None = None,
 ) -> TokenOutputs:
     """Run `llm` (in eval mode) over every token of `data` in packed batches of `batch_size` rows of `row_length`.
 
-    With `hidden_file`, the output hidden states are not kept but written there as raw bf16 rows
+    The hidden states are the final-norm outputs, or with `residual` (default `llm.hands_over_residual`: what the
+    LLM hands over) the residual stream before the final norm. With `hidden_file`, the output hidden states are not kept but written there as raw bf16 rows
     in token order (batches come in token order), so host memory holds a few batches of them. With
     `hidden_on_device`, they stay on the LLM's device (`hidden` is a device tensor): none is copied to the host.
     With `compile`, the LLM's forward runs under `torch.compile` (one graph per batch shape; worth it on
@@ -82,6 +84,9 @@ def run_llm(
         0,
     )
     history = history_indices(llm.exit_fn) if scores else ()
+    residual = hidden and (llm.hands_over_residual if residual is None else residual)
+    if residual and history is not None:
+        history = (*history, -1)
     exit_fns = dict(exit_fns or {})
     for name, fn in exit_fns.items():
         out.exit_scores[name] = torch.empty(n, dtype=torch.float32)
@@ -123,10 +128,11 @@ def run_llm(
                     results["scores"] = _real(llm.exit_scores(hidden_history, h_out), pick).float()
                 for name, fn in exit_fns.items():
                     results[f"exit:{name}"] = _real(fn(hidden_history, h_out, llm), pick).float()
+                handed = _real(hidden_history[-1], pick) if residual else h
                 if on_device:
-                    out.hidden[int(index[0]) : int(index[-1]) + 1] = h  # one slice: batches come in token order
+                    out.hidden[int(index[0]) : int(index[-1]) + 1] = handed  # one slice: batches come in token order
                 elif hidden:
-                    results["hidden"] = h.to(torch.bfloat16)
+                    results["hidden"] = handed.to(torch.bfloat16)
                 if nll:
                     logits = llm.get_logits(h).float()
                     targets = _real(b.targets, pick)

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from cascade.attention import ATTENTION, own_masks, packed_rows_mask
 from cascade.exit_fn import ExitFn, exit_fn_name, get_exit_fn
+from cascade.exit_router import ROUTER_FILE, ExitRouter
 from cascade.families import backbone, check_family, family, find_final_norm, head_logits_function
 from cascade.handover import collect_hard_tokens
 from cascade.hf_models import UNPADDED_VOCAB, supports_sdpa
@@ -59,6 +60,10 @@ class LLM(nn.Module):
         self.exit_fn = get_exit_fn(exit_fn)
         self.register_buffer("threshold", torch.tensor(0.0))
         self.mod: MixtureOfDepths | None = None
+        self.exit_router: ExitRouter | None = None  # the learned exit function's network, once fitted
+        # what the hand-over passes on: the final-norm output the head reads (default), or with this the residual
+        # stream before the final norm (for the identity start of the next LLM, `cascade.warm_start`)
+        self.hands_over_residual = False
         self._backbone = [backbone(base_llm)]  # lists, so that these modules are not registered twice
         self._layers = [decoder_layers(base_llm)]
         own_masks(base_llm)  # masks built here, not by transformers (see cascade.attention)
@@ -180,11 +185,16 @@ class LLM(nn.Module):
         config = self.base_llm.config
         config.exit_threshold = float(self.threshold)
         config.exit_fn = exit_fn_name(self.exit_fn)
+        config.hands_over_residual = self.hands_over_residual
         if self.mod is not None:
             config.mod = {"capacity": self.mod.capacity, "layers": self.mod.layers}
+        if self.exit_router is not None:
+            config.exit_router = {"hidden": self.exit_router.hidden}
         self.base_llm.save_pretrained(path)
         if self.mod is not None:
             save_file(self.mod.state_dict(), os.path.join(path, MOD_ROUTERS))
+        if self.exit_router is not None:
+            save_file(self.exit_router.state_dict(), os.path.join(path, ROUTER_FILE))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, exit_fn: ExitFn | str | None = None, **kwargs) -> "LLM":
@@ -194,12 +204,27 @@ class LLM(nn.Module):
         base_llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         llm = cls(base_llm, exit_fn or getattr(base_llm.config, "exit_fn", None))
         llm.threshold.fill_(getattr(base_llm.config, "exit_threshold", 0.0))
+        llm.hands_over_residual = bool(getattr(base_llm.config, "hands_over_residual", False))
         if mod := getattr(base_llm.config, "mod", None):
             routers = os.path.join(path, MOD_ROUTERS)
             if not os.path.isfile(routers):
                 raise FileNotFoundError(f"{path} is a Mixture-of-Depths model but lacks its routers ({MOD_ROUTERS}); save it again")
             llm.enable_mod(mod["capacity"], mod["layers"]).load_state_dict(load_file(routers))
+        llm.load_exit_router(path)
         return llm
+
+    def load_exit_router(self, path: str | os.PathLike) -> None:
+        """Load the learned exit function's router saved in `path` beside this LLM's weights, if its config has one.
+
+        Raises:
+            FileNotFoundError: the config names a router whose file is missing.
+        """
+        if router := getattr(self.base_llm.config, "exit_router", None):
+            file = os.path.join(path, ROUTER_FILE)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{path} has a learned exit function but lacks its router ({ROUTER_FILE}); save it again")
+            self.exit_router = ExitRouter(self.dim, router["hidden"]).eval().requires_grad_(False)
+            self.exit_router.load_state_dict(load_file(file))
 
     def exit_scores(self, hidden_history: Sequence[Tensor | None], h_out: Tensor) -> Tensor:
         return self.exit_fn(hidden_history, h_out, self)

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cascade.diagnostics import auroc, hard_by_loss
-from cascade.exit_fn import EXIT_FNS
+from cascade.diagnostics import auroc, hard_by_loss, routing_bound
+from cascade.exit_fn import EXIT_FNS, LEARNED, learned_exit_fn
 from cascade.inference import run_llm
 from cascade.routing import compact_hard_tokens, hard_mask
 from cascade.sequence_data import SequenceData
@@ -23,16 +23,18 @@ def compute_ppl(llm: "LLM", data: SequenceData, batch_size: int) -> float:
     return math.exp(nll.double().mean().item())
 
 
-def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool, **run_options) -> tuple[SequenceData, dict]:
+def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool, next_llm: "LLM | None" = None,
+                 **run_options) -> tuple[SequenceData, dict]:
     """Route `data` through `llm`: tokens scoring >= its threshold exit here (all of them if `is_last`).
 
     Returns the continuing tokens (compacted, with this LLM's output hidden states as inputs)
     and statistics over this LLM: `input_tokens`, `exit_tokens`, `nll_sum`, `correct` and
     `ppl` of the exiting tokens, `pad_tokens` (padding positions it also processed), `nll_sum_all` (over every
     token in) and, unless `is_last`, `exit_auroc`: {exit function: AUROC against the token loss above its median}.
-    `run_options` (`compile`, `forward_context`) go to `run_llm`.
+    Given `next_llm` (and not `is_last`), also `routing_bound` (`cascade.diagnostics.routing_bound`), which runs it on
+    every token in. `run_options` (`compile`, `forward_context`) go to `run_llm`.
     """
-    exit_fns = {} if is_last else EXIT_FNS  # every registered exit score, for its AUROC, from the same forward
+    exit_fns = {} if is_last else {**EXIT_FNS, **({LEARNED: learned_exit_fn} if llm.exit_router is not None else {})}
     out = run_llm(llm, data, batch_size, scores=not is_last, hidden=not is_last, nll=True, exit_fns=exit_fns, **run_options)
     if is_last:
         hard = torch.zeros(data.num_tokens, dtype=torch.bool)
@@ -55,4 +57,6 @@ def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool,
     if not is_last:  # how well each exit score finds the tokens whose loss here is above the median
         hard = hard_by_loss(out.nll)
         stats["exit_auroc"] = {name: auroc(scores, hard) for name, scores in out.exit_scores.items()}
+        if next_llm is not None:
+            stats["routing_bound"] = routing_bound(out, data, next_llm, data.num_tokens - exit_tokens, batch_size, **run_options)
     return continuing, stats

@@ -23,6 +23,10 @@ def format_diagnostics(stats: dict) -> str:
         if "exit_auroc" in s:
             lines.append(f"exit scores of LLM {k} as detectors of its tokens with a loss above the median (AUROC, 0.5 is "
                          "chance): " + ", ".join(f"{name} {value:.3f}" for name, value in s["exit_auroc"].items()))
+        if bound := s.get("routing_bound"):
+            lines.append(f"LLMs {k}..{k + 1} handing on {bound['hard_fraction']:.1%} of LLM {k}'s tokens, LLM {k + 1} seeing "
+                         "every token's context: perplexity by routing: " + ", ".join(
+                             f"{name} {value:.2f}" for name, value in bound["ppl"].items()))
     if curve := stats.get("curve"):
         lines.append("perplexity vs compute, the hand-over fraction swept at evaluation: " + ", ".join(
             f"{p['hard_fraction']:.1f}: {p['ppl']:.2f} at {p['compute_fraction']:.0%}" for p in curve))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -52,7 +53,11 @@ class StageModule(LightningModule):
         model_config: Overrides of the model's config (e.g. {"n_layer": 2, "n_embd": 128}).
         pretrained: Load the weights of `model` (a name or directory) instead of a fresh init.
         vocab_size: Vocabulary size of a fresh model; linked from the data's tokenizer.
-        exit_fn: Exit function by name: cosine, max_prob, top2_margin or neg_entropy.
+        exit_fn: Exit function by name: cosine, max_prob, top2_margin, neg_entropy, or learned (a small network fitted to
+            the LLM's token loss at the hand-over, `cascade.exit_router`).
+        warm_start: Each LLM hands over its residual stream before the final norm, and each LLM k > 0 starts as the
+            identity on it with copies of LLM k-1's final norm and head: before training it predicts exactly what LLM
+            k-1 does (`cascade.warm_start`; set up by `cascade.fit`, which reads LLM k-1).
         stage: Index k of this LLM in the cascade (set by `cascade.fit`).
         lr: Peak learning rate of stage 0.
         lr_decay: Stage k trains with peak learning rate `lr * lr_decay ** k`.
@@ -99,6 +104,7 @@ class StageModule(LightningModule):
         pretrained: bool = False,
         vocab_size: int | None = None,
         exit_fn: str = "cosine",
+        warm_start: bool = False,
         stage: int = 0,
         lr: float = 6e-4,
         lr_decay: float = 0.5,
@@ -129,6 +135,9 @@ class StageModule(LightningModule):
         if llm is None:
             causal_lm = build_causal_lm(model, model_config, pretrained, vocab_size, attn_implementation, pad_vocab_to_multiple_of)
             llm = LLM(causal_lm, exit_fn)
+            if pretrained and os.path.isdir(model):
+                llm.load_exit_router(model)  # a saved cascade LLM keeps its fitted router
+        llm.hands_over_residual = warm_start
         if stage > 0 and llm.only_first:
             raise ValueError(later_stage_refused(llm, f"stage {stage}"))
         if vocab_size is not None and vocab_size > llm.vocab_size:

@@ -27,13 +27,14 @@ def fit(cwd, *args):
 
 
 @pytest.mark.slow
-def test_one_and_two_processes_hand_over_the_same_tokens(tmp_path):
+@pytest.mark.parametrize("exit_fn", ["cosine", "learned"])  # the learned one is fitted again at each hand-over
+def test_one_and_two_processes_hand_over_the_same_tokens(tmp_path, exit_fn):
     write_corpus(tmp_path / "corpus.txt", 400)
-    fit(tmp_path, "--runs_dir", "one")
+    fit(tmp_path, "--runs_dir", "one", "--model.exit_fn", exit_fn)
     trained = tmp_path / "one" / "tiny" / "stage_0" / "llm"
     # the same trained weights, handed over again by two processes (no further training)
     fit(tmp_path, "--runs_dir", "two", "--model.model", str(trained), "--model.pretrained", "true",
-        "--trainer.max_steps", "0", "--trainer.strategy", "ddp", "--trainer.devices", "2")
+        "--model.exit_fn", exit_fn, "--trainer.max_steps", "0", "--trainer.strategy", "ddp", "--trainer.devices", "2")
 
     one = tmp_path / "one" / "tiny" / "stage_0"
     two = tmp_path / "two" / "tiny" / "stage_0"

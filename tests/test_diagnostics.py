@@ -9,6 +9,7 @@ import torch
 
 from cascade import LLM, Ensemble, create_sequence_data
 from cascade.diagnostics import auroc, sweep_compute
+from cascade.inference import run_llm
 from cascade.llm_evaluator import compute_ppl
 from cascade.routing import compact_hard_tokens
 from conftest import tiny_model, token_batches
@@ -70,3 +71,32 @@ def test_evaluation_runs_each_forward_in_the_given_precision_context():
 
     ensemble.evaluate(batches, batch_size=4, forward_context=context)
     assert len(entered) >= 3 + 1, "every batch of LLM 0 and of LLM 1 ran in it"
+
+
+def test_the_oracle_is_never_worse_than_any_routing_of_as_many_tokens():
+    ensemble, batches, data = two_llm_cascade()
+    stats = ensemble.evaluate(batches, batch_size=4, routing_bound=True)
+    bound = stats["llm_stats"][0]["routing_bound"]
+    handed_on = stats["llm_stats"][1]["input_tokens"]
+    assert bound["hard_fraction"] == handed_on / data.num_tokens
+    assert set(bound["ppl"]) == {"oracle", "own_loss", "cosine", "max_prob", "top2_margin", "neg_entropy"}
+    # the same measure recomputed apart: LLM 0's loss where a token exits, LLM 1's (on every token) where it is handed on
+    hidden_0 = ensemble.llms[0].transform_data(data, 4).inputs
+    every = compact_hard_tokens(data, torch.ones(data.num_tokens, dtype=torch.bool), hidden_0)
+    loss_0 = run_llm(ensemble.llms[0], data, 4, nll=True).nll.double()
+    loss_1 = run_llm(ensemble.llms[1], every, 4, nll=True).nll.double()
+
+    def pair_ppl(hard):
+        return math.exp((loss_0[~hard].sum() + loss_1[hard].sum()).item() / data.num_tokens)
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # random routings of as many tokens
+        hard = torch.zeros(data.num_tokens, dtype=torch.bool)
+        hard[torch.randperm(data.num_tokens, generator=g)[:handed_on]] = True
+        assert bound["ppl"]["oracle"] <= pair_ppl(hard) * (1 + 1e-9)
+    assert all(bound["ppl"]["oracle"] <= v * (1 + 1e-9) for v in bound["ppl"].values())
+    # handing on by the largest loss of LLM 0, recomputed
+    by_loss = torch.zeros(data.num_tokens, dtype=torch.bool)
+    by_loss[torch.argsort(-loss_0, stable=True)[:handed_on]] = True
+    assert bound["ppl"]["own_loss"] == pytest.approx(pair_ppl(by_loss), rel=1e-6)
+    assert "routing_bound" not in ensemble.evaluate(batches, batch_size=4)["llm_stats"][0], "only when asked"

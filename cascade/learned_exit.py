@@ -1,0 +1,60 @@
+"""Fitting an LLM's exit router (the learned exit function, `cascade.exit_router`) to its own token loss."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from cascade.diagnostics import auroc, hard_by_loss
+from cascade.exit_router import ExitRouter
+from cascade.inference import run_llm
+from cascade.sequence_data import SequenceData
+
+if TYPE_CHECKING:
+    from cascade.llm import LLM
+
+
+def fit_exit_router(
+    llm: "LLM",
+    data: SequenceData,
+    batch_size: int,
+    max_tokens: int = 200_000,
+    steps: int = 500,
+    lr: float = 1e-3,
+    hidden: int = 128,
+    seed: int = 0,
+    **run_options,
+) -> dict:
+    """Fit `llm.exit_router` to the LLM's token loss on (at most `max_tokens` of the first sequences of) `data`, a
+    tenth of them held out; returns the fit's figures: tokens, held-out AUROC against the loss above its median, and
+    the mean squared error of the standardised loss before (1.0) and after. Deterministic for a given seed and data;
+    `run_options` go to `run_llm` (the forward that gives features and targets)."""
+    count = int(torch.searchsorted(data.offsets, torch.tensor(max_tokens), right=True)) - 1
+    sample = data.select(torch.arange(max(1, min(count, data.num_sequences))))
+    out = run_llm(llm, sample, batch_size, hidden=True, hidden_on_device=True, nll=True, residual=False,
+                  **run_options)  # the final-norm outputs, which `learned_exit_fn` reads
+    features, loss = out.hidden.float(), out.nll.to(llm.device)
+    target = (loss - loss.mean()) / loss.std().clamp_min(1e-6)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(loss.numel(), generator=g).to(llm.device)
+    held = order[: max(1, loss.numel() // 10)]
+    train = order[held.numel() :] if loss.numel() > held.numel() else held
+    with torch.random.fork_rng(devices=[]):  # its initialisation seeded, the caller's generator left as it was
+        torch.manual_seed(seed)
+        router = ExitRouter(llm.dim, hidden).to(llm.device)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        batch = train[torch.randint(0, train.numel(), (min(4096, train.numel()),), generator=g).to(llm.device)]
+        error = nn.functional.mse_loss(router(features[batch]), target[batch])
+        optimizer.zero_grad(set_to_none=True)
+        error.backward()
+        optimizer.step()
+    router.eval().requires_grad_(False)
+    with torch.no_grad():
+        predicted = router(features[held])
+        held_mse = float(nn.functional.mse_loss(predicted, target[held]))
+    llm.exit_router = router
+    return {"tokens": int(loss.numel()), "held_out_mse": held_mse,
+            "held_out_auroc": auroc(-predicted.cpu(), hard_by_loss(loss[held].cpu()))}
