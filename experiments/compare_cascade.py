@@ -44,13 +44,16 @@ class Runner:
         self.log = open(self.out / "runs.log", "a")
 
     def common(self, layers: int, steps: int, seed: int, val_files: list[str] | None) -> list[str]:
+        """The settings every run shares; without `val_files`, training on 90% of the articles of the training text
+        and validating on the rest (`held_out_split`)."""
         a = self.args
         model_config = {"n_layer": layers, "n_embd": a.dim, "n_head": a.heads, "n_positions": a.seq_len}
-        data = ["--data.val_files", json.dumps(val_files)] if val_files else ["--data.val_fraction", "0.1"]
+        train, val = (a.train, val_files) if val_files else held_out_split(a.train, self.out)
+        data = ["--data.train_files", json.dumps(train), "--data.val_files", json.dumps(val)]
         return [
             "--model.model", "gpt2", "--model.model_config", json.dumps(model_config), "--model.compile", "false",
             "--model.lr", str(a.lr), "--model.warmup_steps", str(max(1, steps // 20)), "--model.lr_decay", "1.0",
-            "--data.train_files", json.dumps(a.train), *data, "--data.vocab_size", str(a.vocab_size),
+            *data, "--data.vocab_size", str(a.vocab_size),
             "--data.seq_len", str(a.seq_len), "--data.batch_size", str(a.batch_size),
             "--data.cache_dir", str(self.out / "cache" / ("test" if val_files else "held_out")),
             "--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1", "--trainer.val_check_interval", str(a.val_every),
@@ -85,6 +88,21 @@ class Runner:
         extra = ["--num_stages", "2", "--model.exit_fn", exit_fn, "--model.warm_start", str(warm).lower(),
                  "--handover.hard_ratio", str(self.args.hard_ratio)]
         return self.fit(name, [*self.common(4, steps, seed, self.args.eval), *extra])
+
+
+def held_out_split(files: list[str], out: Path) -> tuple[list[str], list[str]]:
+    """The training text cut at WikiText's article headings (" = Title = " lines) into its first 90% of articles and
+    the last 10%, as two files under `out` (its blank lines hold a space, so the corpus loader sees one document)."""
+    train, held_out = out / "select_train.txt", out / "select_held_out.txt"
+    if not held_out.is_file():
+        text = "".join(Path(f).read_text() for f in files)
+        starts = [i for i, line in enumerate(text.splitlines(keepends=True))
+                  if line.startswith(" = ") and not line.startswith(" = =")]
+        lines = text.splitlines(keepends=True)
+        cut = starts[int(len(starts) * 0.9)] if len(starts) >= 10 else int(len(lines) * 0.9)
+        train.write_text("".join(lines[:cut]))
+        held_out.write_text("".join(lines[cut:]))
+    return [str(train)], [str(held_out)]
 
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -239,6 +257,7 @@ def main() -> None:
         parser.error("give --train and --eval text files (or --smoke)")
     args.train, args.eval = [str(Path(f).resolve()) for f in args.train], [str(Path(f).resolve()) for f in args.eval]
     runner = Runner(args)
+    held_out_split(args.train, out)  # once, before the runs share it
     report = {"setup": vars(args), "selection": {"curves": {}, "held_out_ppl": {}}}
     with ThreadPoolExecutor(args.parallel) as pool:
         if args.steps is None:
