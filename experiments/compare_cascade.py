@@ -52,7 +52,7 @@ class Runner:
         data = ["--data.train_files", json.dumps(train), "--data.val_files", json.dumps(val)]
         return [
             "--model.model", "gpt2", "--model.model_config", json.dumps(model_config), "--model.compile", "false",
-            "--model.lr", str(a.lr), "--model.warmup_steps", str(max(1, steps // 20)), "--model.lr_decay", "1.0",
+            "--model.lr", str(a.lr), "--model.warmup_steps", str(max(1, steps // 20)), "--model.lr_decay", str(a.lr_decay),
             *data, "--data.vocab_size", str(a.vocab_size),
             "--data.seq_len", str(a.seq_len), "--data.batch_size", str(a.batch_size),
             "--data.cache_dir", str(self.out / "cache" / ("test" if val_files else "held_out")),
@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--hard-ratio", type=float, default=0.3)
+    parser.add_argument("--lr-decay", type=float, default=1.0, help="LLM k's peak learning rate is lr x lr_decay^k")
     parser.add_argument("--select-steps", type=int, nargs="+", default=[250, 500, 1000, 2000])
     parser.add_argument("--steps", type=int, default=None, help="LLM 0's steps: skip the selection")
     parser.add_argument("--val-every", type=int, default=50)
