@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import re
 import sysconfig
 from pathlib import Path
 
@@ -34,6 +35,15 @@ def python_stdlib_documents() -> list[str]:
                 if doc and len(doc) > 40:
                     documents.append(doc)
     return documents
+
+
+BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+def _split_at_blank_lines(batch: dict) -> dict:
+    """Documents split further at lines holding only spaces or tabs (empty pieces dropped)."""
+    pieces = [piece for text in batch["text"] for piece in BLANK_LINE.split(text)]
+    return {"text": [piece for piece in pieces if piece.strip()]}
 
 
 def _loader(files: list[str]) -> str:
@@ -99,6 +109,8 @@ def load_corpus(
             corpus = datasets.load_dataset(loader, data_files={k: [str(p) for p in v] for k, v in files.items()}, **options)
         except datasets.exceptions.DatasetGenerationError as e:
             raise ValueError(f"cannot read {[str(p) for v in files.values() for p in v]} as {loader}: {e.__cause__ or e}") from e
+        if loader == "text":  # datasets splits at empty lines only; WikiText's blank lines hold a space
+            corpus = corpus.map(_split_at_blank_lines, batched=True, desc="splitting documents at blank lines")
         source = f"data.train_files {train_files}"
     elif dataset == PYTHON_STDLIB:
         corpus = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": python_stdlib_documents()})})

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from cascade.report import human
 from cascade.sequence_data import SequenceData
 from datamodules.base import PackedDataModule
-from datamodules.corpus import check_corpus_file, load_corpus
+from datamodules.corpus import BLANK_LINE, check_corpus_file, load_corpus
 from datamodules.tokens import default_cache_dir, fingerprint, load_tokenizer, load_tokens, tokenize_to_cache, train_bpe
 
 
@@ -103,7 +103,7 @@ class TextDataModule(PackedDataModule):
         files = [*(self.source["train_files"] or []), *(self.source["val_files"] or [])]
         stats = [(str(Path(f).expanduser().resolve()), Path(f).expanduser().stat().st_size, Path(f).expanduser().stat().st_mtime_ns)
                  for f in files if Path(f).expanduser().is_file()]
-        return fingerprint(self.source, stats)
+        return fingerprint(self.source, stats, BLANK_LINE.pattern)  # how files are cut into documents, too
 
     @property
     def token_dir(self) -> Path:

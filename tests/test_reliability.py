@@ -319,3 +319,13 @@ def test_a_run_started_while_another_holds_its_directory_stops_naming_it_and_a_l
     assert not (tmp_path / "runs" / "tiny" / "stage_0").exists(), "it wrote nothing there"
     other.release()
     assert main(args)["total_tokens"] > 0
+
+
+def test_blank_lines_holding_spaces_separate_documents_as_in_wikitext(tmp_path):
+    from datamodules.corpus import load_corpus
+
+    wiki = tmp_path / "wiki.txt"  # WikiText's layout: " = Title = ", and blank lines that hold a space
+    wiki.write_text("".join(f" \n = Article {i} = \n \n Words of article {i} .\n \n More words {i} .\n" for i in range(10)))
+    corpus = load_corpus(None, None, [str(wiki)], None, "text", 0.2, 0)
+    assert len(corpus["train"]) + len(corpus["validation"]) == 30
+    assert not any(text.strip() == "" or "\n \n" in text for split in corpus.values() for text in split["text"])
