@@ -57,6 +57,9 @@ def compile_scoring(llm, data: SequenceData, batch_size: int, **run) -> float:
     return time.perf_counter() - start
 
 
+ROUTER_DATA = ("train", "validation")
+
+
 class StageHandover(Callback):
     """Collects exit scores on the stage's training tokens, sets the threshold, keeps the hard tokens.
 
@@ -82,6 +85,9 @@ class StageHandover(Callback):
             file beside `output_dir`.
         after_last_stage: Also hand over after the last stage of a run (`cascade.fit`), so that the cascade can
             be extended later by more stages; by default the last stage hands over nothing.
+        router_data: Which of the stage's splits the learned exit function's router is fitted on: `train`, or
+            `validation` (tokens the LLM did not train on, whose loss is like that of new text: better where the LLM
+            has seen its training tokens many times; keep the evaluation's text out of that split, `--eval_files`).
     """
 
     def __init__(
@@ -91,8 +97,11 @@ class StageHandover(Callback):
         batch_size: int | None = None,
         host_memory_gb: float = 4.0,
         after_last_stage: bool = False,
+        router_data: str = "train",
     ):
         check_hard_ratio(hard_ratio)
+        if router_data not in ROUTER_DATA:
+            raise ValueError(f"router_data must be one of {ROUTER_DATA}, got {router_data!r}")
         if host_memory_gb < 0:
             raise ValueError(f"host_memory_gb must be >= 0, got {host_memory_gb}")
         self.hard_ratio = hard_ratio
@@ -100,6 +109,7 @@ class StageHandover(Callback):
         self.batch_size = batch_size
         self.host_memory_bytes = int(host_memory_gb * 1e9)
         self.after_last_stage = after_last_stage
+        self.router_data = router_data
         self.stats: dict = {}
         self.train_next = self.val_next = None  # this process's part of the hand-over, for the Python API
 
@@ -134,9 +144,10 @@ class StageHandover(Callback):
         self.stats.update(device=device, compiled=compiled)  # where it ran (not logged: not a number)
 
     def fit_router(self, trainer: Trainer, llm, batch_size: int, run: dict) -> dict:
-        """Fit the learned exit function's router on the first training sequences (the same ones on every process),
-        then give every process rank 0's, so that all score alike; returns the fit's figures."""
-        figures = fit_exit_router(llm, trainer.datamodule.train_data, batch_size, forward_context=run["forward_context"])
+        """Fit the learned exit function's router on the first sequences of `router_data` (the same ones on every
+        process), then give every process rank 0's, so that all score alike; returns the fit's figures."""
+        data = trainer.datamodule.train_data if self.router_data == "train" else trainer.datamodule.val_data
+        figures = fit_exit_router(llm, data, batch_size, forward_context=run["forward_context"])
         state = trainer.strategy.broadcast({k: v.cpu() for k, v in llm.exit_router.state_dict().items()}, src=0)
         llm.exit_router.load_state_dict(state)
         return figures

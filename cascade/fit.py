@@ -48,6 +48,7 @@ from cascade.run_state import (
 )
 from cascade.shards import is_complete
 from cascade.utils import default_precision
+from datamodules.corpus import check_corpus_file
 from cascade.warm_start import identity_start
 from datamodules.sequence import SequenceDataModule
 from datamodules.text import TextDataModule
@@ -87,6 +88,11 @@ class CascadeCLI(LightningCLI):
             "--eval_curve", type=bool, default=True,
             help="Also sweep the hand-over fraction at evaluation (a forward of every later LLM per point): the "
             "perplexity-vs-compute curve, in eval.json and eval_curve.png.",
+        )
+        parser.add_argument(
+            "--eval_files", type=Optional[list[str]], default=None,
+            help="Text files to evaluate on after the last stage (a test set, tokenized by the run's tokenizer) "
+            "instead of the validation split.",
         )
         parser.add_argument(
             "--eval_routing_bound", type=bool, default=False,
@@ -139,6 +145,8 @@ class CascadeCLI(LightningCLI):
                     "to hand it over" if trained_without_handover(previous) else f"train stage {config.stage - 1} first"
                 )
                 raise FileNotFoundError(f"stage {config.stage} reads {previous / 'handover'}, which does not exist: {hint}")
+        for f in config.eval_files or []:  # before any training, not after it
+            check_corpus_file(Path(f).expanduser(), "eval_files", read=False)
         stages = range(config.num_stages) if config.stage is None else [config.stage]
         ckpt_path = config.ckpt_path
         for k in stages:
@@ -280,11 +288,12 @@ class CascadeCLI(LightningCLI):
         compile = bool(self.config.model.compile) and device.type == "cuda"
         start = time.perf_counter()
         run = {"compile": compile, "forward_context": forward_context}
-        batches = text.token_batches("validation", batch_size)
+        files = self.config.eval_files
+        batches = text.token_batches(batch_size=batch_size, data=text.file_data(files) if files else None)
         stats = ensemble.evaluate(batches, batch_size, routing_bound=self.config.eval_routing_bound, **run)
         if self.config.eval_curve and len(ensemble) > 1:
             stats["curve"] = sweep_compute(ensemble, create_sequence_data(ensemble, batches), batch_size, **run)
-        print(f"\nTrue early-exit evaluation of {self.run_dir} on the validation split ({device}, {trainer.precision}):")
+        print(f"\nTrue early-exit evaluation of {self.run_dir} on {files or 'the validation split'} ({device}, {trainer.precision}):")
         print(format_eval_table(stats))
         print(format_diagnostics(stats))
         if "curve" in stats and plot_curve(stats, self.run_dir / "eval_curve.png"):
@@ -298,6 +307,7 @@ class CascadeCLI(LightningCLI):
             }
             print(format_layer_exit_table(stats["layer_exits"]))
         stats["eval_s"] = time.perf_counter() - start
+        stats["eval_data"] = files or "validation"
         stats["stages"] = [read_done(stage_dir(self.run_dir, k)) for k in range(num_llms)]
         (self.run_dir / "eval.json").write_text(json.dumps(stats, indent=2))
         logger = TensorBoardLogger(str(self.run_dir), name="eval", version="")

@@ -83,6 +83,24 @@ def check_corpus_file(path: Path, setting: str, read: bool = True) -> None:
         raise ValueError(f"{setting}: {path} is not UTF-8 text: it ends inside a multi-byte character; convert it to UTF-8") from None
 
 
+def load_files(splits: dict[str, tuple[list[str], str]]) -> datasets.DatasetDict:
+    """{split: (files, the setting that names them)} read as documents (text files cut at blank lines); raises
+    ValueError or FileNotFoundError naming the setting of a file that cannot be read."""
+    for files, setting in splits.values():
+        for f in files:
+            check_corpus_file(Path(f).expanduser(), setting)
+    loader = _loader([f for files, _ in splits.values() for f in files])
+    options = {"sample_by": "paragraph"} if loader == "text" else {}
+    data_files = {split: [str(Path(f).expanduser()) for f in files] for split, (files, _) in splits.items()}
+    try:
+        corpus = datasets.load_dataset(loader, data_files=data_files, **options)
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise ValueError(f"cannot read {[f for v in data_files.values() for f in v]} as {loader}: {e.__cause__ or e}") from e
+    if loader == "text":  # datasets splits at empty lines only; WikiText's blank lines hold a space
+        corpus = corpus.map(_split_at_blank_lines, batched=True, desc="splitting documents at blank lines")
+    return corpus
+
+
 def load_corpus(
     dataset: str | None,
     dataset_config: str | None,
@@ -97,20 +115,10 @@ def load_corpus(
     Raises ValueError or FileNotFoundError naming the file or setting for anything that cannot be read or split.
     """
     if train_files:
-        files = {"train": [Path(f).expanduser() for f in train_files]}
+        files = {"train": (train_files, "data.train_files")}
         if val_files:
-            files["validation"] = [Path(f).expanduser() for f in val_files]
-        for split, paths in files.items():
-            for path in paths:
-                check_corpus_file(path, f"data.{'train' if split == 'train' else 'val'}_files")
-        loader = _loader(train_files + list(val_files or []))
-        options = {"sample_by": "paragraph"} if loader == "text" else {}
-        try:
-            corpus = datasets.load_dataset(loader, data_files={k: [str(p) for p in v] for k, v in files.items()}, **options)
-        except datasets.exceptions.DatasetGenerationError as e:
-            raise ValueError(f"cannot read {[str(p) for v in files.values() for p in v]} as {loader}: {e.__cause__ or e}") from e
-        if loader == "text":  # datasets splits at empty lines only; WikiText's blank lines hold a space
-            corpus = corpus.map(_split_at_blank_lines, batched=True, desc="splitting documents at blank lines")
+            files["validation"] = (val_files, "data.val_files")
+        corpus = load_files(files)
         source = f"data.train_files {train_files}"
     elif dataset == PYTHON_STDLIB:
         corpus = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": python_stdlib_documents()})})

@@ -12,8 +12,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from cascade.report import human
 from cascade.sequence_data import SequenceData
 from datamodules.base import PackedDataModule
-from datamodules.corpus import BLANK_LINE, check_corpus_file, load_corpus
+from datamodules.corpus import BLANK_LINE, check_corpus_file, load_corpus, load_files
 from datamodules.tokens import default_cache_dir, fingerprint, load_tokenizer, load_tokens, tokenize_to_cache, train_bpe
+
+
+def file_stats(files: list[str]) -> list[tuple[str, int, int]]:
+    """(resolved path, size, mtime) of each file that exists: what a cache built from them is keyed on."""
+    paths = [Path(f).expanduser() for f in files]
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.is_file()]
 
 
 def windows(tokens: torch.Tensor, seq_len: int, split: str) -> SequenceData:
@@ -100,9 +106,7 @@ class TextDataModule(PackedDataModule):
         return self._vocab_size
 
     def _corpus_key(self) -> str:
-        files = [*(self.source["train_files"] or []), *(self.source["val_files"] or [])]
-        stats = [(str(Path(f).expanduser().resolve()), Path(f).expanduser().stat().st_size, Path(f).expanduser().stat().st_mtime_ns)
-                 for f in files if Path(f).expanduser().is_file()]
+        stats = file_stats([*(self.source["train_files"] or []), *(self.source["val_files"] or [])])
         return fingerprint(self.source, stats, BLANK_LINE.pattern)  # how files are cut into documents, too
 
     @property
@@ -169,10 +173,25 @@ class TextDataModule(PackedDataModule):
         """Save the tokenizer next to a run's models, so the run can be used without the cache."""
         self._tokenizer().save_pretrained(path)
 
-    def token_batches(self, split: str = "validation", batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A split's windows as `(x, y)` pairs of (B, seq_len) token ids (for `Ensemble.evaluate` and the Python API)."""
+    def file_data(self, files: list[str], setting: str = "eval_files") -> SequenceData:
+        """Windows of other text files (a test set), tokenized by this corpus's tokenizer and cached like the splits.
+
+        Raises ValueError or FileNotFoundError naming `setting` for a file that cannot be read.
+        """
+        path = self.cache_dir / f"eval-{fingerprint(self._corpus_key(), self.tokenizer_name or self._vocab_size, file_stats(files))}"
+        if (path / "manifest.json").is_file():
+            tokens = load_tokens(path)
+        else:
+            tokens = tokenize_to_cache(load_files({"eval": (files, setting)})["eval"], self._tokenizer(), "text", path)
+        return windows(tokens, self.seq_len, setting)
+
+    def token_batches(
+        self, split: str = "validation", batch_size: int | None = None, data: SequenceData | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A split's windows (or `data`'s, from `file_data`) as `(x, y)` pairs of (B, seq_len) token ids (for
+        `Ensemble.evaluate` and the Python API)."""
         self.setup()
-        data = self.val_data if split == "validation" else self.train_data
+        data = data if data is not None else self.val_data if split == "validation" else self.train_data
         x = data.inputs.long().view(-1, self.seq_len)
         y = data.targets.long().view(-1, self.seq_len)
         b = batch_size or self.batch_size

@@ -43,23 +43,28 @@ class Runner:
         self.args, self.out = args, Path(args.out)
         self.log = open(self.out / "runs.log", "a")
 
-    def common(self, layers: int, steps: int, seed: int, val_files: list[str] | None) -> list[str]:
-        """The settings every run shares; without `val_files`, training on 90% of the articles of the training text
-        and validating on the rest (`held_out_split`)."""
+    def common(self, layers: int, steps: int, seed: int, test: bool) -> list[str]:
+        """The settings every run shares. Selection runs (not `test`) train on 90% of the training text's articles
+        and validate (and are evaluated) on the rest (`held_out_split`); the others train on all of it and are
+        evaluated on `--eval`, their validation split, or with `--held-out-validation` they train and validate as
+        the selection runs do and are evaluated on `--eval` (`--eval_files`), which then no stage sees."""
         a = self.args
         model_config = {"n_layer": layers, "n_embd": a.dim, "n_head": a.heads, "n_positions": a.seq_len}
-        train, val = (a.train, val_files) if val_files else held_out_split(a.train, self.out)
+        train, val = (a.train, a.eval) if test and not a.held_out_validation else held_out_split(a.train, self.out)
         data = ["--data.train_files", json.dumps(train), "--data.val_files", json.dumps(val)]
+        if test and a.held_out_validation:
+            data += ["--eval_files", json.dumps(a.eval)]
         return [
             "--model.model", "gpt2", "--model.model_config", json.dumps(model_config), "--model.compile", "false",
             "--model.lr", str(a.lr), "--model.warmup_steps", str(max(1, steps // 20)), "--model.lr_decay", str(a.lr_decay),
-            *data, "--data.vocab_size", str(a.vocab_size),
+            "--data.vocab_size", str(a.vocab_size),
             "--data.seq_len", str(a.seq_len), "--data.batch_size", str(a.batch_size),
-            "--data.cache_dir", str(self.out / "cache" / ("test" if val_files else "held_out")),
+            "--data.cache_dir", str(self.out / "cache" / ("test" if test and not a.held_out_validation else "held_out")),
             "--trainer.max_steps", str(steps), "--trainer.max_epochs", "-1", "--trainer.val_check_interval", str(a.val_every),
             "--trainer.check_val_every_n_epoch", "null", "--trainer.limit_val_batches", str(a.val_batches),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--seed_everything", str(seed), "--data.seed", str(seed), "--eval_routing_bound", "true",
+            "--handover.router_data", a.router_data, *data,
         ]
 
     def fit(self, name: str, args: list[str]) -> dict:
@@ -74,20 +79,20 @@ class Runner:
             raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
         return {"name": name, **json.loads((self.out / "runs" / name / "eval.json").read_text())}
 
-    def llm0(self, name: str, steps: int, seed: int, layers: int = 4, val_files: list[str] | None = None) -> dict:
-        return self.fit(name, ["--num_stages", "1", *self.common(layers, steps, seed, val_files)])
+    def llm0(self, name: str, steps: int, seed: int, layers: int = 4, test: bool = True) -> dict:
+        return self.fit(name, ["--num_stages", "1", *self.common(layers, steps, seed, test)])
 
     def extend(self, base: str, name: str, steps: int, seed: int, exit_fn: str, warm: bool) -> dict:
         """Copy the run `base` (LLM 0 alone, saved) and extend it by a stage: LLM 0 hands over, LLM 1 trains `steps`."""
         shutil.copytree(self.out / "runs" / base, self.out / "runs" / name)
         extra = ["--num_stages", "2", "--model.exit_fn", exit_fn, "--model.warm_start", str(warm).lower(),
                  "--handover.hard_ratio", str(self.args.hard_ratio)]
-        return self.fit(name, [*self.common(4, steps, seed, self.args.eval), *extra])
+        return self.fit(name, [*self.common(4, steps, seed, True), *extra])
 
     def cascade(self, name: str, steps: int, seed: int, exit_fn: str, warm: bool) -> dict:
         extra = ["--num_stages", "2", "--model.exit_fn", exit_fn, "--model.warm_start", str(warm).lower(),
                  "--handover.hard_ratio", str(self.args.hard_ratio)]
-        return self.fit(name, [*self.common(4, steps, seed, self.args.eval), *extra])
+        return self.fit(name, [*self.common(4, steps, seed, True), *extra])
 
 
 def held_out_split(files: list[str], out: Path) -> tuple[list[str], list[str]]:
@@ -141,11 +146,11 @@ def regime_rows(r: Runner, tag: str, steps_0: int, steps_1: int, seeds: list[int
     deep_steps = (steps_0 + steps_1) // 2
     jobs = {}
     for seed in seeds:
-        jobs[("LLM 0 alone", seed)] = pool.submit(r.llm0, f"{tag}-llm0-s{seed}", steps_0, seed, val_files=a.eval)
+        jobs[("LLM 0 alone", seed)] = pool.submit(r.llm0, f"{tag}-llm0-s{seed}", steps_0, seed)
         jobs[("LLM 0, the cascade's training FLOPs", seed)] = pool.submit(
-            r.llm0, f"{tag}-llm0-long-s{seed}", steps_0 + steps_1, seed, val_files=a.eval)
+            r.llm0, f"{tag}-llm0-long-s{seed}", steps_0 + steps_1, seed)
         jobs[("twice as deep, the cascade's training FLOPs", seed)] = pool.submit(
-            r.llm0, f"{tag}-deep-s{seed}", deep_steps, seed, layers=8, val_files=a.eval)
+            r.llm0, f"{tag}-deep-s{seed}", deep_steps, seed, layers=8)
     if converged:
         for seed in seeds:
             jobs[("LLM 0 alone", seed)].result()  # the saved LLM 0 the cascades extend
@@ -231,6 +236,10 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--hard-ratio", type=float, default=0.3)
+    parser.add_argument("--held-out-validation", action="store_true",
+                        help="validate every run on the held-out tenth (as the selection) and evaluate on --eval apart")
+    parser.add_argument("--router-data", default="train", choices=["train", "validation"],
+                        help="the split the learned exit function is fitted on (--handover.router_data)")
     parser.add_argument("--lr-decay", type=float, default=1.0, help="LLM k's peak learning rate is lr x lr_decay^k")
     parser.add_argument("--select-steps", type=int, nargs="+", default=[250, 500, 1000, 2000])
     parser.add_argument("--steps", type=int, default=None, help="LLM 0's steps: skip the selection")
@@ -262,7 +271,7 @@ def main() -> None:
     report = {"setup": vars(args), "selection": {"curves": {}, "held_out_ppl": {}}}
     with ThreadPoolExecutor(args.parallel) as pool:
         if args.steps is None:
-            jobs = {s: pool.submit(runner.llm0, f"select-{s}", s, args.seeds[0]) for s in args.select_steps}
+            jobs = {s: pool.submit(runner.llm0, f"select-{s}", s, args.seeds[0], test=False) for s in args.select_steps}
             for s, job in jobs.items():
                 report["selection"]["held_out_ppl"][s] = job.result()["ppl"]
                 report["selection"]["curves"][s] = val_curve(out / "runs" / f"select-{s}")

@@ -146,3 +146,10 @@ def test_layer_exit_run_reports_every_exit_and_the_threshold_sweep(tmp_path, cap
     assert sweep[1.01]["routed_ppl"] == pytest.approx(report["layer_ppl"]["3"], rel=1e-4)
     assert sweep[1.01]["routed_ppl"] == pytest.approx(stats["ppl"], rel=1e-4)  # the 1-LLM cascade is the last layer
     assert "confidence exit after layer 1" in capsys.readouterr().out
+
+
+def test_a_missing_eval_file_fails_before_any_training(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", 50)
+    with pytest.raises(FileNotFoundError, match="eval_files: corpus files not found"):
+        main(tiny_args(tmp_path, corpus, "--eval_files", f"[{tmp_path / 'absent.txt'}]"))
+    assert not (tmp_path / "runs" / "tiny" / "stage_0").exists()

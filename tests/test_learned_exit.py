@@ -5,12 +5,14 @@ import json
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from cascade import LLM, Ensemble, SequenceData, create_sequence_data
 from cascade.exit_fn import learned_exit_fn
 from cascade.inference import run_llm
 from cascade.learned_exit import fit_exit_router
 from cascade.fit import main
+from datamodules.corpus import BLANK_LINE
 from conftest import VOCAB, tiny_model, token_batches, write_corpus
 from test_fit import tiny_args
 
@@ -77,11 +79,20 @@ def test_evaluation_reports_the_learned_scores_auroc_beside_the_others():
 @pytest.mark.slow
 def test_a_cascade_with_the_learned_exit_function_and_the_routing_bound_through_the_cli(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", 120)
+    test = tmp_path / "test.txt"  # a test set apart from the validation split, WikiText-like blank lines
+    test.write_text(" \n \n".join(f" = Heading {i} = \n \n Some words of a test article, number {i} ." for i in range(40)))
     stats = main(tiny_args(tmp_path, corpus, "--trainer.max_steps", "8", "--model.exit_fn", "learned",
-                           "--eval_routing_bound", "true"))
+                           "--handover.router_data", "validation", "--eval_routing_bound", "true", "--eval_files", f"[{test}]"))
     run = tmp_path / "runs" / "tiny"
-    handover = json.loads((run / "stage_0" / "done.json").read_text())["handover"]
-    assert handover["router_tokens"] > 0 and 0 <= handover["router_held_out_auroc"] <= 1
+    done = json.loads((run / "stage_0" / "done.json").read_text())
+    handover = done["handover"]
+    assert 0 < handover["router_tokens"] <= done["data"]["val_tokens"], "fitted on the validation split"
+    assert 0 <= handover["router_held_out_auroc"] <= 1
+    assert stats["eval_data"] == [str(test)]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(run / "tokenizer")  # the run's, on the test file's documents
+    documents = [d for d in BLANK_LINE.split(test.read_text()) if d.strip()]
+    count = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in documents)  # + EOS each
+    assert stats["total_tokens"] == (count - 1) // 32 * 32, "the test file's windows of seq_len 32"
     assert abs(handover["hard_fraction"] - 0.3) < 0.01
     assert (run / "stage_0" / "llm" / "exit_router.safetensors").is_file()
     assert "learned" in stats["llm_stats"][0]["exit_auroc"]
