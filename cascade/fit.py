@@ -204,7 +204,7 @@ class CascadeCLI(LightningCLI):
         if isinstance(config.seed_everything, int) and not isinstance(config.seed_everything, bool):
             # the stage's initialisation and dropout depend on the run's seed and k alone, not on earlier stages
             seed_everything(config.seed_everything + k, workers=True, verbose=False)
-        self.config_init = self.parser.instantiate_classes(config)
+        self.config_init = self.parser.instantiate(config)
         text, model, handover = self.config_init.data, self.config_init.model, self.config_init.handover
         limit = max_positions(model.llm.config)
         if limit is not None and text.seq_len > limit:

@@ -41,7 +41,11 @@ class Batch:
     def num_positions(self) -> int:
         return self.token_index.numel()
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> "Batch":
+        """The batch on `device`; by default without blocking towards a GPU (Lightning moves an object with a `to`
+        method by calling it with no `non_blocking`, so the CPU would wait for the last step before queuing the next)."""
+        if non_blocking is None:
+            non_blocking = torch.device(device).type == "cuda"
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":

@@ -254,13 +254,6 @@ class StageModule(LightningModule):
             # dynamic-shape one (slower, and inductor cannot split a flex-attention block mask of symbolic length)
             self._compiled_loss = torch.compile(self._last_layer_loss, mode=self.hparams.compile_mode, dynamic=False)
 
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        # Lightning passes non_blocking=True to plain tensors only; an object with a `to` method (a Batch) gets a
-        # blocking copy, which makes the CPU wait for the GPU to finish the last step before it queues the next
-        if isinstance(batch, Batch):
-            return batch.to(device, non_blocking=device.type == "cuda")
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         metrics = {}  # logged on the logger's steps only, see below
         if self.hparams.routed_loss:

@@ -1,6 +1,7 @@
 """The seed's Python API: its usage example, scaled down to seconds."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +79,20 @@ def test_wikitext_dataloaders_from_local_files(tmp_path):
     windows = sum(b[0].shape[0] for b in train)
     assert 240_000 // 128 < windows < 260_000 // 128  # wiki.valid.raw is about 250K GPT-2 tokens
     assert sum(b[0].shape[0] for b in val) > windows
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs_as_printed(tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The Python API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # the token cache under a fresh home
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    stats = namespace["stats"]
+    assert stats["llm_stats"][1]["input_tokens"] > 0, "the cascade handed tokens on"
+    assert stats["ppl"] < namespace["text"].vocab_size, "trained: better than a uniform guess"
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed.startswith(str(stats["ppl"]))
