@@ -9,16 +9,27 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cascade import Ensemble
 from cascade.fit import CascadeCLI, main
+from datamodules import TextDataModule
+from lightning_modules import StageModule
 from conftest import SHARED_DATA, write_corpus
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_config_parses(path):
-    config = CascadeCLI(["--config", str(path)]).config
+def test_every_config_instantiates(path):
+    args = ["--config", str(path)]
+    if CascadeCLI(args).config.data.tokenizer == "gpt2":  # the hub's; offline, the same files from ../shared/data
+        if not (SHARED_DATA / "gpt2-tokenizer").is_dir():
+            pytest.skip("the GPT-2 tokenizer lives in ../shared/data beside the checkout")
+        args += ["--data.tokenizer", str(SHARED_DATA / "gpt2-tokenizer")]
+    cli = CascadeCLI(args)
+    config = cli.config
     assert config.num_stages >= 1 and 0 < config.handover.hard_ratio < 1
-    assert config.data.seq_len >= 1 and config.model.model
+    objects = cli.parser.instantiate(config)  # every class built with the config's values
+    assert isinstance(objects.model, StageModule) and isinstance(objects.data, TextDataModule)
+    assert objects.handover.hard_ratio == config.handover.hard_ratio
+    assert objects.model.llm.vocab_size >= objects.data.vocab_size, "the model's vocabulary holds the tokenizer's"
 
 
 def test_overrides_and_print_config(capsys):
