@@ -99,7 +99,7 @@ def _write_compacted(data: SequenceData, hard: Tensor, all_hidden: Tensor | np.n
             rows = torch.from_numpy(all_hidden[begin + keep.numpy()]).view(torch.bfloat16)
         writer.append("inputs", rows)
         writer.append("targets", data.targets[begin:end].long().index_select(0, keep))
-        writer.append("positions", data.positions[begin:end].long().index_select(0, keep))
+        writer.append("positions", data.positions_at(begin + keep))
     offsets, survives = compacted_offsets(data.offsets, hard)
     writer.append("offsets", offsets)
     writer.append("sequence_ids", data.sequence_ids[survives])

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
-    """LR multiplier: linear warm-up to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_lr_ratio` at `total_steps`. Not transformers'
+    `get_cosine_with_min_lr_schedule_with_warmup`: its warm-up starts at 0, so the first step would not train."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:

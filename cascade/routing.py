@@ -55,7 +55,7 @@ def compact_hard_tokens(data: SequenceData, hard: Tensor, inputs: Tensor | None 
     return SequenceData(
         inputs=source.index_select(0, index),
         targets=data.targets.index_select(0, index),
-        positions=data.positions.index_select(0, index),
+        positions=data.positions_at(index),
         offsets=offsets,
         sequence_ids=data.sequence_ids[survives],
     )

@@ -81,16 +81,16 @@ class SequenceData:
 
     inputs: Tensor  # (N,) int64 token ids or (N, D) hidden states
     targets: Tensor  # (N,) int64
-    positions: Tensor  # (N,) int64
+    positions: Tensor | None  # (N,) int64; None: each sequence at positions 0, 1, ... (nothing stored per token)
     offsets: Tensor  # (S + 1,) int64, offsets[0] == 0, offsets[-1] == N
     sequence_ids: Tensor  # (S,) int64
 
     def __post_init__(self) -> None:
         n = self.inputs.shape[0]
-        if self.targets.shape != (n,) or self.positions.shape != (n,):
+        if self.targets.shape != (n,) or (self.positions is not None and self.positions.shape != (n,)):
             raise ValueError(
-                f"inputs, targets and positions must have one entry per token; got shapes "
-                f"{tuple(self.inputs.shape)}, {tuple(self.targets.shape)}, {tuple(self.positions.shape)}"
+                f"inputs, targets and positions must have one entry per token; got shapes {tuple(self.inputs.shape)}, "
+                f"{tuple(self.targets.shape)}, {None if self.positions is None else tuple(self.positions.shape)}"
             )
         if self.inputs.dim() not in (1, 2):
             raise ValueError(f"inputs must be (N,) token ids or (N, D) hidden states, got {tuple(self.inputs.shape)}")
@@ -143,6 +143,12 @@ class SequenceData:
     def __len__(self) -> int:
         return self.num_sequences
 
+    def positions_at(self, index: Tensor) -> Tensor:
+        """The original positions (int64) of the tokens at `index`; from the offsets where none are stored."""
+        if self.positions is not None:
+            return self.positions.index_select(0, index).long()
+        return index - self.offsets[torch.searchsorted(self.offsets, index, right=True) - 1]
+
     def select(self, seqs: Tensor) -> "SequenceData":
         """The sequences `seqs` (indices, in the order given), as a new SequenceData."""
         lengths = self.lengths[seqs]
@@ -150,7 +156,7 @@ class SequenceData:
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
         return SequenceData(
             self.inputs.index_select(0, token), self.targets.index_select(0, token),
-            self.positions.index_select(0, token), offsets, self.sequence_ids[seqs],
+            None if self.positions is None else self.positions.index_select(0, token), offsets, self.sequence_ids[seqs],
         )
 
     def shard(self, rank: int, world_size: int, batch_size: int | None = None, row_length: int | None = None) -> "SequenceData":
@@ -174,7 +180,8 @@ class SequenceData:
         lengths = torch.cat([p.lengths for p in parts])
         return cls(
             torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts]),
-            torch.cat([p.positions for p in parts]),
+            None if all(p.positions is None for p in parts) else
+            torch.cat([p.positions_at(torch.arange(p.num_tokens)) for p in parts]),
             torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]),
             torch.cat([p.sequence_ids for p in parts]),
         )
@@ -184,7 +191,8 @@ class SequenceData:
         begin, end = int(self.offsets[s]), int(self.offsets[s + 1])
         sl = slice(begin, end)
         offsets = torch.tensor([0, end - begin], dtype=torch.long)
-        return SequenceData(self.inputs[sl], self.targets[sl], self.positions[sl], offsets, self.sequence_ids[s : s + 1])
+        positions = None if self.positions is None else self.positions[sl]
+        return SequenceData(self.inputs[sl], self.targets[sl], positions, offsets, self.sequence_ids[s : s + 1])
 
     # -- batching ------------------------------------------------------------------
 
@@ -286,7 +294,7 @@ class SequenceData:
         if inputs.dim() == 2:
             inputs = inputs.long()  # token ids may be stored narrower
         targets = self.targets.index_select(0, source).long().view(rows, T).masked_fill(pad, IGNORE_INDEX)
-        position_ids = self.positions.index_select(0, source).view(rows, T).masked_fill(pad, 0)
+        position_ids = self.positions_at(source).view(rows, T).masked_fill(pad, 0)
         segment_ids = torch.full((rows * T,), -1, dtype=torch.long)
         segment_ids[row * T + col] = segment
         segment_ids = segment_ids.view(rows, T)
@@ -312,7 +320,9 @@ class SequenceData:
     def save(self, path: str | os.PathLike) -> None:
         """Write to directory `path` atomically, with a manifest of counts, shapes, dtypes and checksums."""
         meta = manifest_meta(self.num_tokens, self.num_sequences, self.input_type)
-        save_tensors(path, {f.name: getattr(self, f.name) for f in fields(self)}, meta)
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        tensors["positions"] = self.positions_at(torch.arange(self.num_tokens))  # stored explicitly on disk
+        save_tensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> "SequenceData":

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import torch
+from transformers import set_seed  # Python, NumPy and torch on every device, under the seed's API name
 
-
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+__all__ = ["default_precision", "get_device", "set_seed"]
 
 
 def get_device() -> torch.device:

@@ -23,7 +23,8 @@ def file_stats(files: list[str]) -> list[tuple[str, int, int]]:
 
 
 def windows(tokens: torch.Tensor, seq_len: int, split: str) -> SequenceData:
-    """Non-overlapping windows: inputs t[i*T : i*T+T], targets shifted by one, positions 0..T-1 (views of the cache)."""
+    """Non-overlapping windows: inputs t[i*T : i*T+T], targets shifted by one, positions 0..T-1 (views of the cache;
+    nothing per token beyond them: the positions follow from the offsets)."""
     count = (tokens.numel() - 1) // seq_len
     if count < 1:
         raise ValueError(
@@ -34,7 +35,7 @@ def windows(tokens: torch.Tensor, seq_len: int, split: str) -> SequenceData:
     return SequenceData(
         inputs=tokens[:n],
         targets=tokens[1 : n + 1],
-        positions=torch.arange(seq_len).repeat(count),
+        positions=None,
         offsets=torch.arange(count + 1) * seq_len,
         sequence_ids=torch.arange(count),
     )

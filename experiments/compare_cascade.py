@@ -33,6 +33,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from smoke_text import write_smoke_text  # beside this script
+
 EXIT_FNS = ("cosine", "max_prob", "neg_entropy", "learned")
 
 
@@ -254,12 +256,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        from pydoc_data.topics import topics
-
-        text = "\n\n".join(topics[k] for k in sorted(topics))
-        (out / "train.txt").write_text(text[:60_000])
-        (out / "eval.txt").write_text(text[60_000:75_000])
-        args.train, args.eval = [str(out / "train.txt")], [str(out / "eval.txt")]
+        args.train, args.eval = write_smoke_text(out, eval_chars=15_000)
         args.vocab_size, args.seq_len, args.dim, args.batch_size = 300, 32, 32, 8
         args.select_steps, args.val_every, args.val_batches, args.seeds = [4, 8], 4, 2, [0]
         args.headline_exit_fns, args.parallel = ["cosine"], 2

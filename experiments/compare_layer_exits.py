@@ -24,6 +24,7 @@ from lightning.pytorch import Trainer, seed_everything
 from cascade.layer_skip import layer_perplexities, threshold_sweep
 from datamodules import TextDataModule
 from lightning_modules import StageModule
+from smoke_text import write_smoke_text  # beside this script
 
 # name -> StageModule settings (the model has 3 layers; the last is 3)
 METHODS = {
@@ -111,12 +112,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        from pydoc_data.topics import topics
-
-        text = "\n\n".join(topics[k] for k in sorted(topics))
-        (out / "train.txt").write_text(text[:60_000])
-        (out / "eval.txt").write_text(text[60_000:70_000])
-        args.train, args.eval = [str(out / "train.txt")], [str(out / "eval.txt")]
+        args.train, args.eval = write_smoke_text(out)
         args.vocab_size, args.seq_len, args.dim, args.steps, args.eval_batch_size = 300, 32, 32, 3, 64
     elif not (args.train and args.eval):
         parser.error("give --train and --eval text files (or --smoke)")

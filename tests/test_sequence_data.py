@@ -234,3 +234,19 @@ def test_truncated_file_and_missing_manifest_are_detected(tmp_path):
     (tmp_path / "d" / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="manifest.json not found"):
         SequenceData.load(tmp_path / "d")
+
+
+def test_data_without_stored_positions_batches_selects_compacts_and_saves_as_with_them(tmp_path):
+    from cascade.routing import compact_hard_tokens
+
+    stored = SequenceData.from_token_batches([(torch.arange(24).view(4, 6), torch.arange(1, 25).view(4, 6))])
+    implicit = SequenceData(stored.inputs, stored.targets, None, stored.offsets, stored.sequence_ids)
+    for a, b in zip(stored.batches(3, row_length=12), implicit.batches(3, row_length=12)):
+        assert torch.equal(a.position_ids, b.position_ids) and torch.equal(a.token_index, b.token_index)
+    picked = torch.tensor([2, 0])
+    assert torch.equal(stored.select(picked).positions, implicit.select(picked).positions_at(torch.arange(12)))
+    hard = torch.arange(24) % 5 == 0
+    assert torch.equal(compact_hard_tokens(stored, hard).positions, compact_hard_tokens(implicit, hard).positions)
+    implicit.save(tmp_path / "saved")
+    assert torch.equal(SequenceData.load(tmp_path / "saved").positions, stored.positions)
+    assert torch.equal(SequenceData.concat([implicit, stored]).positions, torch.cat([stored.positions] * 2))

@@ -14,7 +14,9 @@ def test_windows_shift_targets_by_one():
     data = windows(tokens, 3, "train")
     assert data.lengths.tolist() == [3, 3, 3]
     assert data.inputs.tolist() == list(range(9)) and data.targets.tolist() == list(range(1, 10))
-    assert data.positions.tolist() == [0, 1, 2] * 3
+    assert data.positions is None, "nothing stored per token beyond the memory-mapped ids"
+    assert data.positions_at(torch.arange(9)).tolist() == [0, 1, 2] * 3
+    assert next(data.batches(3)).position_ids.tolist() == [[0, 1, 2]] * 3
     with pytest.raises(ValueError, match="has 3 tokens, too few for one window of seq_len 3"):
         windows(tokens[:3], 3, "train")
 
