@@ -71,7 +71,7 @@ class CascadeCLI(LightningCLI):
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,  # hparams must be each stage's own arguments (stage k, its lr)
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"precision": default_precision(), "gradient_clip_val": 1.0},
+            trainer_defaults={"gradient_clip_val": 1.0},  # precision: chosen for the machine when a stage starts
             parser_kwargs={"description": __doc__},
         )
 
@@ -228,6 +228,8 @@ class CascadeCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         overrides = {"default_root_dir": str(stage_path), "callbacks": callbacks, "plugins": plugins}
+        if self.config_init.trainer.get("precision") is None:  # not written into the config: it is the machine's
+            overrides["precision"] = default_precision(self.config_init.trainer.get("accelerator", "auto"))
         if self.config_init.trainer.get("logger") in (None, True):
             overrides["logger"] = TensorBoardLogger(str(self.run_dir), name=f"stage_{k}", version="")
         # SaveConfigCallback writes the stage's resolved config (not for a hand-over alone: it keeps the training's)
@@ -274,7 +276,8 @@ class CascadeCLI(LightningCLI):
         settings = self.config.trainer
         strategy = settings.strategy if isinstance(settings.strategy, str) else "auto"
         return Trainer(
-            accelerator=settings.accelerator, devices=settings.devices, strategy=strategy, precision=settings.precision,
+            accelerator=settings.accelerator, devices=settings.devices, strategy=strategy,
+            precision=settings.precision or default_precision(settings.accelerator),
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )
 

@@ -17,6 +17,8 @@ def get_device() -> torch.device:
     return torch.device("cpu")
 
 
-def default_precision() -> str:
-    """Lightning precision: bf16 mixed on a GPU that supports it, full fp32 elsewhere."""
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+def default_precision(accelerator: object = "auto") -> str:
+    """Lightning precision: bf16 mixed on a GPU that supports it (unless `accelerator` names another device), full
+    fp32 elsewhere."""
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16-mixed" if on_gpu else "32-true"

@@ -41,6 +41,10 @@ def test_overrides_and_print_config(capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "handover:" in printed and "hard_ratio: 0.3" in printed and "num_stages:" in printed
+    assert "precision: bf16-mixed" in printed, "as the config wrote it"
+    with pytest.raises(SystemExit):
+        CascadeCLI(["--config", str(CONFIGS[0].parent / "quickstart.yaml"), "--print_config"])
+    assert "precision: null" in capsys.readouterr().out, "nothing of this machine's: chosen when a stage starts"
 
 
 def tiny_args(tmp_path, corpus, *extra):
