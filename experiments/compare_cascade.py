@@ -89,7 +89,7 @@ class Runner:
         shutil.copytree(self.out / "runs" / base, self.out / "runs" / name)
         extra = ["--num_stages", "2", "--model.exit_fn", exit_fn, "--model.warm_start", str(warm).lower(),
                  "--handover.hard_ratio", str(self.args.hard_ratio)]
-        return self.fit(name, [*self.common(4, steps, seed, True), *extra])
+        return self.fit(name, [*self.common(self.args.llm1_layers, steps, seed, True), *extra])
 
     def cascade(self, name: str, steps: int, seed: int, exit_fn: str, warm: bool) -> dict:
         extra = ["--num_stages", "2", "--model.exit_fn", exit_fn, "--model.warm_start", str(warm).lower(),
@@ -242,6 +242,7 @@ def main() -> None:
                         help="validate every run on the held-out tenth (as the selection) and evaluate on --eval apart")
     parser.add_argument("--router-data", default="train", choices=["train", "validation"],
                         help="the split the learned exit function is fitted on (--handover.router_data)")
+    parser.add_argument("--llm1-layers", type=int, default=4, help="LLM 1's depth in the converged regime (LLM 0 has 4)")
     parser.add_argument("--lr-decay", type=float, default=1.0, help="LLM k's peak learning rate is lr x lr_decay^k")
     parser.add_argument("--select-steps", type=int, nargs="+", default=[250, 500, 1000, 2000])
     parser.add_argument("--steps", type=int, default=None, help="LLM 0's steps: skip the selection")
