@@ -218,6 +218,7 @@ class CascadeCLI(LightningCLI):
             )
         if k > 0 and model.hparams.warm_start and not trained:  # a resumed stage's checkpoint then overwrites it
             identity_start(model.llm, LLM.from_pretrained(stage_dir(self.run_dir, k - 1) / "llm"))
+            rank_zero_info(f"stage {k}: LLM {k} starts predicting exactly what LLM {k - 1} does (warm_start)")
         timer = TrainingTimer()
         callbacks = [*(self.config_init.trainer.get("callbacks") or []), timer]
         if self.hands_over(k):
@@ -296,7 +297,7 @@ class CascadeCLI(LightningCLI):
         stats = ensemble.evaluate(batches, batch_size, routing_bound=self.config.eval_routing_bound, **run)
         if self.config.eval_curve and len(ensemble) > 1:
             stats["curve"] = sweep_compute(ensemble, create_sequence_data(ensemble, batches), batch_size, **run)
-        print(f"\nTrue early-exit evaluation of {self.run_dir} on {files or 'the validation split'} ({device}, {trainer.precision}):")
+        print(f"\nTrue early-exit evaluation of {self.run_dir} on {', '.join(files) if files else 'the validation split'} ({device}, {trainer.precision}):")
         print(format_eval_table(stats))
         print(format_diagnostics(stats))
         if "curve" in stats and plot_curve(stats, self.run_dir / "eval_curve.png"):
