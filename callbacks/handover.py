@@ -14,9 +14,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
+from cascade.exit_fn import learned_exit_fn
 from cascade.handover import calibrate_threshold, collect_hard_tokens, route_hard_tokens
 from cascade.handover_disk import hand_over_to_disk
-from cascade.exit_fn import learned_exit_fn
 from cascade.inference import run_llm
 from cascade.learned_exit import fit_exit_router
 from cascade.routing import check_hard_ratio
@@ -73,8 +73,9 @@ class StageHandover(Callback):
     of scores. Every token's hidden state waits for the threshold in GPU memory if they take at most half
     of what is free there, else in host memory up to `host_memory_gb`, beyond which they go through a
     temporary file and host memory holds a batch of them. With the learned exit function (`exit_fn: learned`), its
-    router is fitted first (`cascade.learned_exit`), unless the stage trained no step and the LLM came with one. The exit-score histogram, the threshold, the hard fractions and
-    the hand-over's wall time go to the logger and to `stats`.
+    router is fitted first (`cascade.learned_exit`), unless the stage trained no step and the LLM came with one.
+    The exit-score histogram, the threshold, the hard fractions and the hand-over's wall time go to the logger and
+    to `stats`.
 
     Args:
         hard_ratio: Fraction of the stage's training tokens passed on to the next stage.

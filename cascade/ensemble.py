@@ -92,8 +92,8 @@ class Ensemble(nn.Module):
         `exit_auroc` of every registered exit function), and `prefix_ppl`: the perplexity of the cascade cut after
         each LLM (LLM 0 alone first). With `routing_bound`, each LLM that hands on also reports `routing_bound`: the
         oracle's perplexity at its hand-over fraction beside each exit score's (`cascade.diagnostics.routing_bound`;
-        one more forward of each later LLM on every token reaching the one before). Each LLM runs where it is; `run_options` (`compile`, `forward_context`: the
-        precision) go to `run_llm`.
+        one more forward of each later LLM on every token reaching the one before). Each LLM runs where it is;
+        `run_options` (`compile`, `forward_context`: the precision) go to `run_llm`.
         """
         data = create_sequence_data(self, val_batches)
         total, context = data.num_tokens, int(data.lengths.max())

@@ -84,7 +84,7 @@ def learned_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm:
     """The token loss the LLM's fitted exit router predicts from its final hidden state, negated: tokens it expects
     to predict well exit (see `cascade.exit_router`; CALM's learned classifier, Schuster et al. 2022)."""
     if llm.exit_router is None:
-        raise ValueError("the learned exit function needs the LLM's exit router: fit it first (cascade.exit_router.fit_exit_router)")
+        raise ValueError("the learned exit function needs the LLM's exit router: fit it first (cascade.learned_exit.fit_exit_router)")
     return -llm.exit_router(h_out).float()
 
 

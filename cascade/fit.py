@@ -48,8 +48,8 @@ from cascade.run_state import (
 )
 from cascade.shards import is_complete
 from cascade.utils import default_precision
-from datamodules.corpus import check_corpus_file
 from cascade.warm_start import identity_start
+from datamodules.corpus import check_corpus_file
 from datamodules.sequence import SequenceDataModule
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule

@@ -61,8 +61,8 @@ def run_llm(
     """Run `llm` (in eval mode) over every token of `data` in packed batches of `batch_size` rows of `row_length`.
 
     The hidden states are the final-norm outputs, or with `residual` (default `llm.hands_over_residual`: what the
-    LLM hands over) the residual stream before the final norm. With `hidden_file`, the output hidden states are not kept but written there as raw bf16 rows
-    in token order (batches come in token order), so host memory holds a few batches of them. With
+    LLM hands over) the residual stream before the final norm. With `hidden_file`, the output hidden states are not
+    kept but written there as raw bf16 rows in token order (batches come in token order), so host memory holds a few batches of them. With
     `hidden_on_device`, they stay on the LLM's device (`hidden` is a device tensor): none is copied to the host.
     With `compile`, the LLM's forward runs under `torch.compile` (one graph per batch shape; worth it on
     a GPU for more than a few batches: eager HF modules launch many small kernels). Each batch's forward runs

@@ -143,6 +143,10 @@ class SequenceData:
     def __len__(self) -> int:
         return self.num_sequences
 
+    def all_positions(self) -> Tensor:
+        """Every token's original position, (N,) int64 (computed where none are stored)."""
+        return self.positions if self.positions is not None else self.positions_at(torch.arange(self.num_tokens))
+
     def positions_at(self, index: Tensor) -> Tensor:
         """The original positions (int64) of the tokens at `index`; from the offsets where none are stored."""
         if self.positions is not None:
@@ -181,7 +185,7 @@ class SequenceData:
         return cls(
             torch.cat([p.inputs for p in parts]), torch.cat([p.targets for p in parts]),
             None if all(p.positions is None for p in parts) else
-            torch.cat([p.positions_at(torch.arange(p.num_tokens)) for p in parts]),
+            torch.cat([p.all_positions() for p in parts]),
             torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]),
             torch.cat([p.sequence_ids for p in parts]),
         )
@@ -321,7 +325,7 @@ class SequenceData:
         """Write to directory `path` atomically, with a manifest of counts, shapes, dtypes and checksums."""
         meta = manifest_meta(self.num_tokens, self.num_sequences, self.input_type)
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
-        tensors["positions"] = self.positions_at(torch.arange(self.num_tokens))  # stored explicitly on disk
+        tensors["positions"] = self.all_positions()  # stored explicitly on disk
         save_tensors(path, tensors, meta)
 
     @classmethod

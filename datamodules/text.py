@@ -183,7 +183,8 @@ class TextDataModule(PackedDataModule):
         if (path / "manifest.json").is_file():
             tokens = load_tokens(path)
         else:
-            tokens = tokenize_to_cache(load_files({"eval": (files, setting)})["eval"], self._tokenizer(), "text", path)
+            corpus = load_files({"eval": (files, setting)})["eval"]
+            tokens = tokenize_to_cache(corpus, self._tokenizer(), self.source["text_column"], path)
         return windows(tokens, self.seq_len, setting)
 
     def token_batches(

@@ -102,10 +102,8 @@ def held_out_split(files: list[str], out: Path) -> tuple[list[str], list[str]]:
     the last 10%, as two files under `out` (its blank lines hold a space, so the corpus loader sees one document)."""
     train, held_out = out / "select_train.txt", out / "select_held_out.txt"
     if not held_out.is_file():
-        text = "".join(Path(f).read_text() for f in files)
-        starts = [i for i, line in enumerate(text.splitlines(keepends=True))
-                  if line.startswith(" = ") and not line.startswith(" = =")]
-        lines = text.splitlines(keepends=True)
+        lines = "".join(Path(f).read_text() for f in files).splitlines(keepends=True)
+        starts = [i for i, line in enumerate(lines) if line.startswith(" = ") and not line.startswith(" = =")]
         cut = starts[int(len(starts) * 0.9)] if len(starts) >= 10 else int(len(lines) * 0.9)
         train.write_text("".join(lines[:cut]))
         held_out.write_text("".join(lines[cut:]))
