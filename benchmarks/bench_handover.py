@@ -1,6 +1,6 @@
 """Hard-token collection (the hand-over) against a plain forward pass over the same data.
 
-The framework: `hand_over_to_disk`, what the orchestrator runs after a stage: exit scores of every
+The framework: `collect_hard_tokens` into a shard directory (`cascade.routing.route`), what the orchestrator runs after a stage: exit scores of every
 token, every token's output hidden state kept until the threshold is known (in GPU memory, the
 default at this size; in host memory; or through a temporary file, as for a corpus beyond the
 host-memory budget: all three timed, and their shards compared), the exact `hard_ratio` quantile
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from cascade.handover import calibrate_threshold
-from cascade.handover_disk import CHUNK_TOKENS, HOST_MEMORY_BYTES, hand_over_to_disk
+from cascade.handover import collect_hard_tokens
 from cascade.hf_models import build_causal_lm
 from cascade.inference import autocast_for, run_llm
 from cascade.llm import LLM
+from cascade.routing import CHUNK_TOKENS, HOST_MEMORY_BYTES
 from cascade.storage import BLOCK_BYTES, HASH_THREADS, BlockDigest
 from cascade.sequence_data import SequenceData
 from synthetic import inference_arguments, random_windows  # benchmarks/synthetic.py
@@ -57,8 +57,8 @@ def hand_over(llm: LLM, data: SequenceData, batch_size: int, hard_ratio: float, 
               compile: bool = False) -> float:
     synchronize()
     start = time.perf_counter()
-    threshold_of = lambda scores: calibrate_threshold(llm, scores, hard_ratio)[0]  # noqa: E731
-    hand_over_to_disk(llm, data, batch_size, path, threshold_of, host_memory_bytes=host_memory_bytes, gpu_memory=gpu_memory, compile=compile)
+    collect_hard_tokens(llm, data, hard_ratio, batch_size, path=path, host_memory_bytes=host_memory_bytes, gpu_memory=gpu_memory,
+                        compile=compile)
     return time.perf_counter() - start
 
 

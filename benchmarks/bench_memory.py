@@ -2,7 +2,7 @@
 
 Each size runs in a fresh process: stage-0 windows over a memory-mapped token file, a small
 GPT-2 (width `--width`) scoring every token, its hidden states streamed to disk
-(`hand_over_to_disk` with no host-memory budget for them). Printed: peak RSS per size, its growth per token between the sizes, and,
+(`collect_hard_tokens` into a directory with no host-memory budget for them). Printed: peak RSS per size, its growth per token between the sizes, and,
 for scale, the bytes per token of the hidden states that the in-memory hand-over keeps.
 
     python benchmarks/bench_memory.py                 # 0.5M and 2M tokens, width 256
@@ -27,8 +27,7 @@ def measure(tokens: int, width: int, seq_len: int, workdir: Path, mode: str) -> 
     """Run one hand-over (`mode` disk or memory) in this process and report its peak RSS (call in a fresh process)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from cascade.handover import calibrate_threshold, collect_hard_tokens
-    from cascade.handover_disk import hand_over_to_disk
+    from cascade.handover import collect_hard_tokens
     from cascade.llm import LLM
     from cascade.sequence_data import SequenceData
     from datamodules.text import windows
@@ -42,10 +41,9 @@ def measure(tokens: int, width: int, seq_len: int, workdir: Path, mode: str) -> 
     llm = LLM(model)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if mode == "disk":
-        threshold_of = lambda s: calibrate_threshold(llm, s, 0.3)[0]  # noqa: E731
-        hand_over_to_disk(llm, data, 16, workdir / f"part-{tokens}", threshold_of, host_memory_bytes=0)  # the file, however small
+        collect_hard_tokens(llm, data, 0.3, 16, path=workdir / f"part-{tokens}", host_memory_bytes=0)  # the file, however small
     else:
-        collect_hard_tokens(llm, data, 0.3, 16)[0].save(workdir / f"memory-part-{tokens}")
+        collect_hard_tokens(llm, data, 0.3, 16, host_memory_bytes=None)[0].save(workdir / f"memory-part-{tokens}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"tokens": data.num_tokens, "peak_rss_mb": peak / 1024, "rss_before_mb": before / 1024}
 

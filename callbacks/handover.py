@@ -15,11 +15,10 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
 from cascade.exit_fn import learned_exit_fn
-from cascade.handover import calibrate_threshold, collect_hard_tokens, route_hard_tokens
-from cascade.handover_disk import hand_over_to_disk
+from cascade.handover import collect_hard_tokens
 from cascade.inference import run_llm
 from cascade.learned_exit import fit_exit_router
-from cascade.routing import check_hard_ratio
+from cascade.routing import check_hard_ratio, route
 from cascade.sequence_data import SequenceData
 from cascade.shards import merge_parts, part_name
 
@@ -156,14 +155,27 @@ class StageHandover(Callback):
     def hand_over(
         self, trainer: Trainer, llm, train: SequenceData, val: SequenceData, batch_size: int, run: dict, compiled: bool
     ) -> Tensor:
-        """Score, calibrate, compact this process's shares of both splits; sets `stats`, returns every process's scores."""
-        gather = partial(gather_variable, trainer.strategy)
-        run = {**run, "compile": compiled}
+        """Score, calibrate, compact this process's shares of both splits (into its part of `output_dir/train` and
+        `output_dir/val`, or into memory without `output_dir`); sets `stats`, returns every process's scores."""
+        strategy, rank, world_size = trainer.strategy, trainer.global_rank, trainer.world_size
+        paths = {"train": None, "val": None}
         if self.output_dir:
-            train, val, scores = self._hand_over_to_disk(trainer, llm, train, val, batch_size, run)
-        else:
-            train, scores = collect_hard_tokens(llm, train, self.hard_ratio, batch_size, gather, **run)
-            val = route_hard_tokens(llm, val, batch_size, **run)
+            out = Path(self.output_dir)
+            if rank == 0:  # parts of an earlier hand-over, perhaps by another number of processes, go first
+                for split in paths:
+                    shutil.rmtree(out / split, ignore_errors=True)
+            strategy.barrier()
+            paths = {split: out / split / part_name(rank, world_size) for split in paths}
+        run = {**run, "compile": compiled, "host_memory_bytes": self.host_memory_bytes}
+        gather = partial(gather_variable, strategy)
+        train, scores = collect_hard_tokens(llm, train, self.hard_ratio, batch_size, gather, path=paths["train"], **run)
+        val = route(llm, val, batch_size, path=paths["val"], **run).hard
+        strategy.barrier()
+        if self.output_dir and world_size > 1:  # one part, so that the next stage memory-maps it whole
+            if rank == 0:
+                for path in paths.values():
+                    merge_parts(path.parent)
+            strategy.barrier()
         self.train_next, self.val_next = train, val
         hard_train, hard_val, hard_sequences = gather(torch.tensor([train.num_tokens, val.num_tokens, train.num_sequences])).view(-1, 3).sum(0).tolist()
         data = trainer.datamodule
@@ -175,33 +187,6 @@ class StageHandover(Callback):
             "hard_sequences": hard_sequences,
         }
         return scores
-
-    def _hand_over_to_disk(self, trainer: Trainer, llm, train: SequenceData, val: SequenceData, batch_size: int, run: dict):
-        """Each process streams its part of `output_dir/train` and `output_dir/val`; returns them memory-mapped."""
-        strategy, rank, world_size = trainer.strategy, trainer.global_rank, trainer.world_size
-        out = Path(self.output_dir)
-        if rank == 0:  # parts of an earlier hand-over, perhaps by another number of processes, go first
-            for split in ("train", "val"):
-                shutil.rmtree(out / split, ignore_errors=True)
-        strategy.barrier()
-        everyone: list[Tensor] = []
-
-        def calibrate(local: Tensor) -> float:
-            threshold, scores = calibrate_threshold(llm, local, self.hard_ratio, partial(gather_variable, strategy))
-            everyone.append(scores)
-            return threshold
-
-        train_part, val_part = (out / split / part_name(rank, world_size) for split in ("train", "val"))
-        run = {**run, "host_memory_bytes": self.host_memory_bytes}
-        hand_over_to_disk(llm, train, batch_size, train_part, calibrate, **run)
-        hand_over_to_disk(llm, val, batch_size, val_part, lambda local: float(llm.threshold), **run)
-        strategy.barrier()
-        train, val = SequenceData.load(train_part), SequenceData.load(val_part)
-        if rank == 0 and world_size > 1:  # one part, so that the next stage memory-maps it whole
-            for split in ("train", "val"):
-                merge_parts(out / split)
-        strategy.barrier()
-        return train, val, everyone[0]
 
     def state_dict(self) -> dict:
         return {"hard_ratio": self.hard_ratio, "stats": self.stats}

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Mapping
+from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cascade.exit_fn import ExitFn, history_indices
+from cascade.losses import token_cross_entropy, vocab_logits
 from cascade.sequence_data import SequenceData
 
 if TYPE_CHECKING:
@@ -27,11 +28,30 @@ class TokenOutputs:
     """Per-token results of `run_llm`, in the token order of the input data (None where not asked for)."""
 
     scores: Tensor | None  # (N,) float32 exit scores
-    hidden: Tensor | None  # (N, D) bf16 output hidden states
+    hidden: Tensor | None  # (N, D) bf16 output hidden states (on the host, or on the LLM's device)
     nll: Tensor | None  # (N,) float32 next-token negative log-likelihood
     correct: Tensor | None  # (N,) bool, argmax == target
-    positions: int  # row positions processed, padding included
+    positions: int = 0  # row positions processed, padding included
     exit_scores: dict[str, Tensor] = field(default_factory=dict)  # name -> (N,) float32, for `exit_fns`
+    hidden_file: str | None = None  # where the hidden states went instead of `hidden` (`cascade.routing.route`)
+
+    @classmethod
+    def allocate(cls, n: int, dim: int, scores: bool = False, hidden: bool = False, nll: bool = False,
+                 hidden_device: torch.device | str = "cpu", exit_fns: Iterable[str] = ()) -> "TokenOutputs":
+        """Empty results for `n` tokens; the hidden states (`hidden`, width `dim`) on `hidden_device`."""
+        return cls(
+            torch.empty(n, dtype=torch.float32) if scores else None,
+            torch.empty(n, dim, dtype=torch.bfloat16, device=hidden_device) if hidden else None,
+            torch.empty(n, dtype=torch.float32) if nll else None,
+            torch.empty(n, dtype=torch.bool) if nll else None,
+            exit_scores={name: torch.empty(n, dtype=torch.float32) for name in exit_fns},
+        )
+
+    def drop_hidden_file(self) -> None:
+        """Delete `hidden_file`, if any."""
+        if self.hidden_file is not None:
+            os.unlink(self.hidden_file)
+            self.hidden_file = None
 
 
 def autocast_for(device: torch.device):
@@ -62,10 +82,10 @@ def run_llm(
 
     The hidden states are the final-norm outputs, or with `residual` (default `llm.hands_over_residual`: what the
     LLM hands over) the residual stream before the final norm. With `hidden_file`, the output hidden states are not
-    kept but written there as raw bf16 rows in token order (batches come in token order), so host memory holds a few batches of them. With
-    `hidden_on_device`, they stay on the LLM's device (`hidden` is a device tensor): none is copied to the host.
-    With `compile`, the LLM's forward runs under `torch.compile` (one graph per batch shape; worth it on
-    a GPU for more than a few batches: eager HF modules launch many small kernels). Each batch's forward runs
+    kept but written there as raw bf16 rows in token order (batches come in token order), so host memory holds a few
+    batches of them. With `hidden_on_device`, they stay on the LLM's device (`hidden` is a device tensor): none is
+    copied to the host. With `compile`, the LLM's forward runs under `torch.compile` (one graph per batch shape; worth
+    it on a GPU for more than a few batches: eager HF modules launch many small kernels). Each batch's forward runs
     in `forward_context()` (Lightning's `trainer.precision_plugin.forward_context`, so that a stage is scored in
     the precision it trained in); default `autocast_for(device)`. `exit_fns` {name: function}: each one's exit scores
     too, in `exit_scores` (for diagnostics: every registered exit function from the same forward).
@@ -75,79 +95,75 @@ def run_llm(
     """
     if data.num_tokens == 0:
         raise ValueError("the data holds no tokens: nothing to run the LLM on")
-    n, device = data.num_tokens, llm.device
-    out = TokenOutputs(
-        torch.empty(n, dtype=torch.float32) if scores else None,
-        torch.empty(n, llm.dim, dtype=torch.bfloat16, device=device if hidden_on_device else "cpu") if hidden and hidden_file is None else None,
-        torch.empty(n, dtype=torch.float32) if nll else None,
-        torch.empty(n, dtype=torch.bool) if nll else None,
-        0,
-    )
-    history = history_indices(llm.exit_fn) if scores else ()
-    residual = hidden and (llm.hands_over_residual if residual is None else residual)
-    if residual and history is not None:
-        history = (*history, -1)
-    exit_fns = dict(exit_fns or {})
-    for name, fn in exit_fns.items():
-        out.exit_scores[name] = torch.empty(n, dtype=torch.float32)
-        wanted = history_indices(fn)
-        history = None if wanted is None or history is None else tuple({*history, *wanted})
-    written = [0]  # tokens written to `hidden_file` so far
-    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    pending: deque[_HostCopy] = deque()  # batches' results not stored yet, oldest first
-    # The first touch of fresh host memory is slow (more so in a VM): a thread touches the hidden states'
-    # pages, on many cores, while the first batches run; the first store waits for it.
-    on_device = out.hidden is not None and out.hidden.device.type != "cpu"
-    touch = threading.Thread(target=out.hidden.zero_) if out.hidden is not None and not on_device else None
-    if touch is not None:
-        touch.start()
-
-    def store_oldest() -> None:
-        if touch is not None:
-            touch.join()
-        pending.popleft().store(out, hidden_file, written)
-
-    forward = torch.compile(llm, dynamic=False) if compile and llm.mod is None else llm  # MoD swaps layers per call
+    device, exit_fns = llm.device, dict(exit_fns or {})
+    keep_hidden = hidden and hidden_file is None
+    out = TokenOutputs.allocate(data.num_tokens, llm.dim, scores, keep_hidden, nll,
+                                device if hidden_on_device else "cpu", exit_fns)
+    step = _Step(llm, data.input_type, scores, hidden and (llm.hands_over_residual if residual is None else residual),
+                 hidden, nll, exit_fns, compile)
     forward_context = forward_context or partial(autocast_for, device)
-    was_training = llm.training
-    llm.eval()
-    try:
+    with _HostStore(out, hidden_file, device) as store, _eval_mode(llm):
         # one shape for every batch, the last one too: compiled, each other shape would be compiled again
         for batch in data.batches(batch_size, row_length, fixed_length=True, pad_last_batch=compile):
             out.positions += batch.num_positions
-            flat_index = batch.token_index.flatten()
-            real = (flat_index >= 0).nonzero().squeeze(1)  # where the real tokens sit, row-major (CPU)
-            index = flat_index[real]
-            b = _to_device(batch, device)
-            pick = None if real.numel() == flat_index.numel() else real.to(device, non_blocking=True)
-            results = {}
+            index, pick, on_device = _place(batch, device)
             with forward_context():
-                h_out, hidden_history = forward(b.inputs, data.input_type, b.model_position_ids(), b.model_segment_ids(), history)
-                h = _real(h_out, pick)  # (n, D)
-                if scores:
-                    results["scores"] = _real(llm.exit_scores(hidden_history, h_out), pick).float()
-                for name, fn in exit_fns.items():
-                    results[f"exit:{name}"] = _real(fn(hidden_history, h_out, llm), pick).float()
-                handed = _real(hidden_history[-1], pick) if residual else h
-                if on_device:
-                    out.hidden[int(index[0]) : int(index[-1]) + 1] = handed  # one slice: batches come in token order
-                elif hidden:
-                    results["hidden"] = handed.to(torch.bfloat16)
-                if nll:
-                    logits = llm.get_logits(h).float()
-                    targets = _real(b.targets, pick)
-                    results["nll"] = F.cross_entropy(logits, targets, reduction="none")
-                    results["correct"] = logits.argmax(dim=-1) == targets
-            pending.append(_HostCopy(index, results, copy_stream))
-            if len(pending) > STORES_BEHIND:
-                store_oldest()
-        while pending:
-            store_oldest()
-    finally:
-        if touch is not None:
-            touch.join()
-        llm.train(was_training)
+                results = step(on_device, pick)
+            store.push(index, results)
     return out
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _place(batch, device: torch.device) -> tuple[Tensor, Tensor | None, object]:
+    """Where the batch's real tokens sit (their indices into the data, and their flat positions in the batch on the
+    device, None when every position is real), and the batch on the device."""
+    flat_index = batch.token_index.flatten()
+    real = (flat_index >= 0).nonzero().squeeze(1)  # row-major (CPU)
+    pick = None if real.numel() == flat_index.numel() else real.to(device, non_blocking=True)
+    return flat_index[real], pick, _to_device(batch, device)
+
+
+class _Step:
+    """One batch's forward and the per-token results asked of `run_llm`, for the real tokens only."""
+
+    def __init__(self, llm: "LLM", input_type: str, scores: bool, residual: bool, hidden: bool, nll: bool,
+                 exit_fns: dict[str, ExitFn], compile: bool):
+        self.llm, self.input_type, self.exit_fns = llm, input_type, exit_fns
+        self.scores, self.residual, self.hidden, self.nll = scores, residual, hidden, nll
+        history = history_indices(llm.exit_fn) if scores else ()
+        if residual and history is not None:
+            history = (*history, -1)
+        for fn in exit_fns.values():
+            wanted = history_indices(fn)
+            history = None if wanted is None or history is None else tuple({*history, *wanted})
+        self.history = history
+        self.forward = torch.compile(llm, dynamic=False) if compile and llm.mod is None else llm  # MoD swaps layers
+
+    def __call__(self, b, pick: Tensor | None) -> dict[str, Tensor]:
+        llm, results = self.llm, {}
+        h_out, hidden_history = self.forward(b.inputs, self.input_type, b.model_position_ids(), b.model_segment_ids(), self.history)
+        h = _real(h_out, pick)  # (n, D)
+        if self.scores:
+            results["scores"] = _real(llm.exit_scores(hidden_history, h_out), pick).float()
+        for name, fn in self.exit_fns.items():
+            results[f"exit:{name}"] = _real(fn(hidden_history, h_out, llm), pick).float()
+        if self.hidden:
+            results["hidden"] = (_real(hidden_history[-1], pick) if self.residual else h).to(torch.bfloat16)
+        if self.nll:
+            logits = vocab_logits(llm, h)
+            targets = _real(b.targets, pick)
+            results["nll"] = token_cross_entropy(logits, targets, reduction="none")
+            results["correct"] = logits.argmax(dim=-1) == targets
+        return results
 
 
 def _to_device(batch, device: torch.device):
@@ -162,42 +178,66 @@ def _real(t: Tensor, pick: Tensor | None) -> Tensor:
     return flat if pick is None else flat.index_select(0, pick)
 
 
-class _HostCopy:
-    """One batch's per-token results on their way to the host: copies into page-locked memory on `stream`
-    (a CUDA stream beside the compute stream), so that the next batch's compute does not wait for them."""
+class _HostStore:
+    """Puts each batch's results at their tokens' places in a `TokenOutputs` (or appends the hidden states to a
+    file), a batch at a time and in token order. Hidden states kept on the device are written there at once. On a
+    GPU the rest are copied into page-locked memory on a CUDA stream beside the compute stream and stored
+    `STORES_BEHIND` batches later, so that neither the next batches' compute nor the CPU waits for the copies."""
 
-    def __init__(self, index: Tensor, results: dict[str, Tensor], stream: "torch.cuda.Stream | None"):
-        self.index = index
-        self.event = None
-        self.host = results  # on the CPU the results are the host copies
-        if stream is None:
-            return
-        self.host = {}
-        stream.wait_stream(torch.cuda.current_stream())  # the results are computed
-        with torch.cuda.stream(stream):
+    def __init__(self, out: TokenOutputs, hidden_file: BinaryIO | None, device: torch.device):
+        self.out, self.hidden_file, self.written = out, hidden_file, 0
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.pending: deque[tuple[Tensor, dict[str, Tensor], "torch.cuda.Event | None"]] = deque()  # oldest first
+        self.on_device = out.hidden is not None and out.hidden.device.type != "cpu"
+        # The first touch of fresh host memory is slow (more so in a VM): a thread touches the hidden states'
+        # pages, on many cores, while the first batches run; the first store waits for it.
+        host_hidden = out.hidden is not None and not self.on_device
+        self.touch = threading.Thread(target=out.hidden.zero_) if host_hidden else None
+
+    def __enter__(self) -> "_HostStore":
+        if self.touch is not None:
+            self.touch.start()
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        if self.touch is not None:
+            self.touch.join()
+        while self.pending and error_type is None:
+            self._store_oldest()
+
+    def push(self, index: Tensor, results: dict[str, Tensor]) -> None:
+        """Queue one batch's results for its tokens `index` (CPU, ascending and contiguous)."""
+        if self.on_device:  # one slice: batches come in token order
+            self.out.hidden[int(index[0]) : int(index[-1]) + 1] = results.pop("hidden")
+        self.pending.append((index, *self._to_host(results)))
+        if len(self.pending) > STORES_BEHIND:
+            self._store_oldest()
+
+    def _to_host(self, results: dict[str, Tensor]) -> tuple[dict[str, Tensor], "torch.cuda.Event | None"]:
+        if self.stream is None:
+            return results, None  # on the CPU the results are the host copies
+        host = {}
+        self.stream.wait_stream(torch.cuda.current_stream())  # the results are computed
+        with torch.cuda.stream(self.stream):
             for name, value in results.items():
-                self.host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
-                value.record_stream(stream)  # its memory is not reused by the next batch before the copy is done
-            self.event = torch.cuda.Event()
-            self.event.record(stream)
+                host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True).copy_(value, non_blocking=True)
+                value.record_stream(self.stream)  # its memory is not reused by the next batch before the copy is done
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return host, event
 
-    def store(self, out: TokenOutputs, hidden_file: BinaryIO | None, written: list[int]) -> None:
-        """Wait for the copies, then put each result at its tokens' places (or append the hidden states to the file)."""
-        if self.event is not None:
-            self.event.synchronize()
-        index, host = self.index, self.host
-        begin, end = int(index[0]), int(index[-1]) + 1
+    def _store_oldest(self) -> None:
+        if self.touch is not None:
+            self.touch.join()
+        index, host, event = self.pending.popleft()
+        if event is not None:
+            event.synchronize()
+        out, begin, end = self.out, int(index[0]), int(index[-1]) + 1
         assert end - begin == index.numel(), "batches come in token order"  # so a batch's tokens are one slice
-        if "scores" in host:
-            out.scores[begin:end] = host["scores"]
-        if "hidden" in host and hidden_file is not None:
-            assert begin == written[0], "token order"
-            hidden_file.write(host["hidden"].view(torch.int16).numpy().data)  # no copy of the bytes
-            written[0] = end
-        elif "hidden" in host:
-            out.hidden[begin:end] = host["hidden"]
-        if "nll" in host:
-            out.nll[begin:end] = host["nll"]
-            out.correct[begin:end] = host["correct"]
-        for name, scores in out.exit_scores.items():
-            scores[begin:end] = host[f"exit:{name}"]
+        if "hidden" in host and self.hidden_file is not None:
+            assert begin == self.written, "token order"
+            self.hidden_file.write(host.pop("hidden").view(torch.int16).numpy().data)  # no copy of the bytes
+            self.written = end
+        for name, value in host.items():
+            target = out.exit_scores[name[5:]] if name.startswith("exit:") else getattr(out, name)
+            target[begin:end] = value

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cascade.sequence_data import IGNORE_INDEX
+from cascade.losses import next_token_loss
 
 if TYPE_CHECKING:
     from cascade.llm import LLM
@@ -16,6 +15,12 @@ if TYPE_CHECKING:
 def logit_lens(llm: "LLM", h: Tensor) -> Tensor:
     """Logits of a residual-stream state through the model's own final norm and LM head."""
     return llm.get_logits(llm.final_norm(h))
+
+
+def layer_output(llm: "LLM", layer: int, hidden_history: Sequence[Tensor | None], h_out: Tensor) -> Tensor:
+    """What the LM head reads for an exit after `layer` (1-indexed): the final norm of the residual stream there, or
+    `h_out` itself for the last layer (its lens is exactly the model's own output)."""
+    return h_out if layer == llm.num_layers else llm.final_norm(hidden_history[layer])
 
 
 def check_layer_weights(layer_weights: Mapping[int, float], num_layers: int) -> None:
@@ -37,8 +42,7 @@ def layer_weighted_loss(
     for layer, weight in sorted(layer_weights.items()):
         if weight == 0:
             continue
-        logits = llm.get_logits(h_out) if layer == llm.num_layers else logit_lens(llm, hidden_history[layer])
-        per_layer[layer] = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        per_layer[layer] = next_token_loss(llm, layer_output(llm, layer, hidden_history, h_out), targets)
         total = total + weight * per_layer[layer]
     return total, per_layer
 

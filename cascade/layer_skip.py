@@ -13,11 +13,11 @@ from functools import partial
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cascade.inference import autocast_for
-from cascade.layer_exits import check_exit_layer, logit_lens
+from cascade.layer_exits import check_exit_layer, layer_output
+from cascade.losses import next_token_loss, token_cross_entropy, vocab_logits
 from cascade.packing import gather_index
 from cascade.sequence_data import Batch, SequenceData
 
@@ -94,9 +94,9 @@ def routed_nll(llm: "LLM", batch: Batch, exit_layer: int, thresholds: Sequence[f
     """
     real = batch.token_index >= 0  # (B, T)
     h = run_until(llm, batch.inputs, batch.input_type, batch.model_position_ids(), batch.model_segment_ids(), exit_layer)
-    logits = logit_lens(llm, h[real]).float()
-    nll_exit = F.cross_entropy(logits, batch.targets[real], reduction="none")
-    confidence = logits.detach().softmax(-1).amax(-1)
+    logits = vocab_logits(llm, llm.final_norm(h[real]))  # the exit layer's logit lens
+    nll_exit = token_cross_entropy(logits, batch.targets[real], reduction="none")
+    confidence = logits.detach().float().softmax(-1).amax(-1)  # padded vocabulary columns are -inf: probability 0
     routed = []
     for threshold in thresholds:
         continuing = torch.zeros_like(real)
@@ -107,7 +107,7 @@ def routed_nll(llm: "LLM", batch: Batch, exit_layer: int, thresholds: Sequence[f
             kept = torch.ones_like(index, dtype=torch.bool) if kept is None else kept
             segments = batch.segment_ids.gather(1, index).masked_fill(~kept, -1)
             h_out = run_from(llm, h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1])), batch.position_ids.gather(1, index), segments, exit_layer)
-            last = F.cross_entropy(llm.get_logits(h_out[kept]).float(), batch.targets.gather(1, index)[kept], reduction="none")
+            last = next_token_loss(llm, h_out[kept], batch.targets.gather(1, index)[kept], reduction="none")
             nll[continuing[real]] = last  # row-major order of the continuing tokens is kept by the compaction
         routed.append(nll)
     return nll_exit, confidence, routed
@@ -179,8 +179,8 @@ def layer_perplexities(
             with forward_context():
                 h_out, history = llm(b.inputs, data.input_type, b.model_position_ids(), b.model_segment_ids(), history=range(1, L))
                 for layer in range(1, L + 1):
-                    logits = llm.get_logits(h_out[real]) if layer == L else logit_lens(llm, history[layer][real])
-                    total[layer] += F.cross_entropy(logits.float(), b.targets[real], reduction="sum").double().cpu()
+                    h = layer_output(llm, layer, history, h_out)[real]
+                    total[layer] += next_token_loss(llm, h, b.targets[real], reduction="sum").double().cpu()
     finally:
         llm.train(was_training)
     return {layer: math.exp(total[layer].item() / data.num_tokens) for layer in range(1, L + 1)}

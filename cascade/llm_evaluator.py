@@ -5,12 +5,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-import torch
-
 from cascade.diagnostics import auroc, hard_by_loss, routing_bound
 from cascade.exit_fn import EXIT_FNS, LEARNED, learned_exit_fn
 from cascade.inference import run_llm
-from cascade.routing import compact_hard_tokens, hard_mask
+from cascade.routing import route
 from cascade.sequence_data import SequenceData
 
 if TYPE_CHECKING:
@@ -35,14 +33,10 @@ def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool,
     every token in. `run_options` (`compile`, `forward_context`) go to `run_llm`.
     """
     exit_fns = {} if is_last else {**EXIT_FNS, **({LEARNED: learned_exit_fn} if llm.exit_router is not None else {})}
-    out = run_llm(llm, data, batch_size, scores=not is_last, hidden=not is_last, nll=True, exit_fns=exit_fns, **run_options)
-    if is_last:
-        hard = torch.zeros(data.num_tokens, dtype=torch.bool)
-        continuing = compact_hard_tokens(data, hard)
-    else:
-        hard = hard_mask(out.scores, float(llm.threshold))
-        continuing = compact_hard_tokens(data, hard, out.hidden)
-    exits = ~hard
+    # the routing bound reads every token's hidden state: kept in memory
+    budget = {"host_memory_bytes": None} if next_llm is not None and not is_last else {}
+    routed = route(llm, data, batch_size, is_last=is_last, nll=True, exit_fns=exit_fns, **budget, **run_options)
+    out, exits = routed.outputs, ~routed.hard_mask
     exit_tokens = int(exits.sum())
     nll_sum = out.nll[exits].double().sum().item()
     stats = {
@@ -59,4 +53,4 @@ def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool,
         stats["exit_auroc"] = {name: auroc(scores, hard) for name, scores in out.exit_scores.items()}
         if next_llm is not None:
             stats["routing_bound"] = routing_bound(out, data, next_llm, data.num_tokens - exit_tokens, batch_size, **run_options)
-    return continuing, stats
+    return routed.hard, stats

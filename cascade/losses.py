@@ -1,13 +1,12 @@
-"""The next-token loss through an LLM's own LM head, written so that torch.compile fuses it.
+"""The next-token loss through an LLM's own LM head: the one loss of training, validation, layer exits, layer
+skipping and evaluation.
 
-Compiled, the upcast of the bf16 logits to float32 happens inside inductor's fused softmax /
-cross-entropy kernels: float32 logits (4 bytes x tokens x vocabulary, 3.3 GB for 16 x 1024
-tokens of GPT-2) are never written to memory, forward or backward.
+Written so that torch.compile fuses it: the upcast of the bf16 logits to float32 happens inside inductor's fused
+softmax / cross-entropy kernels, so float32 logits are never written to memory, forward or backward.
 
-A padded LM head (`pad_vocab`) keeps its full, aligned width here: its padded columns are set to -inf
-(never predicted, zero gradient) instead of cut off. Cut off, every row of the logits starts at an
-unaligned offset: the loss's kernels took 3.8 ms a step instead of 2.5 ms for GPT-2 124M at 16 x 1024
-tokens on an H100, 3% of the step (`benchmarks/ab_padded_loss.py`).
+A padded LM head (`pad_vocab`) keeps its full, aligned width: its padded columns are set to -inf (never predicted,
+zero gradient) instead of cut off, since cut off every row of the logits starts at an unaligned offset
+(`benchmarks/ab_padded_loss.py` measures the difference).
 """
 
 from __future__ import annotations
@@ -24,11 +23,25 @@ if TYPE_CHECKING:
     from cascade.llm import LLM
 
 
-def next_token_loss(llm: "LLM", h_out: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of the LM head's logits of `h_out` (B, T, D) against `targets` (B, T), in float32,
-    over the real vocabulary (padded head rows get -inf) and the real tokens (padding is ignored)."""
-    logits = without_padded_vocab(llm.head_logits(h_out), llm.vocab_size)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+def next_token_loss(llm: "LLM", h: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy, in float32, of the LLM's own logits of final hidden states `h` (..., D) against `targets` (...):
+    over the real vocabulary (padded head columns get -inf) and the real tokens (targets `IGNORE_INDEX` are ignored).
+
+    `reduction`: "mean" (over real tokens), "sum", or "none" (one loss per token, shape of `targets`). For a layer's
+    logit lens pass `llm.final_norm(h_layer)` as `h`.
+    """
+    return token_cross_entropy(vocab_logits(llm, h), targets, reduction)
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """`next_token_loss` of logits (..., V) already computed (where the caller also needs them, e.g. for accuracy)."""
+    loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def vocab_logits(llm: "LLM", h: Tensor) -> Tensor:
+    """The LLM's own logits of `h` (..., D) over its head's full width, the padded columns at -inf."""
+    return without_padded_vocab(llm.head_logits(h), llm.vocab_size)
 
 
 def without_padded_vocab(logits: Tensor, vocab_size: int) -> Tensor:

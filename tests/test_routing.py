@@ -105,19 +105,17 @@ def test_equal_scores_give_an_empty_hard_set_error():
 
 @pytest.mark.parametrize("host_memory_bytes", [0, 1 << 30], ids=["through-a-file", "in-host-memory"])
 def test_hand_over_streamed_to_disk_equals_the_in_memory_one(tmp_path, monkeypatch, host_memory_bytes):
-    import cascade.handover_disk as handover_disk
+    import cascade.routing as routing
     from cascade import SequenceData as SD
-    from cascade.handover import calibrate_threshold, collect_hard_tokens
+    from cascade.handover import collect_hard_tokens
 
-    monkeypatch.setattr(handover_disk, "CHUNK_TOKENS", 7)  # many chunks, boundaries inside sequences
+    monkeypatch.setattr(routing, "CHUNK_TOKENS", 7)  # many chunks, boundaries inside sequences
     llm = LLM(tiny_model("llama"))
     data = create_sequence_data(Ensemble([llm]), token_batches(num_batches=2, batch_size=4, seq_len=16))
     in_memory, scores = collect_hard_tokens(llm, data, 0.3, batch_size=3)
     threshold = float(llm.threshold)
     llm.threshold.fill_(0.0)
-    streamed_scores = handover_disk.hand_over_to_disk(
-        llm, data, 3, tmp_path / "part", lambda local: calibrate_threshold(llm, local, 0.3)[0], host_memory_bytes=host_memory_bytes
-    )
+    _, streamed_scores = collect_hard_tokens(llm, data, 0.3, 3, path=tmp_path / "part", host_memory_bytes=host_memory_bytes)
     assert float(llm.threshold) == threshold and torch.equal(streamed_scores, scores)
     streamed = SD.load(tmp_path / "part")
     for name in ("inputs", "targets", "positions", "offsets", "sequence_ids"):

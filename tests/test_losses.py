@@ -1,0 +1,68 @@
+"""One next-token loss (`cascade.losses`), the same numbers eager and under `torch.compile`, on the CPU."""
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from cascade import LLM
+from cascade.hf_models import pad_vocab
+from cascade.losses import next_token_loss
+from cascade.sequence_data import IGNORE_INDEX
+from conftest import VOCAB, tiny_model
+from lightning_modules.stage import StageModule
+from test_main_path import tiny_stage_data
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain-head", "padded-head"])
+def test_the_loss_compiled_has_the_eager_value_and_gradients(padded):
+    model = tiny_model("gpt2")
+    if padded:
+        pad_vocab(model, 64)
+    llm = LLM(model)
+    h = torch.randn(2, 7, 32)
+    targets = torch.randint(0, VOCAB, (2, 7))
+    targets[1, -2:] = IGNORE_INDEX
+    values = {}
+    for name, loss_fn in (("eager", next_token_loss), ("compiled", torch.compile(next_token_loss, dynamic=False))):
+        llm.zero_grad()
+        x = h.clone().requires_grad_()
+        loss = loss_fn(llm, x, targets)
+        loss.backward()
+        values[name] = (loss.detach(), x.grad, llm.base_llm.lm_head.weight.grad.clone())
+    for eager, compiled in zip(values["eager"], values["compiled"]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(values["compiled"][2][VOCAB:]) == 0, "padded rows are never predicted, compiled too"
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_the_reductions_agree_with_the_mean(reduction):
+    llm = LLM(tiny_model("llama"))
+    h = torch.randn(3, 5, 32)
+    targets = torch.randint(0, VOCAB, (3, 5))
+    targets[0, :2] = IGNORE_INDEX
+    per_token = next_token_loss(llm, h, targets, reduction="none")
+    assert per_token.shape == targets.shape and torch.all(per_token[0, :2] == 0)
+    mean = next_token_loss(llm, h, targets)
+    if reduction == "sum":
+        assert next_token_loss(llm, h, targets, reduction="sum").item() == pytest.approx(mean.item() * 13, rel=1e-6)
+    else:
+        assert per_token.sum().item() / 13 == pytest.approx(mean.item(), rel=1e-6)
+
+
+def test_stage_training_compiled_on_the_cpu_follows_the_eager_training():
+    """`StageModule(compile=True)` compiles the model, head and loss also on a CPU: the path a GPU run takes."""
+    losses = {}
+    for compile in (False, True):
+        module = StageModule(llm=LLM(tiny_model("gpt2", seed=3)), compile=compile, warmup_steps=0)
+        trainer = Trainer(
+            max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1,
+        )
+        seen = []
+        module.on_train_batch_end = lambda outputs, batch, batch_idx: seen.append(outputs["loss"].item())
+        torch.manual_seed(0)
+        trainer.fit(module, datamodule=tiny_stage_data())
+        assert module.compiled == compile
+        losses[compile] = seen
+    assert len(losses[True]) == 4 and losses[True][0] == pytest.approx(losses[False][0], rel=1e-5)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4), "compiled training must follow the eager one"
