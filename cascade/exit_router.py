@@ -13,7 +13,6 @@ and the halting classifiers of the Depth-Adaptive Transformer (Elbayad et al. 20
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 ROUTER_FILE = "exit_router.safetensors"  # beside the HF weights of an LLM with a learned exit function

@@ -11,10 +11,8 @@ true early exit on the validation split and the table is written to `eval.json` 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -29,12 +27,11 @@ from callbacks.checkpoint_io import AtomicCheckpointIO, remove_partial_checkpoin
 from callbacks.handover import StageHandover
 from callbacks.progress import default_progress_bar
 from callbacks.timing import TrainingTimer
-from cascade.diagnostics import sweep_compute
-from cascade.ensemble import Ensemble, create_sequence_data, stage_dir
+from cascade.ensemble import stage_dir
 from cascade.hf_models import max_positions
-from cascade.layer_skip import layer_perplexities, threshold_sweep
 from cascade.llm import LLM
-from cascade.report import format_diagnostics, format_eval_table, format_handover, format_layer_exit_table, format_training, plot_curve
+from cascade.report import format_handover, format_training
+from cascade.run_evaluation import evaluate_run, evaluation_trainer
 from cascade.run_state import (
     RunDirectoryInUse,
     RunLock,
@@ -54,8 +51,6 @@ from datamodules.sequence import SequenceDataModule
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
 
-
-SWEEP_THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01)  # 0: every token exits; 1.01: none does
 
 
 class CascadeCLI(LightningCLI):
@@ -193,6 +188,28 @@ class CascadeCLI(LightningCLI):
         """Train stage k with a fresh model, data module and Trainer (resuming from `ckpt_path` or the stage's
         newest checkpoint), hand its hard tokens over unless it is the last stage, save its LLM in HF format and
         mark it done. With `trained`, the stage's saved LLM only hands over (no training)."""
+        config = self.stage_config(k, trained)
+        self.config_init = self.parser.instantiate(config)
+        text, model, handover = self.config_init.data, self.config_init.model, self.config_init.handover
+        limit = max_positions(model.llm.config)
+        if limit is not None and text.seq_len > limit:
+            raise ValueError(f"data.seq_len {text.seq_len} exceeds the model's {limit} positions; lower it or enlarge the model")
+        datamodule = self.stage_datamodule(k, text)
+        if k > 0 and model.hparams.warm_start and not trained:  # a resumed stage's checkpoint then overwrites it
+            identity_start(model.llm, LLM.from_pretrained(stage_dir(self.run_dir, k - 1) / "llm"))
+            rank_zero_info(f"stage {k}: LLM {k} starts predicting exactly what LLM {k - 1} does (warm_start)")
+        timer = TrainingTimer()
+        self.trainer = self.stage_trainer(k, config, [timer, *([handover] if self.hands_over(k) else [])], trained)
+        ckpt_path = self.resume_checkpoint(k, ckpt_path, trained)
+        processes = self.trainer.world_size
+        rank_zero_info(f"stage {k}: {'handing over' if trained else 'training'} on {self.trainer.strategy.root_device}"
+                       f"{f' and {processes - 1} more devices' if processes > 1 else ''}, precision {self.trainer.precision}")
+        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        self.record_stage(k, model, text, timer.stats, handover.stats if self.hands_over(k) else None, trained)
+
+    def stage_config(self, k: int, trained: bool):
+        """The run's settings for stage k: its index, where its hand-over and checkpoints go, and (`trained`) its
+        saved LLM loaded to hand over without training; seeds the stage."""
         stage_path = stage_dir(self.run_dir, k)
         config = self.config.clone()
         config.model.stage = k
@@ -204,64 +221,70 @@ class CascadeCLI(LightningCLI):
         if isinstance(config.seed_everything, int) and not isinstance(config.seed_everything, bool):
             # the stage's initialisation and dropout depend on the run's seed and k alone, not on earlier stages
             seed_everything(config.seed_everything + k, workers=True, verbose=False)
-        self.config_init = self.parser.instantiate(config)
-        text, model, handover = self.config_init.data, self.config_init.model, self.config_init.handover
-        limit = max_positions(model.llm.config)
-        if limit is not None and text.seq_len > limit:
-            raise ValueError(f"data.seq_len {text.seq_len} exceeds the model's {limit} positions; lower it or enlarge the model")
+        return config
+
+    def stage_datamodule(self, k: int, text: TextDataModule):
+        """Stage 0 reads the corpus (tokenized, or its cache checked, before anything is written); stage k > 0 the
+        hand-over of stage k - 1, with its own shuffle seed (its data order does not depend on stage 0's)."""
         if k == 0:
-            text.prepare_data()  # the corpus read and tokenized (or its cache checked) before anything is written
-            datamodule = self.text = text
-        else:  # its own shuffle seed: the data order of stage k does not depend on how stage 0's was drawn
-            datamodule = SequenceDataModule(
-                str(stage_dir(self.run_dir, k - 1) / "handover"), text.batch_size, text.seq_len, text.num_workers, text.seed + k
-            )
-        if k > 0 and model.hparams.warm_start and not trained:  # a resumed stage's checkpoint then overwrites it
-            identity_start(model.llm, LLM.from_pretrained(stage_dir(self.run_dir, k - 1) / "llm"))
-            rank_zero_info(f"stage {k}: LLM {k} starts predicting exactly what LLM {k - 1} does (warm_start)")
-        timer = TrainingTimer()
-        callbacks = [*(self.config_init.trainer.get("callbacks") or []), timer]
-        if self.hands_over(k):
-            callbacks.append(handover)
-        if self.config_init.trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            text.prepare_data()
+            self.text = text
+            return text
+        handover = str(stage_dir(self.run_dir, k - 1) / "handover")
+        return SequenceDataModule(handover, text.batch_size, text.seq_len, text.num_workers, text.seed + k)
+
+    def stage_trainer(self, k: int, config, callbacks: list, trained: bool) -> Trainer:
+        """The stage's Trainer from the run's trainer settings, with the stage's own callbacks, an atomic checkpoint
+        writer, this machine's precision where none is set, and a TensorBoard logger under the run directory."""
+        settings = self.config_init.trainer
+        callbacks = [*(settings.get("callbacks") or []), *callbacks]
+        if settings.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(default_progress_bar())
-        plugins = list(self.config_init.trainer.get("plugins") or [])
+        plugins = list(settings.get("plugins") or [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
-        overrides = {"default_root_dir": str(stage_path), "callbacks": callbacks, "plugins": plugins}
-        if self.config_init.trainer.get("precision") is None:  # not written into the config: it is the machine's
-            overrides["precision"] = default_precision(self.config_init.trainer.get("accelerator", "auto"))
-        if self.config_init.trainer.get("logger") in (None, True):
+        overrides = {"default_root_dir": str(stage_dir(self.run_dir, k)), "callbacks": callbacks, "plugins": plugins}
+        if settings.get("precision") is None:  # not written into the config: it is the machine's
+            overrides["precision"] = default_precision(settings.get("accelerator", "auto"))
+        if settings.get("logger") in (None, True):
             overrides["logger"] = TensorBoardLogger(str(self.run_dir), name=f"stage_{k}", version="")
         # SaveConfigCallback writes the stage's resolved config (not for a hand-over alone: it keeps the training's)
         saved = self.config, self.save_config_callback
         self.config, self.save_config_callback = config, (None if trained else self.save_config_callback)
-        self.hold_run_dir()  # every setting above is checked; from here on the run writes
-        self.trainer = self.instantiate_trainer(**overrides)
-        self.config, self.save_config_callback = saved
+        self.hold_run_dir()  # every setting is checked; from here on the run writes
+        try:
+            return self.instantiate_trainer(**overrides)
+        finally:
+            self.config, self.save_config_callback = saved
+
+    def resume_checkpoint(self, k: int, ckpt_path: str | None, trained: bool) -> str | None:
+        """`ckpt_path`, else the stage's newest complete checkpoint (partial ones of a killed write removed first)."""
+        checkpoints = stage_dir(self.run_dir, k) / "checkpoints"
         if self.trainer.is_global_zero:
-            for partial in remove_partial_checkpoints(stage_path / "checkpoints"):
+            for partial in remove_partial_checkpoints(checkpoints):
                 rank_zero_info(f"stage {k}: removed {partial}, a checkpoint whose writing was cut short")
         if not trained and ckpt_path is None:
-            if (resume := latest_checkpoint(stage_path / "checkpoints", warn=rank_zero_info)) is not None:
+            if (resume := latest_checkpoint(checkpoints, warn=rank_zero_info)) is not None:
                 rank_zero_info(f"stage {k}: resuming from {resume}")
-                ckpt_path = str(resume)
-        processes = self.trainer.world_size
-        rank_zero_info(f"stage {k}: {'handing over' if trained else 'training'} on {self.trainer.strategy.root_device}"
-                       f"{f' and {processes - 1} more devices' if processes > 1 else ''}, precision {self.trainer.precision}")
-        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+                return str(resume)
+        return ckpt_path
+
+    def record_stage(self, k: int, model: StageModule, text: TextDataModule, timing: dict, handover: dict | None,
+                     trained: bool) -> None:
+        """Print the stage's phases, save its LLM and the tokenizer, and mark it done (`done.json`, with checksums)."""
+        stage_path = stage_dir(self.run_dir, k)
         info = (read_done(stage_path) or {}) if trained else {}  # a hand-over alone keeps the training's figures
-        if timer.stats:
-            info["train"] = timer.stats
-            rank_zero_info(format_training(k, timer.stats))
+        if timing:
+            info["train"] = timing
+            rank_zero_info(format_training(k, timing))
         if k == 0 and not trained:
             info["data"] = {"tokenize_s": text.prepare_seconds, "cached": text.cached, "train_tokens": text.train_data.num_tokens,
                             "val_tokens": text.val_data.num_tokens}
         if not trained:
             info["global_step"] = self.trainer.global_step
-        info.update(stage=k, handover=dict(handover.stats) if self.hands_over(k) else None)
-        if self.hands_over(k):
-            rank_zero_info(format_handover(k, handover.stats))
+        info.update(stage=k, handover=dict(handover) if handover is not None else None)
+        if handover is not None:
+            rank_zero_info(format_handover(k, handover))
         if self.trainer.is_global_zero:
             model.llm.save_pretrained(stage_path / "llm")
             text.save_tokenizer(self.run_dir / "tokenizer")
@@ -269,62 +292,16 @@ class CascadeCLI(LightningCLI):
             mark_stage_done(stage_path, info)
         self.trainer.strategy.barrier()
 
-    def evaluation_trainer(self) -> Trainer:
-        """The last stage's Trainer, or, when every stage was complete, one of the same settings: the evaluation
-        runs on its root device in its precision."""
-        if getattr(self, "trainer", None) is not None:
-            return self.trainer
-        settings = self.config.trainer
-        strategy = settings.strategy if isinstance(settings.strategy, str) else "auto"
-        return Trainer(
-            accelerator=settings.accelerator, devices=settings.devices, strategy=strategy,
-            precision=settings.precision or default_precision(settings.accelerator),
-            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        )
-
     def evaluate(self, text: TextDataModule, num_llms: int) -> dict:
-        """True early exit of the trained ensemble on the validation split, on the device and in the precision the
-        stages trained with (compiled where they were); prints the table, writes eval.json and TensorBoard."""
-        trainer = self.evaluation_trainer()
-        device, forward_context = trainer.strategy.root_device, trainer.precision_plugin.forward_context
-        ensemble = Ensemble.from_pretrained(self.run_dir, num_llms=num_llms).to(device)
-        batch_size = self.config.eval_batch_size or text.batch_size
-        compile = bool(self.config.model.compile) and device.type == "cuda"
-        start = time.perf_counter()
-        run = {"compile": compile, "forward_context": forward_context}
-        files = self.config.eval_files
-        batches = text.token_batches(batch_size=batch_size, data=text.file_data(files) if files else None)
-        stats = ensemble.evaluate(batches, batch_size, routing_bound=self.config.eval_routing_bound, **run)
-        if self.config.eval_curve and len(ensemble) > 1:
-            stats["curve"] = sweep_compute(ensemble, create_sequence_data(ensemble, batches), batch_size, **run)
-        print(f"\nTrue early-exit evaluation of {self.run_dir} on {', '.join(files) if files else 'the validation split'} ({device}, {trainer.precision}):")
-        print(format_eval_table(stats))
-        print(format_diagnostics(stats))
-        if "curve" in stats and plot_curve(stats, self.run_dir / "eval_curve.png"):
-            print(f"the curve: {self.run_dir / 'eval_curve.png'}")
-        if (exit_layer := self.config.model.exit_layer) is not None:
-            llm, data = ensemble.llms[0], text.val_data
-            thresholds = sorted({*SWEEP_THRESHOLDS, self.config.model.routing_threshold})
-            stats["layer_exits"] = {
-                "llm": 0, "exit_layer": exit_layer, "layer_ppl": layer_perplexities(llm, data, batch_size, forward_context),
-                "sweep": threshold_sweep(llm, data, batch_size, exit_layer, thresholds, forward_context),
-            }
-            print(format_layer_exit_table(stats["layer_exits"]))
-        stats["eval_s"] = time.perf_counter() - start
-        stats["eval_data"] = files or "validation"
-        stats["stages"] = [read_done(stage_dir(self.run_dir, k)) for k in range(num_llms)]
-        (self.run_dir / "eval.json").write_text(json.dumps(stats, indent=2))
-        logger = TensorBoardLogger(str(self.run_dir), name="eval", version="")
-        scalars = {f"eval/{key}": stats[key] for key in ("ppl", "accuracy", "compute_fraction", "wall_time_s", "eval_s")}
-        scalars.update({f"eval/prefix_ppl_{j}": ppl for j, ppl in enumerate(stats["prefix_ppl"])})
-        scalars.update({f"eval/exit_auroc_{k}/{name}": value for k, s in enumerate(stats["llm_stats"])
-                        for name, value in s.get("exit_auroc", {}).items()})
-        scalars.update({f"eval/routing_bound_{k}/{name}": value for k, s in enumerate(stats["llm_stats"])
-                        for name, value in s.get("routing_bound", {}).get("ppl", {}).items()})
-        logger.log_metrics(scalars, step=0)
-        logger.finalize("success")
-        print(f"written to {self.run_dir / 'eval.json'}; dashboards: tensorboard --logdir {self.run_dir}")
-        return stats
+        """True early exit of the trained ensemble (`cascade.run_evaluation`), on the last stage's device and in its
+        precision, or with a Trainer of the run's settings when every stage was complete."""
+        c = self.config
+        trainer = getattr(self, "trainer", None) or evaluation_trainer(c.trainer)
+        return evaluate_run(
+            self.run_dir, text, num_llms, trainer, batch_size=c.eval_batch_size or text.batch_size, files=c.eval_files,
+            curve=c.eval_curve, routing_bound=c.eval_routing_bound, compile=c.model.compile, exit_layer=c.model.exit_layer,
+            routing_threshold=c.model.routing_threshold,
+        )
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, RunDirectoryInUse)  # what settings and data cause

@@ -9,65 +9,16 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from cascade.batch import IGNORE_INDEX, Batch  # noqa: F401  (re-exported: part of this module's API)
 from cascade.packing import best_fit_decreasing, next_fit_row_starts, segment_arange
 from cascade.storage import load_tensors, save_tensors
 
-IGNORE_INDEX = -100  # target of padding, ignored by cross-entropy
 FORMAT = "cascade.SequenceData/1"
 
 
 def manifest_meta(num_tokens: int, num_sequences: int, input_type: str) -> dict:
     """What a saved SequenceData's manifest says besides its arrays."""
     return {"format": FORMAT, "num_tokens": num_tokens, "num_sequences": num_sequences, "input_type": input_type}
-
-
-@dataclass
-class Batch:
-    """Rows of packed or padded sequences, ready for `LLM.forward`.
-
-    Padding has target `IGNORE_INDEX`, segment -1 and token index -1.
-    """
-
-    inputs: Tensor  # (B, T) token ids or (B, T, D) hidden states
-    targets: Tensor  # (B, T)
-    position_ids: Tensor  # (B, T) original positions
-    segment_ids: Tensor  # (B, T) which sequence of its row a token belongs to
-    token_index: Tensor  # (B, T) index of the token in the SequenceData
-    single_sequence_rows: bool  # every row is one sequence, unpadded: plain causal attention suffices
-    num_tokens: int  # real (non-padding) tokens
-    default_positions: bool = False  # also every row's positions are 0..T-1: the model needs neither mask nor positions
-
-    @property
-    def num_positions(self) -> int:
-        return self.token_index.numel()
-
-    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> "Batch":
-        """The batch on `device`; by default without blocking towards a GPU (Lightning moves an object with a `to`
-        method by calling it with no `non_blocking`, so the CPU would wait for the last step before queuing the next)."""
-        if non_blocking is None:
-            non_blocking = torch.device(device).type == "cuda"
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "Batch":
-        """Page-locked copies (DataLoader's `pin_memory` calls this): the copy to the GPU then runs
-        asynchronously instead of waiting for the GPU to finish the previous step."""
-        return self._map(Tensor.pin_memory)
-
-    @property
-    def input_type(self) -> str:
-        return "token_ids" if self.inputs.dim() == 2 else "hidden_states"
-
-    def model_position_ids(self) -> Tensor | None:
-        """The `position_ids` to give the model: None where they are the default 0..T-1 (plain causal rows)."""
-        return None if self.default_positions else self.position_ids
-
-    def model_segment_ids(self) -> Tensor | None:
-        """The `segment_ids` to give the model: None where every row is one sequence (plain causal attention)."""
-        return None if self.single_sequence_rows else self.segment_ids
-
-    def _map(self, fn) -> "Batch":
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Batch(**{k: fn(v) if isinstance(v, Tensor) else v for k, v in values.items()})
 
 
 @dataclass
@@ -215,31 +166,19 @@ class SequenceData:
         return row_length or longest
 
     def batches(
-        self,
-        batch_size: int,
-        row_length: int | None = None,
-        pack: bool = True,
-        shuffle: bool = False,
-        generator: torch.Generator | None = None,
-        fixed_length: bool = False,
-        best_fit: bool = False,
-        pad_last_batch: bool = False,
+        self, batch_size: int, row_length: int | None = None, *, fixed_length: bool = False, pad_last_batch: bool = False,
+        **plan,
     ) -> Iterator[Batch]:
-        """Yield batches of `batch_size` rows covering every token exactly once.
+        """Yield batches of `batch_size` rows covering every token exactly once, as `plan_batches` lays them out
+        (`plan`: `pack`, `shuffle`, `generator`, `best_fit`).
 
-        With `pack`, consecutive sequences share a row of up to `row_length` tokens (default:
-        the longest sequence) and are kept apart by a block-causal mask; without it, each row
-        holds one sequence. Packing is next fit, which keeps the sequences (and so the tokens) in
-        order, or with `best_fit` best fit decreasing (`cascade.packing.best_fit_decreasing`),
-        which wastes less padding when lengths vary but reorders sequences within groups. Each
-        batch is padded to its fullest row, or with `fixed_length` to the row length, so that every
-        full batch has one shape (compiled graphs and cuDNN's attention plans are then built once,
-        not per batch); with `pad_last_batch` too, the last batch gets rows of padding up to `batch_size`.
-        With `shuffle`, sequences are visited in a random order drawn from `generator`.
+        Each batch is padded to its fullest row, or with `fixed_length` to the row length, so that every full batch
+        has one shape (compiled graphs and cuDNN's attention plans are then built once, not per batch); with
+        `pad_last_batch` too, the last batch gets rows of padding up to `batch_size`.
         """
         length = self._check_row_length(row_length) if fixed_length and self.num_sequences else None
         num_rows = batch_size if pad_last_batch else None
-        for seqs, row_bounds in self.plan_batches(batch_size, row_length, pack, shuffle, generator, best_fit):
+        for seqs, row_bounds in self.plan_batches(batch_size, row_length, **plan):
             yield self.make_batch(seqs, row_bounds, length, num_rows)
 
     def plan_batches(
@@ -251,7 +190,14 @@ class SequenceData:
         generator: torch.Generator | None = None,
         best_fit: bool = False,
     ) -> list[tuple[Tensor, Tensor]]:
-        """What `batches` yields, as `(seqs, row_bounds)` pairs for `make_batch`: cheap to keep and index."""
+        """What `batches` yields, as `(seqs, row_bounds)` pairs for `make_batch`: cheap to keep and index.
+
+        With `pack`, consecutive sequences share a row of up to `row_length` tokens (default: the longest sequence)
+        and are kept apart by a block-causal mask; without it, each row holds one sequence. Packing is next fit, which
+        keeps the sequences (and so the tokens) in order, or with `best_fit` best fit decreasing
+        (`cascade.packing.best_fit_decreasing`), which wastes less padding when lengths vary but reorders sequences
+        within groups. With `shuffle`, sequences are visited in a random order drawn from `generator`.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.num_sequences == 0:
@@ -315,7 +261,7 @@ class SequenceData:
     ) -> float:
         """Fraction of batch positions that `batches` fills with padding (with `fixed_length` and `best_fit`, as
         training lays them out)."""
-        batches = self.batches(batch_size, row_length, pack, fixed_length=fixed_length, best_fit=best_fit)
+        batches = self.batches(batch_size, row_length, pack=pack, fixed_length=fixed_length, best_fit=best_fit)
         positions = sum(b.num_positions for b in batches)
         return 1.0 - self.num_tokens / positions if positions else 0.0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import set_seed  # Python, NumPy and torch on every device, under the seed's API name
 
-__all__ = ["default_precision", "get_device", "set_seed"]
+__all__ = ["compiles", "default_precision", "get_device", "set_seed"]
 
 
 def get_device() -> torch.device:
@@ -22,3 +22,9 @@ def default_precision(accelerator: object = "auto") -> str:
     fp32 elsewhere."""
     on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return "bf16-mixed" if on_gpu else "32-true"
+
+
+def compiles(setting: bool | None, device: torch.device) -> bool:
+    """Whether to run under `torch.compile`: the setting where it is given, else on a GPU only (on a CPU compiling
+    costs more than it saves)."""
+    return device.type == "cuda" if setting is None else bool(setting)

@@ -11,37 +11,16 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from cascade.hf_models import build_causal_lm
-from cascade.layer_exits import (
-    SCHEDULES,
-    check_exit_routing,
-    check_layer_weights,
-    check_lr_scales,
-    layer_weighted_loss,
-    scheduled_layer_weights,
-)
+from cascade.layer_exits import layer_weighted_loss, scheduled_layer_weights
 from cascade.layer_skip import routed_nll
-from cascade.llm import LLM, later_stage_refused
+from cascade.llm import LLM
 from cascade.losses import next_token_loss
 from cascade.optim import param_groups, warmup_cosine
 from cascade.sequence_data import Batch
+from cascade.utils import compiles
+from lightning_modules.stage_settings import COMPILE_MODES, check_model_fits, check_optimizer_settings, layer_settings
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FINITE_CHECK_EVERY = 20  # steps between checks for a non-finite loss (each check waits for the GPU)
-
-
-def check_optimizer_settings(lr: float, lr_decay: float, weight_decay: float, betas, warmup_steps: int, min_lr_ratio: float) -> None:
-    """ValueError naming the setting, before anything is built or written."""
-    checks = [
-        ("model.lr", lr, lr > 0, "> 0"),
-        ("model.lr_decay", lr_decay, lr_decay > 0, "> 0"),
-        ("model.weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
-        ("model.betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)"),
-        ("model.warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
-        ("model.min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
-    ]
-    for setting, value, ok, wanted in checks:
-        if not ok:
-            raise ValueError(f"{setting} must be {wanted}, got {value}")
 
 
 class StageModule(LightningModule):
@@ -85,8 +64,9 @@ class StageModule(LightningModule):
         mod_layers: The routed layers (1-indexed); default every other layer, 2, 4, ...
         mod_aux_weight: Weight of the routers' BCE loss that teaches them to predict their top-k (the causal
             routing used in evaluation).
-        compile: Train with the HF model, LM head and loss under `torch.compile` on a GPU (fused kernels, and
-            the float32 logits are never written out); only when the last layer alone carries the loss. The
+        compile: Train with the HF model, LM head and loss under `torch.compile` (fused kernels, and the float32
+            logits are never written out); only when the last layer alone carries the loss. Default: on a GPU
+            (on a CPU compiling costs more than it saves; `true` compiles there too). The
             hand-over's scoring pass after the stage (`StageHandover`) then runs the model compiled too.
         compile_mode: The `torch.compile` mode: default, reduce-overhead (CUDA graphs: the step's kernels are
             launched as one graph, for models too small to hide the CPU's launch cost) or max-autotune.
@@ -123,7 +103,7 @@ class StageModule(LightningModule):
         mod_capacity: float | None = None,
         mod_layers: list[int] | None = None,
         mod_aux_weight: float = 0.1,
-        compile: bool = True,
+        compile: bool | None = None,
         compile_mode: str = "default",
         pad_vocab_to_multiple_of: int | None = 64,
         attn_implementation: str | None = None,
@@ -138,47 +118,24 @@ class StageModule(LightningModule):
             if pretrained and os.path.isdir(model):
                 llm.load_exit_router(model)  # a saved cascade LLM keeps its fitted router
         llm.hands_over_residual = warm_start
-        if stage > 0 and llm.only_first:
-            raise ValueError(later_stage_refused(llm, f"stage {stage}"))
-        if vocab_size is not None and vocab_size > llm.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {vocab_size} tokens but the model's vocabulary only {llm.vocab_size}; "
-                "use the model's own tokenizer or a model with a larger vocab_size"
-            )
-        self.layer_weights = dict(layer_weights or {llm.num_layers: 1.0})
-        check_layer_weights(self.layer_weights, llm.num_layers)
-        self.layer_weights_end = dict(layer_weights_end) if layer_weights_end else None
-        if self.layer_weights_end is not None:
-            check_layer_weights(self.layer_weights_end, llm.num_layers)
-        elif alpha_schedule != "constant":
-            raise ValueError(f"alpha_schedule {alpha_schedule!r} moves layer_weights towards layer_weights_end: give it")
-        if alpha_schedule not in SCHEDULES:
-            raise ValueError(f"alpha_schedule must be one of {SCHEDULES}, got {alpha_schedule!r}")
-        self.layer_lr_scales = dict(layer_lr_scales or {})
-        check_lr_scales(self.layer_lr_scales, llm.num_layers)
+        check_model_fits(llm, stage, vocab_size)
+        self.layer_weights, self.layer_weights_end, self.layer_lr_scales = layer_settings(
+            llm, layer_weights, layer_weights_end, alpha_schedule, layer_lr_scales, exit_layer, routing_threshold, routed_loss,
+            mod_capacity, mod_layers,
+        )
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
-        check_exit_routing(exit_layer, routing_threshold, routed_loss, llm.num_layers)
-        if routed_loss and (layer_weights or layer_weights_end):
-            raise ValueError("routed_loss sets each token's loss layer itself: leave layer_weights and layer_weights_end unset")
         if mod_capacity is not None:
-            if exit_layer is not None:
-                raise ValueError("Mixture-of-Depths and a confidence exit (exit_layer) cannot be combined yet; choose one")
             llm.enable_mod(mod_capacity, mod_layers)
-        elif mod_layers is not None:
-            raise ValueError("mod_layers names the layers Mixture-of-Depths routes: give mod_capacity too")
         self.llm = llm
-        self.val_nll = MeanMetric()
-        self.val_mod_compute = MeanMetric()
-        self.val_routed_nll = MeanMetric()
-        self.val_exit_fraction = MeanMetric()
+        self.val_nll, self.val_mod_compute, self.val_routed_nll, self.val_exit_fraction = (MeanMetric() for _ in range(4))
         self._all_finite: torch.Tensor | None = None
         self._tokens, self._log_start = 0, 0.0  # tokens trained since the last logged step, and its time
         self._compiled_loss = None  # set at fit start on a GPU when `compile`
 
     @property
     def compiled(self) -> bool:
-        """Whether this fit trains the model under `torch.compile` (set when the fit starts: `compile`, on a GPU)."""
+        """Whether this fit trains the model under `torch.compile` (set when the fit starts, see `compile`)."""
         return self._compiled_loss is not None
 
     @property
@@ -248,8 +205,8 @@ class StageModule(LightningModule):
     def on_fit_start(self) -> None:
         self.llm.train()  # HF's from_pretrained returns eval mode; pre-training wants dropout as configured
         self._tokens, self._log_start = 0, time.perf_counter()
-        # on a CPU, compiling costs more than it saves; Mixture-of-Depths swaps layers per call, which compiling would freeze
-        if self.hparams.compile and self.device.type == "cuda" and self.llm.mod is None:
+        # Mixture-of-Depths swaps layers per call, which compiling would freeze
+        if compiles(self.hparams.compile, self.device) and self.llm.mod is None:
             # batches have one shape (fixed-length rows, the last batch padded): a graph for that shape, never a
             # dynamic-shape one (slower, and inductor cannot split a flex-attention block mask of symbolic length)
             self._compiled_loss = torch.compile(self._last_layer_loss, mode=self.hparams.compile_mode, dynamic=False)

@@ -11,6 +11,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.parametrize(
     "script", ["bench_sequence_data.py", "bench_stage_training.py", "bench_handover.py", "bench_early_exit.py", "bench_mod.py", "ab_attention.py", "ab_padded_loss.py", "bench_token_cache.py"]
 )
+@pytest.mark.slow
 def test_benchmark_smoke_mode_prints_finite_ratios(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -18,6 +19,7 @@ def test_benchmark_smoke_mode_prints_finite_ratios(script):
     assert len(ratios) >= 2 and all(r > 0 for r in ratios), result.stdout
 
 
+@pytest.mark.slow
 def test_packing_waste_script_reports_best_fit_below_next_fit(tmp_path):
     import torch
 
@@ -37,6 +39,7 @@ def test_packing_waste_script_reports_best_fit_below_next_fit(tmp_path):
     assert best_fit < next_fit, result.stdout
 
 
+@pytest.mark.slow
 def test_bench_fit_smoke_accounts_for_the_command_phase_by_phase():
     """The main command's phases, read back from its run directory, and the wall clock they leave unaccounted."""
     result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fit.py"), "--smoke"], capture_output=True, text=True, timeout=600)

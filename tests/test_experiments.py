@@ -10,6 +10,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "compare_layer_exits.py"
 
 
+@pytest.mark.slow
 def test_compare_layer_exits_smoke(tmp_path):
     methods = ["standard", "asymmetric (0.7/0.3)"]
     result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--methods", *methods],

@@ -16,6 +16,7 @@ from conftest import SHARED_DATA, write_corpus
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_instantiates(path):
     args = ["--config", str(path)]

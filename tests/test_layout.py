@@ -1,7 +1,10 @@
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_core_imports_without_lightning():
     code = (
         "import sys, cascade;"

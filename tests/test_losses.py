@@ -53,7 +53,8 @@ def test_stage_training_compiled_on_the_cpu_follows_the_eager_training():
     """`StageModule(compile=True)` compiles the model, head and loss also on a CPU: the path a GPU run takes."""
     losses = {}
     for compile in (False, True):
-        module = StageModule(llm=LLM(tiny_model("gpt2", seed=3)), compile=compile, warmup_steps=0)
+        no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # compiled dropout draws other numbers
+        module = StageModule(llm=LLM(tiny_model("gpt2", seed=3, **no_dropout)), compile=compile, warmup_steps=0)
         trainer = Trainer(
             max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1,

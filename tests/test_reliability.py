@@ -215,6 +215,7 @@ def test_model_config_that_reshapes_a_pretrained_model_says_so(tmp_path):
                          "--model.model", str(saved), "--model.pretrained", "true")
 
 
+@pytest.mark.slow
 def test_the_command_prints_one_line_for_a_user_error_and_the_traceback_under_debug(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", 30)
     command = [sys.executable, "-m", "cascade.fit", *tiny_args(tmp_path, corpus, "--model.lr", "-0.001")]
@@ -236,6 +237,7 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_holder(tmp_pat
     assert RunLock(tmp_path / "run").previous is None, "released, not taken over"
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from cascade.run_state import RunLock; l = RunLock(sys.argv[1]); "
