@@ -73,6 +73,7 @@ def sweep_compute(ensemble: "Ensemble", data: SequenceData, batch_size: int, fra
     `ppl` and `compute_fraction` (forward FLOPs relative to every LLM on every token). LLM 0 runs once."""
     llms, total = list(ensemble.llms), data.num_tokens
     context = int(data.lengths.max())
+    run_options.setdefault("row_length", context)  # one batch shape at every fraction: compiled once per LLM
     flops = [forward_flops_per_token(llm, context) for llm in llms]
     last = len(llms) - 1
     first = run_llm(llms[0], data, batch_size, scores=last > 0, hidden=last > 0, nll=True, **run_options)

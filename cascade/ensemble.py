@@ -97,6 +97,8 @@ class Ensemble(nn.Module):
         """
         data = create_sequence_data(self, val_batches)
         total, context = data.num_tokens, int(data.lengths.max())
+        # one row length for every LLM: the batches of each have one shape, so a compiled forward compiles once
+        run_options.setdefault("row_length", context)
         start = time.perf_counter()
         llm_stats = []
         for k, llm in enumerate(self.llms):

@@ -204,3 +204,32 @@ def test_a_compiled_hand_over_compiles_once_before_it_is_timed(tmp_path, monkeyp
     assert graphs and graphs[0] > 0, "compiled before the hand-over"
     assert counters["stats"]["unique_graphs"] == graphs[0], "the hand-over traced the model again"
     assert handover.stats["compile_s"] > 0 and handover.stats["hard_tokens"] > 0
+
+
+def test_a_compiled_evaluation_traces_each_llm_for_one_batch_shape(monkeypatch):
+    """The evaluation and its hand-over-fraction sweep route tokens whose longest sequence differs from fraction to
+    fraction; every run shares the stage-0 row length, so each LLM's compiled forward is traced for one shape (with
+    varying rows it was traced once per fraction, up to dynamo's recompile limit: a minute of compiling on a GPU)."""
+    from functools import partial
+
+    from torch._dynamo.utils import counters
+
+    from cascade import Ensemble
+    from cascade.diagnostics import sweep_compute
+    from cascade.ensemble import create_sequence_data
+    from conftest import token_batches
+
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="eager"))  # dynamo traces, no code generation
+    torch._dynamo.reset()
+    counters.clear()
+    ensemble = Ensemble([LLM(tiny_model("gpt2", seed=0)), LLM(tiny_model("gpt2", seed=1))])
+    batches = token_batches(num_batches=3, batch_size=4, seq_len=16)
+    ensemble.llms[0].collect_hard_tokens(create_sequence_data(ensemble, batches), 0.3, batch_size=4)
+    ensemble.evaluate(batches, 4, compile=True)
+    after_evaluation = counters["stats"]["unique_graphs"]
+    curve = sweep_compute(ensemble, create_sequence_data(ensemble, batches), 4, compile=True)
+    assert len({point["hard_fraction"] for point in curve}) == 11
+    # each LLM at most once per attention path: plain rows (LLM 0; LLM 1 when every token is handed on), packed rows
+    # (LLM 1, with and without rows of padding alone); 16 graphs when the rows followed each fraction's longest sequence
+    assert 0 < after_evaluation <= 3, counters["stats"]
+    assert counters["stats"]["unique_graphs"] <= 4, "the sweep traced the LLMs again for other shapes"
