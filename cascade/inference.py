@@ -146,7 +146,8 @@ class _Step:
             wanted = history_indices(fn)
             history = None if wanted is None or history is None else tuple({*history, *wanted})
         self.history = history
-        self.forward = torch.compile(llm, dynamic=False) if compile and llm.mod is None else llm  # MoD swaps layers
+        # not Mixture-of-Depths: in eval mode its layers route a data-dependent number of tokens, a graph per count
+        self.forward = torch.compile(llm, dynamic=False) if compile and llm.mod is None else llm
 
     def __call__(self, b, pick: Tensor | None) -> dict[str, Tensor]:
         llm, results = self.llm, {}

@@ -1,19 +1,17 @@
 """Confidence exit after one layer with true layer skipping (DESIGN rule 6), on the model's own layers.
 
-`run_until` runs layers 1..e and stops the forward there; `run_from` feeds a residual stream to
-layer e + 1 and runs e + 1..L, layers 1..e stood in for by a pass-through, so the tokens that
-exited at e are never computed by the later layers.
+`run_until` runs layers 1..e of the model's layer loop (`cascade.layer_loop`); `run_from` runs layers e + 1..L on a
+residual stream after e, so the tokens that exited at e are never computed by the later layers.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from cascade.inference import autocast_for
 from cascade.layer_exits import check_exit_layer, layer_output
@@ -25,63 +23,17 @@ if TYPE_CHECKING:
     from cascade.llm import LLM
 
 
-class _Stop(Exception):
-    pass
-
-
-class _PassThrough(nn.Module):
-    """Stands in for a skipped decoder layer: returns its input (decoder layers return a tensor in transformers 5)."""
-
-    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        return hidden_states
-
-
 def run_until(llm: "LLM", x: Tensor, input_type: str, position_ids: Tensor, segment_ids: Tensor | None, layer: int) -> Tensor:
-    """The residual stream after `layer` (1-indexed); layers after it do not run."""
-    captured: dict[str, Tensor] = {}
-
-    def stop(module, args, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handle = llm.layers[layer - 1].register_forward_hook(stop)
-    try:
-        llm(x, input_type, position_ids, segment_ids, history=())
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured["h"]
-
-
-@contextmanager
-def _skipping(llm: "LLM", count: int) -> Iterator[None]:
-    layers = llm.layers
-    real = [layers[i] for i in range(count)]
-    try:
-        for i in range(count):
-            layers[i] = _PassThrough()
-        yield
-    finally:
-        for i, module in enumerate(real):
-            layers[i] = module
+    """The residual stream after `layer` (1-indexed) of inputs `x`; layers after it do not run."""
+    h, calls = llm.layer_loop.layer_inputs(**llm.backbone_inputs(x, input_type, position_ids, segment_ids))
+    return llm.layer_loop.run(h, calls, 0, layer)
 
 
 def run_from(llm: "LLM", h: Tensor, position_ids: Tensor, segment_ids: Tensor | None, layer: int) -> Tensor:
-    """`h_out` of layers `layer` + 1..L applied to the residual stream `h` (B, T, D) after `layer`."""
-
-    def inject(module, args, kwargs):
-        if args:
-            return (h, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": h}
-
-    with _skipping(llm, layer):
-        handle = llm.layers[layer].register_forward_pre_hook(inject, with_kwargs=True)
-        try:
-            h_out, _ = llm(h, "hidden_states", position_ids, segment_ids, history=())
-        finally:
-            handle.remove()
-    return h_out
+    """`h_out` of layers `layer` + 1..L applied to the residual stream `h` (B, T, D) after `layer`; layers 1..`layer`
+    do not run."""
+    _, calls = llm.layer_loop.layer_inputs(**llm.backbone_inputs(h, "hidden_states", position_ids, segment_ids))
+    return llm.final_norm(llm.layer_loop.run(h, calls, layer, llm.num_layers))
 
 
 def routed_nll(llm: "LLM", batch: Batch, exit_layer: int, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, list[Tensor]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -18,6 +18,7 @@ from cascade.families import backbone, check_family, family, find_final_norm, he
 from cascade.handover import collect_hard_tokens
 from cascade.hf_models import UNPADDED_VOCAB, supports_sdpa
 from cascade.inference import run_llm
+from cascade.layer_loop import LayerLoop
 from cascade.mod import MixtureOfDepths
 from cascade.sequence_data import SequenceData
 
@@ -66,6 +67,7 @@ class LLM(nn.Module):
         self.hands_over_residual = False
         self._backbone = [backbone(base_llm)]  # lists, so that these modules are not registered twice
         self._layers = [decoder_layers(base_llm)]
+        self._layer_loop: list[LayerLoop] = []  # built on first use
         own_masks(base_llm)  # masks built here, not by transformers (see cascade.attention)
         self._head_logits = head_logits_function(base_llm)  # None: the LM head alone
         try:
@@ -121,6 +123,16 @@ class LLM(nn.Module):
         `hidden_history`, L + 1 entries: [i] is the residual stream after layer i ([0]: the
         input to layer 1); entries not asked for are None.
         """
+        backbone_inputs = self.backbone_inputs(x, input_type, position_ids, segment_ids)
+        if self.mod is not None:  # the layers one at a time, the routed ones on their kept tokens only
+            return self._forward_routed(backbone_inputs, segment_ids, history)
+        with self._capture(history) as hidden_history:
+            out = self._backbone[0](**backbone_inputs)
+        return out.last_hidden_state, hidden_history
+
+    def backbone_inputs(self, x: Tensor, input_type: str = "token_ids", position_ids: Tensor | None = None,
+                        segment_ids: Tensor | None = None) -> dict:
+        """What `forward` gives the model's backbone: the inputs, positions and the masks of `segment_ids`."""
         if input_type not in INPUT_TYPES:
             raise ValueError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
         if input_type == "token_ids":
@@ -140,10 +152,27 @@ class LLM(nn.Module):
             # An explicit all-ones mask: with none, transformers would read gaps in position_ids
             # (normal at stage k > 0) as boundaries of packed sequences.
             masks = {"attention_mask": torch.ones(x.shape[:2], dtype=torch.long, device=x.device)}
-        routing = nullcontext() if self.mod is None else self.mod.routing(self, segment_ids)
-        with routing, self._capture(history) as hidden_history:  # hooks go on the routed layers' stand-ins
-            out = self._backbone[0](**inputs, position_ids=position_ids, **masks, use_cache=False)
-        return out.last_hidden_state, hidden_history
+        return {**inputs, "position_ids": position_ids, **masks, "use_cache": False}
+
+    @property
+    def layer_loop(self) -> LayerLoop:
+        """The model's decoder layers, callable one at a time (`cascade.layer_loop`); ValueError naming the family
+        where its backbone does not hold them as a direct child."""
+        if not self._layer_loop:
+            self._layer_loop.append(LayerLoop(self, self._backbone[0]))
+        return self._layer_loop[0]
+
+    def _forward_routed(self, backbone_inputs: dict, segment_ids: Tensor | None, history: Sequence[int] | None):
+        """`forward` with Mixture-of-Depths: an explicit loop over the decoder layers, then the final norm."""
+        count = self.num_layers + 1
+        h, calls = self.layer_loop.layer_inputs(**backbone_inputs)
+        hidden_history: list[Tensor | None] = [h] + [None] * self.num_layers
+        self.mod.begin(self, segment_ids)
+        h = self.layer_loop.run(h, calls, 0, self.num_layers, hidden_history, self.mod.run_layer)
+        if history is not None:
+            wanted = {i % count for i in history}
+            hidden_history = [t if i in wanted else None for i, t in enumerate(hidden_history)]
+        return self.final_norm(h), hidden_history
 
     def head_logits(self, h: Tensor) -> Tensor:
         """Logits of final hidden states (..., D) as the model's own CausalLM computes them: its LM head and whatever
@@ -178,6 +207,7 @@ class LLM(nn.Module):
         """Route `layers` (default 2, 4, ...) by Mixture-of-Depths with `capacity`: every forward
         of this LLM then runs them on the routed tokens only (see `cascade.mod`)."""
         self.mod = MixtureOfDepths(self, capacity, layers)
+        self.layer_loop  # built here, not inside a compiled forward
         return self.mod
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

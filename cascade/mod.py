@@ -92,61 +92,8 @@ def _gather_tokens(value: Tensor, index: Tensor) -> Tensor:
     return value.gather(1, index.view(*index.shape, *[1] * (value.dim() - 2)).expand(*index.shape, *value.shape[2:]))
 
 
-class _RoutedLayer(nn.Module):
-    """Stands in for a routed decoder layer during `MixtureOfDepths.routing`: runs the real layer on the kept tokens."""
-
-    def __init__(self, layer: nn.Module, number: int, owner: "MixtureOfDepths"):
-        super().__init__()
-        self.layer, self.number = layer, number
-        self._owner = [owner]  # a list, so the wrapper does not register the routers as its children
-        self._signature = inspect.signature(layer.forward)
-
-    def forward(self, hidden_states: Tensor, *args, **kwargs):
-        mod = self._owner[0]
-        inputs = self._named_inputs(hidden_states, *args, **kwargs)
-        x = inputs.pop("hidden_states")  # (B, T, D)
-        logits = mod.routers[str(self.number)](x).squeeze(-1).float()  # (B, T)
-        selected = mod.select(self.number, x, logits)
-        static_count = kept_count(x.shape[1], mod.capacity) if mod.training and mod.segment_ids is None else None
-        index, valid = gather_index(selected, static_count)  # (B, K)
-        mod.layer_tokens[self.number] = index.numel()
-        if index.shape[1] == 0:
-            return x
-        gathered = {name: self._gather(name, value, index, valid) for name, value in inputs.items()}
-        x_kept = _gather_tokens(x, index)  # (B, K, D)
-        y = _first(self.layer(x_kept, **gathered))
-        # gate * y + (1 - gate) * x is y bit for bit when gate == 1; x + gate * (y - x) would round.
-        log_gate = F.logsigmoid(logits.gather(1, index))[..., None]
-        gate = torch.exp(log_gate - log_gate.detach())
-        mixed = (gate * y + (1 - gate) * x_kept).to(x.dtype)
-        if valid is not None:
-            mixed = torch.where(valid[..., None], mixed, x_kept)
-        return x.scatter(1, index[..., None].expand_as(mixed), mixed)
-
-    def _named_inputs(self, *args, **kwargs) -> dict:
-        """The layer's inputs by parameter name (GPT-2's block takes its attention mask positionally)."""
-        named = {}
-        for name, value in self._signature.bind(*args, **kwargs).arguments.items():
-            named.update(value if self._signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
-        return named
-
-    def _gather(self, name: str, value, index: Tensor, valid: Tensor | None):
-        if name == "attention_mask":
-            return gather_mask(value, index, valid)
-        if not any(isinstance(v, Tensor) for v in (value if isinstance(value, (tuple, list)) else (value,))):
-            return value  # None, flags, an empty cache
-        if name not in _PER_TOKEN:
-            raise ValueError(
-                f"Mixture-of-Depths cannot route {type(self.layer).__name__}: it receives {name!r}, a tensor input it "
-                f"does not know how to gather per token (known: {_PER_TOKEN}); route another architecture or extend mod.py"
-            )
-        if isinstance(value, Tensor):
-            return _gather_tokens(value, index)
-        return tuple(_gather_tokens(v, index) for v in value)  # rotary (cos, sin)
-
-
 class MixtureOfDepths(nn.Module):
-    """Routers for the routed layers of one LLM; `routing(llm)` applies them to the calls made inside it.
+    """Routers for the routed layers of one LLM, applied by its layer loop (`LLM.enable_mod`, or `routing(llm)`).
 
     `capacity` in (0, 1]: the fraction of each sequence's tokens a routed layer processes in
     training. `layers` (1-indexed): the routed layers; default every other layer, 2, 4, ...
@@ -165,6 +112,7 @@ class MixtureOfDepths(nn.Module):
             raise ValueError(f"Mixture-of-Depths layers must be distinct layers of 1..{L} (1-indexed), at least one; got {layers}")
         self.capacity, self.layers, self.num_layers = capacity, sorted(layers), L
         weight = llm.base_llm.get_input_embeddings().weight
+        self._input_names = {l: _positional_names(llm.layers[l - 1]) for l in self.layers}
         self.routers = nn.ModuleDict({str(l): nn.Linear(llm.dim, 1, device=weight.device, dtype=weight.dtype) for l in self.layers})
         self._reset(None)
 
@@ -204,22 +152,73 @@ class MixtureOfDepths(nn.Module):
         real = next(iter(self.selected.values())).numel() if self._real is None else int(self._real.sum())
         return (routed + (self.num_layers - len(self.layers)) * real) / (self.num_layers * real)
 
-    @contextmanager
-    def routing(self, llm: "LLM", segment_ids: Tensor | None = None) -> Iterator["MixtureOfDepths"]:
-        """Route the routed layers of `llm` for the calls inside; pass the `segment_ids` given to `llm` (padding -1)."""
+    def begin(self, llm: "LLM", segment_ids: Tensor | None = None) -> None:
+        """Start a forward of `llm` (`LLM.forward` calls this), whose rows have `segment_ids` (padding -1)."""
         implementation = llm.base_llm.config._attn_implementation
         if implementation not in ("sdpa", "eager", ATTENTION):
             raise ValueError(f"Mixture-of-Depths needs attn_implementation 'sdpa' or 'eager', got {implementation!r}")
         if llm.num_layers != self.num_layers:
             raise ValueError(f"these routers were built for {self.num_layers} layers, but the LLM has {llm.num_layers}")
         self._reset(segment_ids)
-        layers = llm.layers
-        real = {l: layers[l - 1] for l in self.layers}
+
+    def run_layer(self, number: int, layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
+        """Decoder layer `number` (1-indexed) on the residual stream `x` (B, T, D), called by the LLM's layer loop with
+        the layer's other inputs: a routed layer runs on the kept tokens only (their inputs gathered) and returns the
+        new stream; for a layer not routed, None (the loop calls it as usual)."""
+        if str(number) not in self.routers:
+            return None
+        names = self._input_names[number]  # found once, not per call: a compiled forward traces no signature
+        if len(args) >= len(names):
+            raise ValueError(f"Mixture-of-Depths cannot route {type(layer).__name__}: it takes {len(args) + 1} positional inputs")
+        inputs = {**dict(zip(names[1:], args)), **kwargs}
+        logits = self.routers[str(number)](x).squeeze(-1).float()  # (B, T)
+        selected = self.select(number, x, logits)
+        static_count = kept_count(x.shape[1], self.capacity) if self.training and self.segment_ids is None else None
+        index, valid = gather_index(selected, static_count)  # (B, K)
+        self.layer_tokens[number] = index.numel()
+        if index.shape[1] == 0:
+            return x
+        gathered = {name: _gather_input(layer, name, value, index, valid) for name, value in inputs.items()}
+        x_kept = _gather_tokens(x, index)  # (B, K, D)
+        y = _first(layer(x_kept, **gathered))
+        # gate * y + (1 - gate) * x is y bit for bit when gate == 1; x + gate * (y - x) would round.
+        log_gate = F.logsigmoid(logits.gather(1, index))[..., None]
+        gate = torch.exp(log_gate - log_gate.detach())
+        mixed = (gate * y + (1 - gate) * x_kept).to(x.dtype)
+        if valid is not None:
+            mixed = torch.where(valid[..., None], mixed, x_kept)
+        return x.scatter(1, index[..., None].expand_as(mixed), mixed)
+
+    @contextmanager
+    def routing(self, llm: "LLM", segment_ids: Tensor | None = None) -> Iterator["MixtureOfDepths"]:
+        """Route the forwards of `llm` inside by these routers (for routers not enabled on it with `LLM.enable_mod`);
+        the segment ids are those given to `llm`."""
+        before = llm.mod
+        llm.layer_loop  # built here, not inside a compiled forward
+        llm.mod = self
         try:
-            for l, layer in real.items():
-                layers[l - 1] = _RoutedLayer(layer, l, self)
             yield self
         finally:
-            for l, layer in real.items():
-                layers[l - 1] = layer
-            self.segment_ids = None
+            llm.mod = before
+
+
+def _positional_names(layer: nn.Module) -> list[str]:
+    """The names of the layer's positional parameters, in order (GPT-2's block takes its attention mask positionally)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [name for name, p in inspect.signature(layer.forward).parameters.items() if p.kind in kinds]
+
+
+def _gather_input(layer: nn.Module, name: str, value, index: Tensor, valid: Tensor | None):
+    """A layer input restricted to the kept tokens `index` (B, K): per-token tensors gathered, the mask restricted."""
+    if name == "attention_mask":
+        return gather_mask(value, index, valid)
+    if not any(isinstance(v, Tensor) for v in (value if isinstance(value, (tuple, list)) else (value,))):
+        return value  # None, flags, an empty cache
+    if name not in _PER_TOKEN:
+        raise ValueError(
+            f"Mixture-of-Depths cannot route {type(layer).__name__}: it receives {name!r}, a tensor input it "
+            f"does not know how to gather per token (known: {_PER_TOKEN}); route another architecture or extend mod.py"
+        )
+    if isinstance(value, Tensor):
+        return _gather_tokens(value, index)
+    return tuple(_gather_tokens(v, index) for v in value)  # rotary (cos, sin)

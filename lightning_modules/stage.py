@@ -205,11 +205,13 @@ class StageModule(LightningModule):
     def on_fit_start(self) -> None:
         self.llm.train()  # HF's from_pretrained returns eval mode; pre-training wants dropout as configured
         self._tokens, self._log_start = 0, time.perf_counter()
-        # Mixture-of-Depths swaps layers per call, which compiling would freeze
-        if compiles(self.hparams.compile, self.device) and self.llm.mod is None:
+        if compiles(self.hparams.compile, self.device):
             # batches have one shape (fixed-length rows, the last batch padded): a graph for that shape, never a
-            # dynamic-shape one (slower, and inductor cannot split a flex-attention block mask of symbolic length)
-            self._compiled_loss = torch.compile(self._last_layer_loss, mode=self.hparams.compile_mode, dynamic=False)
+            # dynamic-shape one (slower, and inductor cannot split a flex-attention block mask of symbolic length);
+            # but Mixture-of-Depths keeps a varying number of tokens per layer where rows are packed (it uses no flex
+            # attention): dynamo makes that count symbolic after its first change
+            dynamic = None if self.llm.mod is not None else False
+            self._compiled_loss = torch.compile(self._last_layer_loss, mode=self.hparams.compile_mode, dynamic=dynamic)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         metrics = {}  # logged on the logger's steps only, see below

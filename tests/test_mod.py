@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 from cascade import LLM
 from cascade.layer_skip import run_from
-from cascade.mod import MixtureOfDepths, _RoutedLayer, gather_index, gather_mask, top_k_per_sequence
+from cascade.mod import MixtureOfDepths, gather_index, gather_mask, top_k_per_sequence
 from conftest import ARCHS, VOCAB, tiny_model
 
 
@@ -183,4 +183,4 @@ def test_a_layer_input_that_cannot_be_gathered_is_named():
 
     mod = MixtureOfDepths(LLM(tiny_model("gpt2")), 0.5)
     with pytest.raises(ValueError, match="'cross_states'"):
-        _RoutedLayer(CrossLayer(), 2, mod)(torch.randn(1, 4, 32), cross_states=torch.randn(1, 4, 32))
+        mod.run_layer(2, CrossLayer(), torch.randn(1, 4, 32), (), {"cross_states": torch.randn(1, 4, 32)})

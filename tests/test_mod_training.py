@@ -66,3 +66,26 @@ def test_mod_llm_round_trips_through_save_pretrained(tmp_path):
 def test_bad_mod_settings_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         StageModule(llm=LLM(tiny_model("gpt2")), **kwargs)
+
+
+def test_mod_training_compiled_follows_the_eager_training():
+    """Mixture-of-Depths runs the model's layers in an explicit loop (no module swapped per call), so the training
+    step compiles with it: the compiled losses follow the eager ones, and both route a quarter of layer 2's tokens."""
+    from lightning.pytorch import Trainer
+
+    from datamodules import SequenceDataModule
+
+    losses, fractions = {}, {}
+    for compile in (False, True):
+        llm = LLM(tiny_model("llama", num_hidden_layers=2, seed=5))
+        module = StageModule(llm=llm, mod_capacity=0.25, compile=compile, warmup_steps=0, lr=1e-3)
+        seen = []
+        module.on_train_batch_end = lambda outputs, batch, batch_idx: seen.append(outputs["loss"].item())
+        trainer = Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=0)
+        data = _windows()
+        trainer.fit(module, datamodule=SequenceDataModule.from_data(data, data, batch_size=4))
+        assert module.compiled == compile
+        losses[compile], fractions[compile] = seen, llm.mod.compute_fraction()
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert fractions[True] == fractions[False] == pytest.approx((1 + 0.25) / 2)
