@@ -53,6 +53,16 @@ from lightning_modules.stage import StageModule
 
 
 
+def first_stage(stage: int | None) -> int:
+    """The first stage a run trains: `--stage`, else 0."""
+    return stage or 0
+
+
+def run_directory(runs_dir: str, name: str) -> str:
+    """Where a run writes everything: `<runs_dir>/<name>`."""
+    return str(Path(runs_dir) / name)
+
+
 class CascadeCLI(LightningCLI):
     """LightningCLI that trains stages 0..N-1 with a fresh Trainer each (or one stage with --stage)."""
 
@@ -105,6 +115,11 @@ class CascadeCLI(LightningCLI):
         # "link": last.ckpt links to the step's checkpoint instead of writing the same state a second time
         parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.every_n_train_steps": 100})
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        # What the stage runner sets for each stage: linked, so that --help and the configs leave them out; the runner
+        # gives each stage its own (its index, its hand-over, checkpoint and log directories under the run's)
+        parser.link_arguments("stage", "model.stage", compute_fn=first_stage, apply_on="parse")
+        for target in ("handover.output_dir", "checkpoint.dirpath", "trainer.default_root_dir"):
+            parser.link_arguments(("runs_dir", "name"), target, compute_fn=run_directory, apply_on="parse")
 
     def instantiate_classes(self) -> None:
         """Nothing here: every stage instantiates its own model, data and Trainer in `fit_stage`."""

@@ -48,6 +48,19 @@ def test_overrides_and_print_config(capsys):
     assert "precision: null" in capsys.readouterr().out, "nothing of this machine's: chosen when a stage starts"
 
 
+@pytest.mark.parametrize("setting", ["--model.stage", "--handover.output_dir", "--checkpoint.dirpath", "--trainer.default_root_dir"])
+def test_what_the_stage_runner_sets_per_stage_is_not_a_setting(capsys, setting):
+    """Each stage gets its own index and directories under the run's: the command offers none of them."""
+    with pytest.raises(SystemExit) as exit_info:
+        CascadeCLI(["--help"])
+    assert exit_info.value.code == 0
+    offered = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--")]
+    assert setting not in offered and "--model.lr" in offered and "--handover.hard_ratio" in offered
+    with pytest.raises(SystemExit) as exit_info:
+        CascadeCLI(["--config", str(CONFIGS[0]), setting, "1"])
+    assert exit_info.value.code != 0
+
+
 def tiny_args(tmp_path, corpus, *extra):
     return [
         "--name", "tiny", "--runs_dir", str(tmp_path / "runs"), "--num_stages", "2",
