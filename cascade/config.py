@@ -5,27 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
 class TrainerConfig:
     """How each LLM of a cascade is trained by `train_llm` / `train_ensemble`.
 
-    `lr` is stage 0's peak learning rate (stage k uses `lr * lr_decay ** k`); `hard_ratio` is
-    the fraction of each stage's training tokens handed to the next stage; with `output_dir`,
-    each stage's hand-over and logs are written under `output_dir/stage_k/`.
+    Args:
+        batch_size: Rows per batch.
+        lr: Stage 0's peak learning rate (stage k uses `lr * lr_decay ** k`).
+        weight_decay: AdamW's weight decay.
+        warmup_steps: Linear warm-up of the learning rate, in steps.
+        hard_ratio: The fraction of each stage's training tokens handed to the next stage.
+        output_dir: Each stage's hand-over and logs go under `output_dir/stage_k/`; None writes nothing.
+        **trainer: Lightning `Trainer` arguments, given to it as they are (`max_epochs`, `max_steps`, `accelerator`,
+            `devices`, `precision`, `gradient_clip_val`, `enable_progress_bar`, ...), over the API's defaults (one
+            epoch on one device, clipping at 1.0, the machine's precision: `cascade.llm_trainer.API_TRAINER_DEFAULTS`).
     """
 
-    batch_size: int = 32
-    max_epochs: int = 1
-    max_steps: int = -1
-    lr: float = 6e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    gradient_clip_val: float = 1.0
-    hard_ratio: float = 0.3
-    accelerator: str = "auto"
-    precision: str | None = None  # default: bf16-mixed on a GPU that supports it, else 32-true
-    output_dir: str | None = None
-    enable_progress_bar: bool = True
+    def __init__(self, batch_size: int = 32, lr: float = 6e-4, weight_decay: float = 0.1, warmup_steps: int = 100,
+                 hard_ratio: float = 0.3, output_dir: str | None = None, **trainer):
+        self.batch_size, self.lr, self.weight_decay, self.warmup_steps = batch_size, lr, weight_decay, warmup_steps
+        self.hard_ratio, self.output_dir, self.trainer = hard_ratio, output_dir, trainer
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in {**vars(self), **self.trainer}.items() if k != "trainer")
+        return f"TrainerConfig({fields})"
 
 
 @dataclass

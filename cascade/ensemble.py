@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 from cascade.flops import forward_flops_per_token
 from cascade.llm import LLM, later_stage_refused
 from cascade.llm_evaluator import evaluate_llm
+from cascade.run_state import stage_dir
 from cascade.sequence_data import SequenceData
 
 
@@ -127,11 +127,6 @@ class Ensemble(nn.Module):
             "wall_time_s": wall_time,
             "llm_stats": llm_stats,
         }
-
-
-def stage_dir(run_dir: str | os.PathLike, k: int) -> Path:
-    """Where stage k of a run keeps its model, logs and hand-over."""
-    return Path(run_dir) / f"stage_{k}"
 
 
 def create_sequence_data(ensemble: Ensemble, batches: Sequence[tuple[Tensor, Tensor]]) -> SequenceData:

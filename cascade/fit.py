@@ -17,40 +17,33 @@ from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from callbacks.checkpoint_io import AtomicCheckpointIO, remove_partial_checkpoints
+from callbacks.checkpoint_io import remove_partial_checkpoints
 from callbacks.handover import StageHandover
-from callbacks.progress import default_progress_bar
 from callbacks.timing import TrainingTimer
-from cascade.ensemble import stage_dir
 from cascade.hf_models import max_positions
 from cascade.llm import LLM
-from cascade.report import format_handover, format_training
 from cascade.run_evaluation import evaluate_run, evaluation_trainer
 from cascade.run_state import (
     RunDirectoryInUse,
     RunLock,
-    changed_files,
-    checksums,
+    check_stage_selection,
     latest_checkpoint,
-    mark_stage_done,
     read_done,
+    saved_tokenizer_problem,
+    stage_dir,
     stage_problem,
     trained_without_handover,
 )
-from cascade.shards import is_complete
-from cascade.utils import default_precision
+from cascade.stage_runner import TRAINER_DEFAULTS, record_stage, stage_trainer_settings
 from cascade.warm_start import identity_start
 from datamodules.corpus import check_corpus_file
 from datamodules.sequence import SequenceDataModule
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
-
 
 
 def first_stage(stage: int | None) -> int:
@@ -76,7 +69,7 @@ class CascadeCLI(LightningCLI):
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,  # hparams must be each stage's own arguments (stage k, its lr)
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"gradient_clip_val": 1.0},  # precision: chosen for the machine when a stage starts
+            trainer_defaults=TRAINER_DEFAULTS,  # precision: chosen for the machine when a stage starts
             parser_kwargs={"description": __doc__},
         )
 
@@ -143,18 +136,7 @@ class CascadeCLI(LightningCLI):
 
     def _run(self) -> dict | None:
         config = self.config
-        if config.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {config.num_stages}")
-        if config.stage is not None:
-            if not 0 <= config.stage < config.num_stages:
-                raise ValueError(f"stage {config.stage} is not one of the {config.num_stages} stages (0..{config.num_stages - 1})")
-            previous = stage_dir(self.run_dir, config.stage - 1)
-            if config.stage > 0 and not is_complete(previous / "handover" / "train"):
-                hint = (
-                    "it was trained as the last stage and handed nothing over: run the whole cascade (without --stage) "
-                    "to hand it over" if trained_without_handover(previous) else f"train stage {config.stage - 1} first"
-                )
-                raise FileNotFoundError(f"stage {config.stage} reads {previous / 'handover'}, which does not exist: {hint}")
+        check_stage_selection(self.run_dir, config.stage, config.num_stages)
         for f in config.eval_files or []:  # before any training, not after it
             check_corpus_file(Path(f).expanduser(), "eval_files", read=False)
         stages = range(config.num_stages) if config.stage is None else [config.stage]
@@ -177,7 +159,9 @@ class CascadeCLI(LightningCLI):
             return None
         text = getattr(self, "text", None) or TextDataModule(**config.data.as_dict())  # stage 0's, where it ran
         self.hold_run_dir()
-        self.check_tokenizer(text, num_llms=stages[-1] + 1)
+        if problem := saved_tokenizer_problem(self.run_dir, num_llms=stages[-1] + 1):
+            rank_zero_info(f"{problem}: saving the tokenizer again")  # nothing needs training again
+            text.save_tokenizer(self.run_dir / "tokenizer")
         return self.evaluate(text, num_llms=stages[-1] + 1)
 
     def hold_run_dir(self) -> None:
@@ -187,17 +171,6 @@ class CascadeCLI(LightningCLI):
             self._lock = RunLock(self.run_dir)
             if self._lock.previous:
                 rank_zero_info(f"{self.run_dir}: taking over from an earlier run that ended ({self._lock.previous})")
-
-    def check_tokenizer(self, text: TextDataModule, num_llms: int) -> None:
-        """The run's tokenizer/ against the checksums the stage that saved it last recorded; saved again from the
-        data's tokenizer if it differs (nothing needs training again)."""
-        tokenizer = self.run_dir / "tokenizer"
-        for k in reversed(range(num_llms)):
-            if recorded := ((read_done(stage_dir(self.run_dir, k)) or {}).get("files") or {}).get("tokenizer"):
-                if problem := changed_files(tokenizer, recorded):
-                    rank_zero_info(f"{problem}: saving the tokenizer again")
-                    text.save_tokenizer(tokenizer)
-                return
 
     def fit_stage(self, k: int, ckpt_path: str | None, trained: bool = False) -> None:
         """Train stage k with a fresh model, data module and Trainer (resuming from `ckpt_path` or the stage's
@@ -220,7 +193,8 @@ class CascadeCLI(LightningCLI):
         rank_zero_info(f"stage {k}: {'handing over' if trained else 'training'} on {self.trainer.strategy.root_device}"
                        f"{f' and {processes - 1} more devices' if processes > 1 else ''}, precision {self.trainer.precision}")
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        self.record_stage(k, model, text, timer.stats, handover.stats if self.hands_over(k) else None, trained)
+        record_stage(self.run_dir, k, self.trainer, model.llm, text, timer.stats, handover.stats if self.hands_over(k) else None,
+                     trained)
 
     def stage_config(self, k: int, trained: bool):
         """The run's settings for stage k: its index, where its hand-over and checkpoints go, and (`trained`) its
@@ -249,26 +223,14 @@ class CascadeCLI(LightningCLI):
         return SequenceDataModule(handover, text.batch_size, text.seq_len, text.num_workers, text.seed + k)
 
     def stage_trainer(self, k: int, config, callbacks: list, trained: bool) -> Trainer:
-        """The stage's Trainer from the run's trainer settings, with the stage's own callbacks, an atomic checkpoint
-        writer, this machine's precision where none is set, and a TensorBoard logger under the run directory."""
-        settings = self.config_init.trainer
-        callbacks = [*(settings.get("callbacks") or []), *callbacks]
-        if settings.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(default_progress_bar())
-        plugins = list(settings.get("plugins") or [])
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(AtomicCheckpointIO())
-        overrides = {"default_root_dir": str(stage_dir(self.run_dir, k)), "callbacks": callbacks, "plugins": plugins}
-        if settings.get("precision") is None:  # not written into the config: it is the machine's
-            overrides["precision"] = default_precision(settings.get("accelerator", "auto"))
-        if settings.get("logger") in (None, True):
-            overrides["logger"] = TensorBoardLogger(str(self.run_dir), name=f"stage_{k}", version="")
+        """The stage's Trainer from the run's trainer settings (`cascade.stage_runner.stage_trainer_settings`)."""
+        settings = stage_trainer_settings(self.config_init.trainer, self.run_dir, k, callbacks)
         # SaveConfigCallback writes the stage's resolved config (not for a hand-over alone: it keeps the training's)
         saved = self.config, self.save_config_callback
         self.config, self.save_config_callback = config, (None if trained else self.save_config_callback)
         self.hold_run_dir()  # every setting is checked; from here on the run writes
         try:
-            return self.instantiate_trainer(**overrides)
+            return self.instantiate_trainer(**settings)
         finally:
             self.config, self.save_config_callback = saved
 
@@ -283,29 +245,6 @@ class CascadeCLI(LightningCLI):
                 rank_zero_info(f"stage {k}: resuming from {resume}")
                 return str(resume)
         return ckpt_path
-
-    def record_stage(self, k: int, model: StageModule, text: TextDataModule, timing: dict, handover: dict | None,
-                     trained: bool) -> None:
-        """Print the stage's phases, save its LLM and the tokenizer, and mark it done (`done.json`, with checksums)."""
-        stage_path = stage_dir(self.run_dir, k)
-        info = (read_done(stage_path) or {}) if trained else {}  # a hand-over alone keeps the training's figures
-        if timing:
-            info["train"] = timing
-            rank_zero_info(format_training(k, timing))
-        if k == 0 and not trained:
-            info["data"] = {"tokenize_s": text.prepare_seconds, "cached": text.cached, "train_tokens": text.train_data.num_tokens,
-                            "val_tokens": text.val_data.num_tokens}
-        if not trained:
-            info["global_step"] = self.trainer.global_step
-        info.update(stage=k, handover=dict(handover) if handover is not None else None)
-        if handover is not None:
-            rank_zero_info(format_handover(k, handover))
-        if self.trainer.is_global_zero:
-            model.llm.save_pretrained(stage_path / "llm")
-            text.save_tokenizer(self.run_dir / "tokenizer")
-            info["files"] = {"llm": checksums(stage_path / "llm"), "tokenizer": checksums(self.run_dir / "tokenizer")}
-            mark_stage_done(stage_path, info)
-        self.trainer.strategy.barrier()
 
     def evaluate(self, text: TextDataModule, num_llms: int) -> dict:
         """True early exit of the trained ensemble (`cascade.run_evaluation`), on the last stage's device and in its

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.handover import StageHandover
+from callbacks.timing import TrainingTimer
 from cascade.config import TrainerConfig
+from cascade.run_state import stage_dir
 from cascade.llm import LLM
 from cascade.sequence_data import SequenceData
-from cascade.utils import default_precision
+from cascade.stage_runner import TRAINER_DEFAULTS, stage_trainer_settings
 from datamodules.sequence import SequenceDataModule
 from lightning_modules.stage import StageModule
+
+API_TRAINER_DEFAULTS = {**TRAINER_DEFAULTS, "max_epochs": 1, "devices": 1, "enable_checkpointing": False, "enable_model_summary": False}
 
 
 def train_llm(
@@ -25,35 +26,24 @@ def train_llm(
     lr_decay: float = 0.5,
     hand_over: bool = False,
 ) -> dict:
-    """Train `llm` on `train_data` as stage `stage` (peak lr `config.lr * lr_decay ** stage`).
+    """Train `llm` on `train_data` as stage `stage` (peak lr `config.lr * lr_decay ** stage`), with a Lightning
+    Trainer of `config.trainer`'s settings over `API_TRAINER_DEFAULTS`, set up as the command sets up each stage's.
 
     With `hand_over`, the threshold is then calibrated and the hard tokens of both splits are
     returned as `train_next` / `val_next` (and written under `config.output_dir` if set).
-    Returns the final logged metrics plus those entries.
+    Returns the final logged metrics, `train` (the training's timing) and those entries.
     """
-    module = StageModule(
-        llm=llm, stage=stage, lr=config.lr, lr_decay=lr_decay,
-        weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
-    )
+    module = StageModule(llm=llm, stage=stage, lr=config.lr, lr_decay=lr_decay, weight_decay=config.weight_decay,
+                         warmup_steps=config.warmup_steps)
     data = SequenceDataModule.from_data(train_data, val_data, config.batch_size)
-    stage_path = Path(config.output_dir) / f"stage_{stage}" if config.output_dir else None
-    handover = StageHandover(config.hard_ratio, str(stage_path / "handover") if stage_path else None)
-    precision = config.precision or default_precision()
-    trainer = Trainer(
-        max_epochs=config.max_epochs,
-        max_steps=config.max_steps,
-        accelerator=config.accelerator,
-        devices=1,
-        precision=precision,
-        gradient_clip_val=config.gradient_clip_val,
-        callbacks=[handover] if hand_over else [],
-        logger=TensorBoardLogger(config.output_dir, name=f"stage_{stage}", version="") if config.output_dir else False,
-        enable_checkpointing=False,
-        enable_progress_bar=config.enable_progress_bar,
-        enable_model_summary=False,
-    )
+    run_dir = config.output_dir
+    handover = StageHandover(config.hard_ratio, str(stage_dir(run_dir, stage) / "handover") if run_dir else None)
+    timer = TrainingTimer()
+    settings = {**API_TRAINER_DEFAULTS, "logger": run_dir is not None, **config.trainer}
+    trainer = Trainer(**stage_trainer_settings(settings, run_dir, stage, [timer, *([handover] if hand_over else [])]))
     trainer.fit(module, datamodule=data)
     result = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    result["train"] = timer.stats
     if hand_over:
         result.update(handover.stats, train_next=handover.train_next, val_next=handover.val_next)
     return result

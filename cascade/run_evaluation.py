@@ -11,10 +11,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from cascade.diagnostics import sweep_compute
-from cascade.ensemble import Ensemble, create_sequence_data, stage_dir
+from cascade.ensemble import Ensemble, create_sequence_data
+from cascade.run_state import read_done, stage_dir
 from cascade.layer_skip import layer_perplexities, threshold_sweep
 from cascade.report import format_diagnostics, format_eval_table, format_layer_exit_table, plot_curve
-from cascade.run_state import read_done
 from cascade.utils import compiles, default_precision
 
 SWEEP_THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01)  # 0: every token exits; 1.01: none does

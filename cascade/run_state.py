@@ -11,7 +11,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from cascade.shards import verify_parts
+from cascade.shards import is_complete, verify_parts
 from cascade.storage import file_checksum, write_json_atomic
 
 DONE = "done.json"
@@ -141,3 +141,34 @@ class RunLock:
         self._file.flush()
         fcntl.flock(self._file, fcntl.LOCK_UN)
         self._file.close()
+
+
+def stage_dir(run_dir: str | os.PathLike, k: int) -> Path:
+    """Where stage k of a run keeps its model, logs and hand-over."""
+    return Path(run_dir) / f"stage_{k}"
+
+
+def check_stage_selection(run_dir: str | os.PathLike, stage: int | None, num_stages: int) -> None:
+    """ValueError or FileNotFoundError, saying what to do, where `--stage` and `--num_stages` cannot run."""
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    if stage is None:
+        return
+    if not 0 <= stage < num_stages:
+        raise ValueError(f"stage {stage} is not one of the {num_stages} stages (0..{num_stages - 1})")
+    previous = stage_dir(run_dir, stage - 1)
+    if stage > 0 and not is_complete(previous / "handover" / "train"):
+        hint = (
+            "it was trained as the last stage and handed nothing over: run the whole cascade (without --stage) "
+            "to hand it over" if trained_without_handover(previous) else f"train stage {stage - 1} first"
+        )
+        raise FileNotFoundError(f"stage {stage} reads {previous / 'handover'}, which does not exist: {hint}")
+
+
+def saved_tokenizer_problem(run_dir: str | os.PathLike, num_llms: int) -> str | None:
+    """What differs between the run's tokenizer/ and the checksums the last stage that saved it recorded, or None."""
+    for k in reversed(range(num_llms)):
+        if recorded := ((read_done(stage_dir(run_dir, k)) or {}).get("files") or {}).get("tokenizer"):
+            return changed_files(Path(run_dir) / "tokenizer", recorded)
+    return None
+

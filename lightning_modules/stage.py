@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -10,7 +9,6 @@ from lightning.pytorch import LightningModule
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from cascade.hf_models import build_causal_lm
 from cascade.layer_exits import layer_weighted_loss, scheduled_layer_weights
 from cascade.layer_skip import routed_nll
 from cascade.llm import LLM
@@ -18,7 +16,7 @@ from cascade.losses import next_token_loss
 from cascade.optim import param_groups, warmup_cosine
 from cascade.sequence_data import Batch
 from cascade.utils import compiles
-from lightning_modules.stage_settings import COMPILE_MODES, check_model_fits, check_optimizer_settings, layer_settings
+from lightning_modules.stage_settings import build_llm, check_compile_mode, check_model_fits, check_optimizer_settings, layer_settings
 
 FINITE_CHECK_EVERY = 20  # steps between checks for a non-finite loss (each check waits for the GPU)
 
@@ -113,18 +111,14 @@ class StageModule(LightningModule):
         self.save_hyperparameters(ignore=["llm"])
         check_optimizer_settings(lr, lr_decay, weight_decay, betas, warmup_steps, min_lr_ratio)
         if llm is None:
-            causal_lm = build_causal_lm(model, model_config, pretrained, vocab_size, attn_implementation, pad_vocab_to_multiple_of)
-            llm = LLM(causal_lm, exit_fn)
-            if pretrained and os.path.isdir(model):
-                llm.load_exit_router(model)  # a saved cascade LLM keeps its fitted router
+            llm = build_llm(model, model_config, pretrained, vocab_size, exit_fn, attn_implementation, pad_vocab_to_multiple_of)
         llm.hands_over_residual = warm_start
         check_model_fits(llm, stage, vocab_size)
         self.layer_weights, self.layer_weights_end, self.layer_lr_scales = layer_settings(
             llm, layer_weights, layer_weights_end, alpha_schedule, layer_lr_scales, exit_layer, routing_threshold, routed_loss,
             mod_capacity, mod_layers,
         )
-        if compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        check_compile_mode(compile_mode)
         if mod_capacity is not None:
             llm.enable_mod(mod_capacity, mod_layers)
         self.llm = llm

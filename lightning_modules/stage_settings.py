@@ -1,11 +1,29 @@
-"""The checks of `StageModule`'s settings, each naming the setting and what it must be, before anything is built."""
+"""`StageModule`'s settings: checked, each error naming the setting and what it must be, and the LLM they describe."""
 
 from __future__ import annotations
 
+import os
+
+from cascade.hf_models import build_causal_lm
 from cascade.layer_exits import SCHEDULES, check_exit_routing, check_layer_weights, check_lr_scales
 from cascade.llm import LLM, later_stage_refused
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def build_llm(model: str, model_config: dict | None, pretrained: bool, vocab_size: int | None, exit_fn: str,
+              attn_implementation: str | None, pad_vocab_to_multiple_of: int | None) -> LLM:
+    """The LLM of `StageModule`'s model settings (see its arguments); a saved cascade LLM keeps its fitted router."""
+    causal_lm = build_causal_lm(model, model_config, pretrained, vocab_size, attn_implementation, pad_vocab_to_multiple_of)
+    llm = LLM(causal_lm, exit_fn)
+    if pretrained and os.path.isdir(model):
+        llm.load_exit_router(model)
+    return llm
+
+
+def check_compile_mode(compile_mode: str) -> None:
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
 
 
 def check_optimizer_settings(lr: float, lr_decay: float, weight_decay: float, betas, warmup_steps: int, min_lr_ratio: float) -> None:

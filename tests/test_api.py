@@ -96,3 +96,18 @@ def test_the_readme_python_example_runs_as_printed(tmp_path, monkeypatch, capsys
     assert stats["ppl"] < namespace["text"].vocab_size, "trained: better than a uniform guess"
     printed = capsys.readouterr().out.splitlines()[-1]
     assert printed.startswith(str(stats["ppl"]))
+
+
+def test_train_llm_takes_lightning_trainer_settings_as_they_are(tmp_path):
+    """`TrainerConfig` holds the cascade's own settings; every other argument goes to Lightning's Trainer unchanged."""
+    from cascade import train_llm
+
+    batches = patterned_batches(12)
+    llm = LLM(AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_embd=32, n_head=4, n_layer=2, n_positions=64)))
+    data = create_sequence_data(Ensemble([llm]), batches)
+    config = TrainerConfig(batch_size=4, warmup_steps=1, max_steps=3, accelerator="cpu", enable_progress_bar=False,
+                           limit_val_batches=1)
+    result = train_llm(llm, data, data, config)
+    assert result["train"]["steps"] == 3 and result["train"]["tokens"] == 3 * 4 * 32
+    with pytest.raises(TypeError, match="max_step"):
+        train_llm(llm, data, data, TrainerConfig(batch_size=4, max_step=3, enable_progress_bar=False))

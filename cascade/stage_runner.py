@@ -1,0 +1,69 @@
+"""What every stage's Trainer gets, for the command (`cascade.fit`) and the Python API (`train_llm`) alike, and what
+the command records of a stage once its fit ends."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from callbacks.checkpoint_io import AtomicCheckpointIO
+from callbacks.progress import default_progress_bar
+from cascade.llm import LLM
+from cascade.report import format_handover, format_training
+from cascade.run_state import checksums, mark_stage_done, read_done, stage_dir
+from cascade.utils import default_precision
+
+TRAINER_DEFAULTS = {"gradient_clip_val": 1.0}  # Lightning Trainer settings a stage starts from
+
+
+def stage_trainer_settings(settings: Mapping, run_dir: str | os.PathLike | None, k: int, callbacks: list[Callback]) -> dict:
+    """The Trainer settings of stage k: the user's `settings` (Lightning `Trainer` arguments) with the stage's
+    `callbacks` added, a step progress bar unless one is given or bars are off, checkpoints written atomically, this
+    machine's precision where none is set, and (with `run_dir`) its directory and TensorBoard logger under the run's.
+    Without `run_dir` nothing is logged."""
+    callbacks = [*(settings.get("callbacks") or []), *callbacks]
+    if settings.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(default_progress_bar())
+    plugins = list(settings.get("plugins") or [])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    stage = {"callbacks": callbacks, "plugins": plugins}
+    if settings.get("precision") is None:  # not written into any config: it is the machine's
+        stage["precision"] = default_precision(settings.get("accelerator", "auto"))
+    if run_dir is not None:
+        stage["default_root_dir"] = str(stage_dir(run_dir, k))
+    if settings.get("logger") in (None, True):
+        stage["logger"] = TensorBoardLogger(str(run_dir), name=f"stage_{k}", version="") if run_dir is not None else False
+    return {**settings, **stage}
+
+
+def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing: dict, handover: dict | None,
+                 trained: bool) -> None:
+    """After stage k's fit: print its phases, save its LLM and the run's tokenizer (`text`'s), and mark the stage done
+    (`done.json`, with the files' checksums). `trained`: the stage only handed over, and keeps its training's figures."""
+    stage_path = stage_dir(run_dir, k)
+    info = (read_done(stage_path) or {}) if trained else {}
+    if timing:
+        info["train"] = timing
+        rank_zero_info(format_training(k, timing))
+    if k == 0 and not trained:
+        info["data"] = {"tokenize_s": text.prepare_seconds, "cached": text.cached, "train_tokens": text.train_data.num_tokens,
+                        "val_tokens": text.val_data.num_tokens}
+    if not trained:
+        info["global_step"] = trainer.global_step
+    info.update(stage=k, handover=dict(handover) if handover is not None else None)
+    if handover is not None:
+        rank_zero_info(format_handover(k, handover))
+    if trainer.is_global_zero:
+        llm.save_pretrained(stage_path / "llm")
+        text.save_tokenizer(run_dir / "tokenizer")
+        info["files"] = {"llm": checksums(stage_path / "llm"), "tokenizer": checksums(run_dir / "tokenizer")}
+        mark_stage_done(stage_path, info)
+    trainer.strategy.barrier()
