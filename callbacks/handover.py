@@ -104,12 +104,8 @@ class StageHandover(Callback):
             raise ValueError(f"router_data must be one of {ROUTER_DATA}, got {router_data!r}")
         if host_memory_gb < 0:
             raise ValueError(f"host_memory_gb must be >= 0, got {host_memory_gb}")
-        self.hard_ratio = hard_ratio
-        self.output_dir = output_dir
-        self.batch_size = batch_size
-        self.host_memory_bytes = int(host_memory_gb * 1e9)
-        self.after_last_stage = after_last_stage
-        self.router_data = router_data
+        self.hard_ratio, self.output_dir, self.batch_size, self.router_data = hard_ratio, output_dir, batch_size, router_data
+        self.host_memory_bytes, self.after_last_stage = int(host_memory_gb * 1e9), after_last_stage
         self.stats: dict = {}
         self.train_next = self.val_next = None  # this process's part of the hand-over, for the Python API
 

@@ -105,10 +105,8 @@ def pad_vocab(model: PreTrainedModel, multiple_of: int) -> None:
         raise ValueError(f"pad_vocab_to_multiple_of must be >= 1, got {multiple_of}")
     config = model.config.get_text_config()
     real = getattr(config, UNPADDED_VOCAB, None) or config.vocab_size
-    padded = -(-real // multiple_of) * multiple_of
-    if padded != model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(padded, mean_resizing=False)
-    if padded != real:
+    model.resize_token_embeddings(real, pad_to_multiple_of=multiple_of, mean_resizing=False)  # no copy if already padded
+    if model.get_input_embeddings().weight.shape[0] != real:
         setattr(config, UNPADDED_VOCAB, real)
 
 

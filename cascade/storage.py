@@ -111,14 +111,6 @@ def file_checksum(path: Path, block_bytes: int = BLOCK_BYTES) -> str:
     return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
-def _whole_file_sha256(path: Path) -> str:  # the checksum of directories written before the block checksum
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _as_numpy(t: Tensor) -> np.ndarray:
     t = t.detach().to("cpu").contiguous()
     if t.dtype == torch.bfloat16:
@@ -251,9 +243,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 def _checksum_matches(file: Path, entry: dict) -> bool:
-    if "sha256_blocks" in entry:
-        return file_checksum(file, entry["block_bytes"]) == entry["sha256_blocks"]
-    return _whole_file_sha256(file) == entry["sha256"]
+    if "sha256_blocks" not in entry:
+        raise ValueError(f"{file.parent} was written by a pre-release version of cascade (no block checksums); write it again")
+    return file_checksum(file, entry["block_bytes"]) == entry["sha256_blocks"]
 
 
 def load_tensors(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, Tensor], dict]:
