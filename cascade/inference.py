@@ -11,6 +11,7 @@ from functools import partial
 from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping
 
 import torch
+import torch._inductor.config
 from torch import Tensor
 
 from cascade.exit_fn import ExitFn, history_indices
@@ -99,10 +100,10 @@ def run_llm(
     keep_hidden = hidden and hidden_file is None
     out = TokenOutputs.allocate(data.num_tokens, llm.dim, scores, keep_hidden, nll,
                                 device if hidden_on_device else "cpu", exit_fns)
-    step = _Step(llm, data.input_type, scores, hidden and (llm.hands_over_residual if residual is None else residual),
-                 hidden, nll, exit_fns, compile)
     forward_context = forward_context or partial(autocast_for, device)
+    residual = hidden and (llm.hands_over_residual if residual is None else residual)
     with _HostStore(out, hidden_file, device) as store, _eval_mode(llm):
+        step = _Step(llm, data.input_type, scores, residual, hidden, nll, exit_fns, compile)
         # one shape for every batch, the last one too: compiled, each other shape would be compiled again
         for batch in data.batches(batch_size, row_length, fixed_length=True, pad_last_batch=compile):
             out.positions += batch.num_positions
@@ -111,6 +112,13 @@ def run_llm(
                 results = step(on_device, pick)
             store.push(index, results)
     return out
+
+
+def compile_options() -> dict:
+    """Inductor's deterministic mode for a scoring pass: no kernel configuration chosen by timing it on the device
+    where the choice changes the numbers (a reduction's block size changes its summation order). Else the choice, and
+    so the exit scores near the threshold, could differ between two runs, or between 1 and 2 processes handing over."""
+    return {"deterministic": True} if hasattr(torch._inductor.config, "deterministic") else {}
 
 
 @contextmanager
@@ -147,7 +155,7 @@ class _Step:
             history = None if wanted is None or history is None else tuple({*history, *wanted})
         self.history = history
         # not Mixture-of-Depths: in eval mode its layers route a data-dependent number of tokens, a graph per count
-        self.forward = torch.compile(llm, dynamic=False) if compile and llm.mod is None else llm
+        self.forward = torch.compile(llm, dynamic=False, options=compile_options()) if compile and llm.mod is None else llm
 
     def __call__(self, b, pick: Tensor | None) -> dict[str, Tensor]:
         llm, results = self.llm, {}

@@ -233,3 +233,27 @@ def test_a_compiled_evaluation_traces_each_llm_for_one_batch_shape(monkeypatch):
     # (LLM 1, with and without rows of padding alone); 16 graphs when the rows followed each fraction's longest sequence
     assert 0 < after_evaluation <= 3, counters["stats"]
     assert counters["stats"]["unique_graphs"] <= 4, "the sweep traced the LLMs again for other shapes"
+
+
+def test_a_compiled_scoring_pass_compiles_in_inductors_deterministic_mode(monkeypatch):
+    """Kernel configurations chosen by timing can change a reduction's summation order, so two processes could score
+    a token near the threshold differently; the compiled scoring pass asks inductor to choose none that way."""
+    from functools import partial
+
+    from cascade.inference import run_llm
+    from conftest import token_batches
+
+    calls = []
+    original = torch.compile
+
+    def recording(model, **kwargs):
+        calls.append(kwargs)
+        return original(model, **{**kwargs, "backend": "eager", "options": None})  # traced, no code generation
+
+    monkeypatch.setattr(torch, "compile", recording)
+    llm = LLM(tiny_model("gpt2"))
+    data = SequenceData.from_token_batches(token_batches(num_batches=2, batch_size=4, seq_len=16))
+    compiled = run_llm(llm, data, 4, scores=True, compile=True).scores
+    assert calls and all(call.get("options") == {"deterministic": True} for call in calls), calls
+    assert torch.equal(compiled, run_llm(llm, data, 4, scores=True).scores)
+    assert hasattr(torch._inductor.config, "deterministic"), "the option exists in this torch"
