@@ -238,8 +238,6 @@ def test_a_compiled_evaluation_traces_each_llm_for_one_batch_shape(monkeypatch):
 def test_a_compiled_scoring_pass_compiles_in_inductors_deterministic_mode(monkeypatch):
     """Kernel configurations chosen by timing can change a reduction's summation order, so two processes could score
     a token near the threshold differently; the compiled scoring pass asks inductor to choose none that way."""
-    from functools import partial
-
     from cascade.inference import run_llm
     from conftest import token_batches
 
