@@ -18,7 +18,7 @@ from typing import Optional
 
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.checkpoint_io import remove_partial_checkpoints
@@ -68,7 +68,7 @@ class CascadeCLI(LightningCLI):
             seed_everything_default=0,
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,  # hparams must be each stage's own arguments (stage k, its lr)
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=None,  # each stage saves its own resolved config, see `stage_trainer`
             trainer_defaults=TRAINER_DEFAULTS,  # precision: chosen for the machine when a stage starts
             parser_kwargs={"description": __doc__},
         )
@@ -223,16 +223,13 @@ class CascadeCLI(LightningCLI):
         return SequenceDataModule(handover, text.batch_size, text.seq_len, text.num_workers, text.seed + k)
 
     def stage_trainer(self, k: int, config, callbacks: list, trained: bool) -> Trainer:
-        """The stage's Trainer from the run's trainer settings (`cascade.stage_runner.stage_trainer_settings`)."""
+        """The stage's Trainer from the run's trainer settings (`cascade.stage_runner.stage_trainer_settings`); it
+        saves the stage's resolved `config` to its log directory (not a hand-over alone: it keeps the training's)."""
+        if not trained:
+            callbacks = [*callbacks, SaveConfigCallback(self.parser, config, overwrite=True)]
         settings = stage_trainer_settings(self.config_init.trainer, self.run_dir, k, callbacks)
-        # SaveConfigCallback writes the stage's resolved config (not for a hand-over alone: it keeps the training's)
-        saved = self.config, self.save_config_callback
-        self.config, self.save_config_callback = config, (None if trained else self.save_config_callback)
         self.hold_run_dir()  # every setting is checked; from here on the run writes
-        try:
-            return self.instantiate_trainer(**settings)
-        finally:
-            self.config, self.save_config_callback = saved
+        return self.instantiate_trainer(**settings)
 
     def resume_checkpoint(self, k: int, ckpt_path: str | None, trained: bool) -> str | None:
         """`ckpt_path`, else the stage's newest complete checkpoint (partial ones of a killed write removed first)."""
