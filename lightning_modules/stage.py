@@ -200,6 +200,10 @@ class StageModule(LightningModule):
         self.llm.train()  # HF's from_pretrained returns eval mode; pre-training wants dropout as configured
         self._tokens, self._log_start = 0, time.perf_counter()
         if compiles(self.hparams.compile, self.device):
+            if self.trainer.world_size > 1:
+                # one graph: dynamo's DDPOptimizer splits it at DDP's buckets to overlap their all-reduce with the
+                # backward, but that costs more than the all-reduce takes between NVLinked GPUs (docs/benchmarks.md)
+                torch._dynamo.config.optimize_ddp = False
             # batches have one shape (fixed-length rows, the last batch padded): a graph for that shape, never a
             # dynamic-shape one (slower, and inductor cannot split a flex-attention block mask of symbolic length);
             # but Mixture-of-Depths keeps a varying number of tokens per layer where rows are packed (it uses no flex
