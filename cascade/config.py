@@ -17,7 +17,7 @@ class TrainerConfig:
         output_dir: Each stage's hand-over and logs go under `output_dir/stage_k/`; None writes nothing.
         **trainer: Lightning `Trainer` arguments, given to it as they are (`max_epochs`, `max_steps`, `accelerator`,
             `devices`, `precision`, `gradient_clip_val`, `enable_progress_bar`, ...), over the API's defaults (one
-            epoch on one device, clipping at 1.0, the machine's precision: `cascade.llm_trainer.API_TRAINER_DEFAULTS`).
+            epoch unless `max_steps` is given, on one device, clipping at 1.0, the machine's precision: `cascade.llm_trainer.API_TRAINER_DEFAULTS`).
     """
 
     def __init__(self, batch_size: int = 32, lr: float = 6e-4, weight_decay: float = 0.1, warmup_steps: int = 100,

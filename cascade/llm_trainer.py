@@ -40,6 +40,8 @@ def train_llm(
     handover = StageHandover(config.hard_ratio, str(stage_dir(run_dir, stage) / "handover") if run_dir else None)
     timer = TrainingTimer()
     settings = {**API_TRAINER_DEFAULTS, "logger": run_dir is not None, **config.trainer}
+    if "max_steps" in config.trainer and "max_epochs" not in config.trainer:
+        settings["max_epochs"] = -1  # as in Lightning, `max_steps` alone sets how long it trains
     trainer = Trainer(**stage_trainer_settings(settings, run_dir, stage, [timer, *([handover] if hand_over else [])]))
     trainer.fit(module, datamodule=data)
     result = {k: v.item() for k, v in trainer.callback_metrics.items()}

@@ -45,18 +45,19 @@ def stage_trainer_settings(settings: Mapping, run_dir: str | os.PathLike | None,
 
 
 def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing: dict, handover: dict | None,
-                 trained: bool) -> None:
+                 handed_over_only: bool) -> None:
     """After stage k's fit: print its phases, save its LLM and the run's tokenizer (`text`'s), and mark the stage done
-    (`done.json`, with the files' checksums). `trained`: the stage only handed over, and keeps its training's figures."""
+    (`done.json`, with the files' checksums). `handed_over_only`: the stage was trained before and only handed over
+    now; it keeps its training's figures."""
     stage_path = stage_dir(run_dir, k)
-    info = (read_done(stage_path) or {}) if trained else {}
+    info = (read_done(stage_path) or {}) if handed_over_only else {}
     if timing:
         info["train"] = timing
         rank_zero_info(format_training(k, timing))
-    if k == 0 and not trained:
+    if k == 0 and not handed_over_only:
         info["data"] = {"tokenize_s": text.prepare_seconds, "cached": text.cached, "train_tokens": text.train_data.num_tokens,
                         "val_tokens": text.val_data.num_tokens}
-    if not trained:
+    if not handed_over_only:
         info["global_step"] = trainer.global_step
     info.update(stage=k, handover=dict(handover) if handover is not None else None)
     if handover is not None:

@@ -109,5 +109,7 @@ def test_train_llm_takes_lightning_trainer_settings_as_they_are(tmp_path):
                            limit_val_batches=1)
     result = train_llm(llm, data, data, config)
     assert result["train"]["steps"] == 3 and result["train"]["tokens"] == 3 * 4 * 32
+    beyond_an_epoch = TrainerConfig(batch_size=4, warmup_steps=1, max_steps=40, accelerator="cpu", enable_progress_bar=False)
+    assert train_llm(llm, data, data, beyond_an_epoch)["train"]["steps"] == 40  # 24 batches an epoch
     with pytest.raises(TypeError, match="max_step"):
         train_llm(llm, data, data, TrainerConfig(batch_size=4, max_step=3, enable_progress_bar=False))
