@@ -2,9 +2,10 @@
 
 - Rows that are one causal sequence each get no mask, so SDPA runs its `is_causal` kernel, which skips
   the blocks above the diagonal. transformers itself builds a 4D causal mask under `torch.compile` on
-  torch < 2.14 (it cannot tell compiling from exporting there): GPT-2 124M then trains 11% slower on
-  an H100 (`benchmarks/ab_attention.py`). With no mask there is also nothing for transformers to check
-  in eager mode, where its checks of the positions and the mask make the CPU wait for the GPU.
+  torch < 2.14 (it cannot tell compiling from exporting there), and training is slower with it
+  (`benchmarks/ab_attention.py`; figures in `docs/benchmarks.md`). With no mask there is also nothing
+  for transformers to check in eager mode, where its checks of the positions and the mask make the CPU
+  wait for the GPU.
 - Rows of packed sequences get a block-causal mask built from their segment ids: a flex-attention
   `BlockMask` when training on a GPU (flex attention skips the blocks the mask leaves empty), and a 4D
   boolean mask for SDPA otherwise (flex attention has no backward on the CPU).

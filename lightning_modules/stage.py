@@ -229,7 +229,7 @@ class StageModule(LightningModule):
             loss = loss + self.hparams.mod_aux_weight * aux
         self._check_finite(loss)
         self._tokens += batch.num_tokens
-        # Only on the steps the logger writes: each `self.log` costs Lightning about 1 ms of CPU (2-core VM),
+        # Only on the steps the logger writes: each `self.log` costs Lightning CPU time,
         # and a logged Python number is copied to the GPU, which waits for the GPU, so that the CPU could no
         # longer queue the next step ahead of it.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
