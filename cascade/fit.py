@@ -46,6 +46,14 @@ from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
 
 
+RUNNER_OWNED = {  # a stage's index and directories, which each stage gets from the run: what to give instead
+    "--model.stage": "--stage (the stage to train alone)",
+    "--handover.output_dir": "--runs_dir and --name (the run writes under <runs_dir>/<name>/stage_k/)",
+    "--checkpoint.dirpath": "--runs_dir and --name (the run writes under <runs_dir>/<name>/stage_k/)",
+    "--trainer.default_root_dir": "--runs_dir and --name (the run writes under <runs_dir>/<name>/stage_k/)",
+}
+
+
 def first_stage(stage: int | None) -> int:
     """The first stage a run trains: `--stage`, else 0."""
     return stage or 0
@@ -70,7 +78,7 @@ class CascadeCLI(LightningCLI):
             load_from_checkpoint_support=False,  # hparams must be each stage's own arguments (stage k, its lr)
             save_config_callback=None,  # each stage saves its own resolved config, see `stage_trainer`
             trainer_defaults=TRAINER_DEFAULTS,  # precision: chosen for the machine when a stage starts
-            parser_kwargs={"description": __doc__},
+            parser_kwargs={"description": __doc__, "prog": "python -m cascade.fit"},
         )
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -113,6 +121,14 @@ class CascadeCLI(LightningCLI):
         parser.link_arguments("stage", "model.stage", compute_fn=first_stage, apply_on="parse")
         for target in ("handover.output_dir", "checkpoint.dirpath", "trainer.default_root_dir"):
             parser.link_arguments(("runs_dir", "name"), target, compute_fn=run_directory, apply_on="parse")
+
+    def parse_arguments(self, parser, args) -> None:
+        """LightningCLI's parsing, after refusing, with what to give instead, a setting the runner sets per stage."""
+        for arg in args if isinstance(args, list) else sys.argv[1:] if args is None else []:
+            key = str(arg).split("=", 1)[0]
+            if key in RUNNER_OWNED:
+                parser.error(f"{key} is set for each stage by the run itself; give {RUNNER_OWNED[key]} instead")
+        super().parse_arguments(parser, args)
 
     def instantiate_classes(self) -> None:
         """Nothing here: every stage instantiates its own model, data and Trainer in `fit_stage`."""

@@ -59,6 +59,7 @@ def test_what_the_stage_runner_sets_per_stage_is_not_a_setting(capsys, setting):
     with pytest.raises(SystemExit) as exit_info:
         CascadeCLI(["--config", str(CONFIGS[0]), setting, "1"])
     assert exit_info.value.code != 0
+    assert "is set for each stage by the run itself; give --" in capsys.readouterr().err
 
 
 def tiny_args(tmp_path, corpus, *extra):
