@@ -26,7 +26,7 @@ from callbacks.handover import StageHandover
 from callbacks.timing import TrainingTimer
 from cascade.hf_models import max_positions
 from cascade.llm import LLM
-from cascade.run_evaluation import evaluate_run, evaluation_trainer
+from cascade.run_evaluation import evaluate_run
 from cascade.run_state import (
     RunDirectoryInUse,
     RunLock,
@@ -38,12 +38,12 @@ from cascade.run_state import (
     stage_problem,
     trained_without_handover,
 )
-from cascade.stage_runner import TRAINER_DEFAULTS, record_stage, stage_trainer_settings
 from cascade.warm_start import identity_start
 from datamodules.corpus import check_corpus_file
 from datamodules.sequence import SequenceDataModule
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
+from lightning_modules.stage_runner import TRAINER_DEFAULTS, evaluation_trainer, record_stage, stage_trainer_settings
 
 
 RUNNER_OWNED = {  # a stage's index and directories, which each stage gets from the run: what to give instead
@@ -239,8 +239,8 @@ class CascadeCLI(LightningCLI):
         return SequenceDataModule(handover, text.batch_size, text.seq_len, text.num_workers, text.seed + k)
 
     def stage_trainer(self, k: int, config, callbacks: list, trained: bool) -> Trainer:
-        """The stage's Trainer from the run's trainer settings (`cascade.stage_runner.stage_trainer_settings`); it
-        saves the stage's resolved `config` to its log directory (not a hand-over alone: it keeps the training's)."""
+        """The stage's Trainer from the run's trainer settings (`lightning_modules.stage_runner`); it saves the stage's
+        resolved `config` to its log directory (not a hand-over alone: it keeps the training's)."""
         if not trained:
             callbacks = [*callbacks, SaveConfigCallback(self.parser, config, overwrite=True)]
         settings = stage_trainer_settings(self.config_init.trainer, self.run_dir, k, callbacks)
@@ -265,7 +265,8 @@ class CascadeCLI(LightningCLI):
         c = self.config
         trainer = getattr(self, "trainer", None) or evaluation_trainer(c.trainer)
         return evaluate_run(
-            self.run_dir, text, num_llms, trainer, batch_size=c.eval_batch_size or text.batch_size, files=c.eval_files,
+            self.run_dir, text, num_llms, trainer.strategy.root_device, trainer.precision_plugin.forward_context,
+            str(trainer.precision), batch_size=c.eval_batch_size or text.batch_size, files=c.eval_files,
             curve=c.eval_curve, routing_bound=c.eval_routing_bound, compile=c.model.compile, exit_layer=c.model.exit_layer,
             routing_threshold=c.model.routing_threshold,
         )

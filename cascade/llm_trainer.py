@@ -10,9 +10,9 @@ from cascade.config import TrainerConfig
 from cascade.run_state import stage_dir
 from cascade.llm import LLM
 from cascade.sequence_data import SequenceData
-from cascade.stage_runner import TRAINER_DEFAULTS, stage_trainer_settings
 from datamodules.sequence import SequenceDataModule
 from lightning_modules.stage import StageModule
+from lightning_modules.stage_runner import TRAINER_DEFAULTS, stage_trainer_settings
 
 API_TRAINER_DEFAULTS = {**TRAINER_DEFAULTS, "max_epochs": 1, "devices": 1, "enable_checkpointing": False, "enable_model_summary": False}
 

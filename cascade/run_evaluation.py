@@ -6,35 +6,28 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable, ContextManager
 
-from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
+import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from cascade.diagnostics import sweep_compute
 from cascade.ensemble import Ensemble, create_sequence_data
-from cascade.run_state import read_done, stage_dir
 from cascade.layer_skip import layer_perplexities, threshold_sweep
 from cascade.report import format_diagnostics, format_eval_table, format_layer_exit_table, plot_curve
-from cascade.utils import compiles, default_precision
+from cascade.run_state import read_done, stage_dir
+from cascade.utils import compiles
 
 SWEEP_THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01)  # 0: every token exits; 1.01: none does
-
-
-def evaluation_trainer(settings) -> Trainer:
-    """A Trainer of the run's device and precision settings (`--trainer.*`), for an evaluation with no stage trained."""
-    strategy = settings.strategy if isinstance(settings.strategy, str) else "auto"
-    return Trainer(
-        accelerator=settings.accelerator, devices=settings.devices, strategy=strategy,
-        precision=settings.precision or default_precision(settings.accelerator),
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
 
 
 def evaluate_run(
     run_dir: Path,
     text,
     num_llms: int,
-    trainer: Trainer,
+    device: torch.device,
+    forward_context: Callable[[], ContextManager],
+    precision: str,
     *,
     batch_size: int,
     files: list[str] | None = None,
@@ -45,10 +38,10 @@ def evaluate_run(
     routing_threshold: float | None = None,
 ) -> dict:
     """True early exit of the first `num_llms` LLMs saved in `run_dir` on `text`'s validation split (or on `files`),
-    on `trainer`'s root device in its precision, compiled per `compile` (`cascade.utils.compiles`). With `curve`, also
+    on `device` with each forward in `forward_context()` (a Trainer's precision plugin's; `precision` names it), compiled
+    per `compile` (`cascade.utils.compiles`). With `curve`, also
     the hand-over-fraction sweep; with `exit_layer`, each layer's exit perplexity and a threshold sweep of LLM 0.
     Prints the table; writes `eval.json` and the TensorBoard scalars; returns the statistics."""
-    device, forward_context = trainer.strategy.root_device, trainer.precision_plugin.forward_context
     ensemble = Ensemble.from_pretrained(run_dir, num_llms=num_llms).to(device)
     start = time.perf_counter()
     run = {"compile": compiles(compile, device), "forward_context": forward_context}
@@ -56,7 +49,7 @@ def evaluate_run(
     stats = ensemble.evaluate(batches, batch_size, routing_bound=routing_bound, **run)
     if curve and len(ensemble) > 1:
         stats["curve"] = sweep_compute(ensemble, create_sequence_data(ensemble, batches), batch_size, **run)
-    print(f"\nTrue early-exit evaluation of {run_dir} on {', '.join(files) if files else 'the validation split'} ({device}, {trainer.precision}):")
+    print(f"\nTrue early-exit evaluation of {run_dir} on {', '.join(files) if files else 'the validation split'} ({device}, {precision}):")
     print(format_eval_table(stats))
     print(format_diagnostics(stats))
     if "curve" in stats and plot_curve(stats, run_dir / "eval_curve.png"):
@@ -80,12 +73,13 @@ def evaluate_run(
 
 def log_scalars(run_dir: Path, stats: dict) -> None:
     """The evaluation's figures as TensorBoard scalars under `run_dir/eval` (`eval/...`)."""
-    logger = TensorBoardLogger(str(run_dir), name="eval", version="")
+    writer = SummaryWriter(str(run_dir / "eval"))
     scalars = {f"eval/{key}": stats[key] for key in ("ppl", "accuracy", "compute_fraction", "wall_time_s", "eval_s")}
     scalars.update({f"eval/prefix_ppl_{j}": ppl for j, ppl in enumerate(stats["prefix_ppl"])})
     scalars.update({f"eval/exit_auroc_{k}/{name}": value for k, s in enumerate(stats["llm_stats"])
                     for name, value in s.get("exit_auroc", {}).items()})
     scalars.update({f"eval/routing_bound_{k}/{name}": value for k, s in enumerate(stats["llm_stats"])
                     for name, value in s.get("routing_bound", {}).get("ppl", {}).items()})
-    logger.log_metrics(scalars, step=0)
-    logger.finalize("success")
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, 0)
+    writer.close()

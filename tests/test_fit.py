@@ -157,6 +157,8 @@ def test_two_stage_run_through_the_cli(tmp_path):
     assert sum(s["exit_tokens"] for s in saved["llm_stats"]) == saved["total_tokens"]
     assert math.isfinite(saved["ppl"]) and saved["ppl"] < 300, "trained below the uniform perplexity of the 300-token vocabulary"
     assert 0.5 < saved["compute_fraction"] < 1.0
+    evaluation, _ = scalars_and_histograms(run / "eval")  # the same figures on the dashboard
+    assert evaluation["eval/ppl"] == [pytest.approx(saved["ppl"])] and "eval/prefix_ppl_1" in evaluation
     assert (run / "stage_1" / "llm" / "model.safetensors").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
 
 

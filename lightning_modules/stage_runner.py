@@ -1,5 +1,5 @@
-"""What every stage's Trainer gets, for the command (`cascade.fit`) and the Python API (`train_llm`) alike, and what
-the command records of a stage once its fit ends."""
+"""What every stage's Trainer gets, for the command (`cascade.fit`) and the Python API (`train_llm`) alike, what the
+command records of a stage once its fit ends, and the Trainer its evaluation runs under when no stage trained."""
 
 from __future__ import annotations
 
@@ -68,3 +68,13 @@ def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing
         info["files"] = {"llm": checksums(stage_path / "llm"), "tokenizer": checksums(run_dir / "tokenizer")}
         mark_stage_done(stage_path, info)
     trainer.strategy.barrier()
+
+
+def evaluation_trainer(settings) -> Trainer:
+    """A Trainer of the run's device and precision settings (`--trainer.*`), for an evaluation with no stage trained."""
+    strategy = settings.strategy if isinstance(settings.strategy, str) else "auto"
+    return Trainer(
+        accelerator=settings.accelerator, devices=settings.devices, strategy=strategy,
+        precision=settings.precision or default_precision(settings.accelerator),
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
