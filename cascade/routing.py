@@ -90,7 +90,7 @@ def route(
     """
     hand_on = not is_last
     if data.num_tokens == 0:
-        outputs = TokenOutputs.allocate(0, llm.dim, scores=hand_on, nll=nll)
+        outputs = TokenOutputs.allocate(0, llm.dim, scores=hand_on, hidden=hand_on, nll=nll)  # (0, D) hidden states
     else:
         outputs = _run_keeping_hidden(llm, data, batch_size, hand_on, nll, path, host_memory_bytes, gpu_memory, run_options)
     threshold = None
@@ -170,7 +170,7 @@ def compact_hard_tokens(
     sink.append("sequence_ids", data.sequence_ids[survives])
     input_type = "token_ids" if inputs.ndim == 1 else "hidden_states"
     sink.commit(manifest_meta(int(hard.sum()), int(survives.sum()), input_type))
-    return sink.data if path is None else SequenceData.load(path)
+    return sink.data if path is None else SequenceData.load(path, verify=False)  # checksummed as written; its reader verifies
 
 
 def _rows(inputs: Tensor | np.ndarray, begin: int, end: int, keep: Tensor) -> Tensor:

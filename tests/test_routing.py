@@ -121,3 +121,18 @@ def test_hand_over_streamed_to_disk_equals_the_in_memory_one(tmp_path, monkeypat
     for name in ("inputs", "targets", "positions", "offsets", "sequence_ids"):
         assert torch.equal(getattr(streamed, name), getattr(in_memory, name)), name
     assert [p.name for p in tmp_path.iterdir()] == ["part"], "the temporary file of hidden states is gone"
+
+
+def test_a_process_with_no_tokens_hands_over_an_empty_part_of_hidden_states(tmp_path):
+    """Under data parallelism a process may get no sequence; its part must still be hidden states of the LLM's width,
+    so that the parts merge."""
+    from cascade.routing import route
+
+    llm = LLM(tiny_model("gpt2"))
+    data = create_sequence_data(Ensemble([llm]), token_batches(1))
+    nothing = data.select(torch.arange(0))
+    seen = []
+    handed = route(llm, nothing, 4, threshold_of=lambda scores: seen.append(scores.numel()) or 0.5, path=tmp_path / "part").hard
+    assert seen == [0], "the process still takes part in the threshold"
+    assert handed.num_tokens == 0 and handed.input_type == "hidden_states" and tuple(handed.inputs.shape) == (0, llm.dim)
+    assert handed.inputs.dtype == torch.bfloat16
