@@ -13,7 +13,7 @@ from cascade.report import human
 from cascade.sequence_data import SequenceData
 from datamodules.base import PackedDataModule
 from datamodules.corpus import BLANK_LINE, check_corpus_file, load_corpus, load_files
-from datamodules.tokens import default_cache_dir, fingerprint, load_tokenizer, load_tokens, tokenize_to_cache, train_bpe
+from datamodules.tokens import cache_lock, default_cache_dir, fingerprint, load_tokenizer, load_tokens, tokenize_to_cache, train_bpe
 
 
 def file_stats(files: list[str]) -> list[tuple[str, int, int]]:
@@ -119,6 +119,10 @@ class TextDataModule(PackedDataModule):
         `prepare_seconds` says how long it took, `cached` whether the cache was there already."""
         if self.cached or self.prepare_seconds:  # done by this object already (the runner, then Lightning, then setup)
             return
+        with cache_lock(self.token_dir):
+            self._prepare()
+
+    def _prepare(self) -> None:
         key = self._corpus_key()
         if (self.token_dir / "train" / "manifest.json").is_file() and (self.token_dir / "validation" / "manifest.json").is_file():
             try:
@@ -180,11 +184,12 @@ class TextDataModule(PackedDataModule):
         Raises ValueError or FileNotFoundError naming `setting` for a file that cannot be read.
         """
         path = self.cache_dir / f"eval-{fingerprint(self._corpus_key(), self.tokenizer_name or self._vocab_size, file_stats(files))}"
-        if (path / "manifest.json").is_file():
-            tokens = load_tokens(path)
-        else:
-            corpus = load_files({"eval": (files, setting)})["eval"]
-            tokens = tokenize_to_cache(corpus, self._tokenizer(), self.source["text_column"], path)
+        with cache_lock(path):
+            if (path / "manifest.json").is_file():
+                tokens = load_tokens(path)
+            else:
+                corpus = load_files({"eval": (files, setting)})["eval"]
+                tokens = tokenize_to_cache(corpus, self._tokenizer(), self.source["text_column"], path)
         return windows(tokens, self.seq_len, setting)
 
     def token_batches(

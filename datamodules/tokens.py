@@ -10,6 +10,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
+from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -92,6 +94,28 @@ def _stamp(path: Path) -> dict[str, list[int]]:
     """What identifies the contents of the cache's files without reading them: size, mtime (ns) and inode of each."""
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino] for p in sorted(path.iterdir())
             if p.name != VERIFIED and not p.name.startswith(".")}
+
+
+class cache_lock:
+    """Hold the lock of cache entry `path` (a file `<path>.lock` beside it) while a run checks or builds the entry.
+
+    Runs that share a cache (by default `~/.cache/cascade`) then build each entry once, one at a time, and none reads
+    an entry while another replaces it. Says so when it has to wait for another run.
+    """
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.lock = path, FileLock(path.with_name(path.name + ".lock"))
+
+    def __enter__(self) -> None:
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            rank_zero_info(f"waiting for another run to finish writing the cache entry {self.path}")
+            self.lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
 
 
 def default_cache_dir() -> Path:

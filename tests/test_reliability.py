@@ -96,6 +96,27 @@ def test_the_token_cache_is_hashed_once_and_not_on_every_start(tmp_path, monkeyp
         load_tokens(path)
 
 
+BUILD_CACHE = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from datamodules.text import TextDataModule
+data = TextDataModule(train_files=[sys.argv[1]], cache_dir=sys.argv[2], vocab_size=300, seq_len=16)
+data.setup()
+print("sum", int(data.train_data.inputs.sum()), int(data.val_data.inputs.sum()))
+"""
+
+
+def test_runs_sharing_a_cache_tokenize_the_corpus_once_and_read_the_same_tokens(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", 400)
+    runs = [subprocess.Popen([sys.executable, "-c", BUILD_CACHE, str(corpus), str(tmp_path / "cache")], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    logs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], logs
+    assert sum("tokenized in" in log for log in logs) == 1, logs  # the others waited, then read its cache
+    sums = [next(line for line in log.splitlines() if line.startswith("sum ")) for log in logs]
+    assert len(set(sums)) == 1, sums
+
+
 @pytest.mark.slow
 def test_a_corrupt_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, caplog):
     corpus = write_corpus(tmp_path / "corpus.txt", 120)
