@@ -47,7 +47,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
     parser.add_argument("--model-config", default='{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}')
-    parser.add_argument("--strategy", default="ddp", help="--trainer.strategy of the 2-device run (a name or a class config in JSON)")
+    parser.add_argument("--strategy", nargs="+", default=["ddp"],
+                        help="--trainer.strategy of the 2-device run (a name or a class config in JSON); several: one "
+                             "2-device run each, all against the one 1-device run (the hand-over check uses the first)")
     parser.add_argument("--train-only", action="store_true", help="time the training only: no hand-over, no 1-vs-2 check")
     parser.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny model (CI)")
     args = parser.parse_args()
@@ -77,21 +79,22 @@ def main() -> None:
         common += ["--data.tokenizer", str(Path(args.tokenizer).resolve())]
     else:
         common += ["--data.vocab_size", "2048" if not args.smoke else "300"]
-    ddp = ["--trainer.strategy", args.strategy, "--trainer.devices", "2"]
+    ddp = ["--trainer.strategy", args.strategy[0], "--trainer.devices", "2"]
 
     fit(workdir, "one", [*common, "--trainer.devices", "1"])
-    fit(workdir, "two", [*common, *ddp])
+    one = tokens_per_second(workdir / "one" / "bench" / "stage_0")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "CPU"
+    print(f"stage-0 training, {device}, per-device batch {args.batch_size} x {args.seq_len}, steps 2..{args.steps}")
+    print(f"{'devices':<10}{'tokens/s':>14}{'ratio':>8}  strategy")
+    print(f"{'1':<10}{one:>14,.0f}{1.0:>8.2f}", flush=True)
+    for i, strategy in enumerate(args.strategy):
+        fit(workdir, f"two-{i}", [*common, "--trainer.strategy", strategy, "--trainer.devices", "2"])
+        two = tokens_per_second(workdir / f"two-{i}" / "bench" / "stage_0")
+        print(f"{'2 (DDP)':<10}{two:>14,.0f}{two / one:>8.2f}  {strategy}", flush=True)
     if not args.train_only:
         trained = workdir / "one" / "bench" / "stage_0" / "llm"
         fit(workdir, "again", [*common, *ddp, "--model.model", str(trained), "--model.pretrained", "true", "--trainer.max_steps", "0"])
 
-    one = tokens_per_second(workdir / "one" / "bench" / "stage_0")
-    two = tokens_per_second(workdir / "two" / "bench" / "stage_0")
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "CPU"
-    print(f"stage-0 training, {device}, per-device batch {args.batch_size} x {args.seq_len}, steps 2..{args.steps}")
-    print(f"{'devices':<10}{'tokens/s':>14}{'ratio':>8}")
-    print(f"{'1':<10}{one:>14,.0f}{1.0:>8.2f}")
-    print(f"{'2 (DDP)':<10}{two:>14,.0f}{two / one:>8.2f}")
     if args.train_only:
         return
     thresholds = [json.loads((workdir / r / "bench" / "stage_0" / "llm" / "config.json").read_text())["exit_threshold"] for r in ("one", "again")]
