@@ -40,7 +40,6 @@ from cascade.run_state import (
 )
 from cascade.warm_start import identity_start
 from datamodules.corpus import check_corpus_file
-from datamodules.sequence import SequenceDataModule
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
 from lightning_modules.stage_runner import TRAINER_DEFAULTS, evaluation_trainer, record_stage, stage_trainer_settings
@@ -55,13 +54,11 @@ RUNNER_OWNED = {  # a stage's index and directories, which each stage gets from 
 
 
 def first_stage(stage: int | None) -> int:
-    """The first stage a run trains: `--stage`, else 0."""
-    return stage or 0
+    return stage or 0  # the first stage a run trains: --stage, else 0
 
 
 def run_directory(runs_dir: str, name: str) -> str:
-    """Where a run writes everything: `<runs_dir>/<name>`."""
-    return str(Path(runs_dir) / name)
+    return str(Path(runs_dir) / name)  # where a run writes everything
 
 
 class CascadeCLI(LightningCLI):
@@ -80,6 +77,13 @@ class CascadeCLI(LightningCLI):
             trainer_defaults=TRAINER_DEFAULTS,  # precision: chosen for the machine when a stage starts
             parser_kwargs={"description": __doc__, "prog": "python -m cascade.fit"},
         )
+
+    def add_core_arguments_to_parser(self, parser) -> None:
+        """LightningCLI's trainer, model and data arguments, less the model's `llm` (an object, for the Python API)."""
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items()})
+        parser.add_class_arguments(StageModule, "model", fail_untyped=False, sub_configs=True, skip={"llm"})
+        parser.add_lightning_class_args(TextDataModule, "data")
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=str, default="cascade", help="Run name: everything goes to <runs_dir>/<name>/.")
@@ -231,12 +235,11 @@ class CascadeCLI(LightningCLI):
     def stage_datamodule(self, k: int, text: TextDataModule):
         """Stage 0 reads the corpus (tokenized, or its cache checked, before anything is written); stage k > 0 the
         hand-over of stage k - 1, with its own shuffle seed (its data order does not depend on stage 0's)."""
-        if k == 0:
-            text.prepare_data()
-            self.text = text
-            return text
-        handover = str(stage_dir(self.run_dir, k - 1) / "handover")
-        return SequenceDataModule(handover, text.batch_size, text.seq_len, text.num_workers, text.seed + k)
+        if k > 0:
+            return text.handover_data(stage_dir(self.run_dir, k - 1) / "handover", k)
+        text.prepare_data()
+        self.text = text
+        return text
 
     def stage_trainer(self, k: int, config, callbacks: list, trained: bool) -> Trainer:
         """The stage's Trainer from the run's trainer settings (`lightning_modules.stage_runner`); it saves the stage's

@@ -13,6 +13,7 @@ from cascade.report import human
 from cascade.sequence_data import SequenceData
 from datamodules.base import PackedDataModule
 from datamodules.corpus import BLANK_LINE, check_corpus_file, load_corpus, load_files
+from datamodules.sequence import SequenceDataModule
 from datamodules.tokens import cache_lock, default_cache_dir, fingerprint, load_tokenizer, load_tokens, tokenize_to_cache, train_bpe
 
 
@@ -173,6 +174,11 @@ class TextDataModule(PackedDataModule):
                 )
             splits[split] = windows(tokens, self.seq_len, split)
         self.train_data, self.val_data = splits["train"], splits["validation"]
+
+    def handover_data(self, path: str | Path, stage: int) -> SequenceDataModule:
+        """Stage `stage`'s data: the hard tokens handed over in `path`, batched as this corpus is (its batch size,
+        rows of its `seq_len`, its workers), shuffled by a seed of its own (`seed + stage`)."""
+        return SequenceDataModule(str(path), self.batch_size, self.seq_len, self.num_workers, self.seed + stage)
 
     def save_tokenizer(self, path: str | Path) -> None:
         """Save the tokenizer next to a run's models, so the run can be used without the cache."""

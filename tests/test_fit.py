@@ -62,6 +62,17 @@ def test_what_the_stage_runner_sets_per_stage_is_not_a_setting(capsys, setting):
     assert "is set for each stage by the run itself; give --" in capsys.readouterr().err
 
 
+def test_the_python_apis_llm_object_is_not_a_setting(capsys):
+    with pytest.raises(SystemExit):
+        CascadeCLI(["--help"])
+    offered = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--")]
+    assert "--model.llm" not in offered and "--model.model" in offered and "--trainer.max_steps" in offered
+    with pytest.raises(SystemExit):
+        CascadeCLI(["--config", str(CONFIGS[0]), "--print_config"])
+    printed = capsys.readouterr().out
+    assert "  llm:" not in printed and "gradient_clip_val: 1.0" in printed, "the trainer's defaults stay"
+
+
 def tiny_args(tmp_path, corpus, *extra):
     return [
         "--name", "tiny", "--runs_dir", str(tmp_path / "runs"), "--num_stages", "2",
