@@ -104,7 +104,7 @@ class Ensemble(nn.Module):
         for k, llm in enumerate(self.llms):
             if data.num_tokens == 0:
                 stats = {"input_tokens": 0, "exit_tokens": 0, "pad_tokens": 0, "nll_sum": 0.0, "correct": 0, "ppl": math.nan,
-                         "nll_sum_all": 0.0}
+                         "nll_sum_all": 0.0, "layer_tokens": 0.0}
             else:
                 is_last = k == len(self.llms) - 1
                 next_llm = self.llms[k + 1] if routing_bound and not is_last else None
@@ -113,7 +113,8 @@ class Ensemble(nn.Module):
         wall_time = time.perf_counter() - start
         assert sum(s["exit_tokens"] for s in llm_stats) == total, "every token exits exactly once"
         flops = [forward_flops_per_token(llm, context) for llm in self.llms]
-        spent = sum(s["input_tokens"] * f for s, f in zip(llm_stats, flops))
+        spent = sum(s["input_tokens"] * forward_flops_per_token(llm, context, s["layer_tokens"] / s["input_tokens"])
+                    for s, llm in zip(llm_stats, self.llms) if s["input_tokens"])
         # the cascade cut after LLM j: LLM j predicts every token that reaches it (j = 0: LLM 0 alone)
         exited = [0.0, *torch.tensor([s["nll_sum"] for s in llm_stats], dtype=torch.float64).cumsum(0).tolist()]
         prefix_ppl = [math.exp((exited[j] + s["nll_sum_all"]) / total) if s["input_tokens"] else math.nan

@@ -8,12 +8,14 @@ if TYPE_CHECKING:
     from cascade.llm import LLM
 
 
-def forward_flops_per_token(llm: "LLM", context_length: int) -> float:
+def forward_flops_per_token(llm: "LLM", context_length: int, layers: float | None = None) -> float:
     """PaLM's accounting for a forward pass: 2 FLOPs per matmul weight, plus attention.
 
     Matmul weights are the decoder layers' parameters plus the LM head (embedding lookups are
     free); attention over `context_length` keys costs 2 * 2 * layers * width * context per token.
+    `layers`: the decoder layers a token runs through, on average (fewer where Mixture-of-Depths routes it past some;
+    the routers' own D FLOPs are left out); default all of them.
     """
-    layer_params = sum(p.numel() for p in llm.layers.parameters())
-    head_params = llm.base_llm.get_output_embeddings().weight.numel()
-    return 2.0 * (layer_params + head_params) + 4.0 * llm.num_layers * llm.dim * context_length
+    layers = llm.num_layers if layers is None else layers
+    per_layer = 2.0 * sum(p.numel() for p in llm.layers.parameters()) / llm.num_layers + 4.0 * llm.dim * context_length
+    return 2.0 * llm.base_llm.get_output_embeddings().weight.numel() + layers * per_layer

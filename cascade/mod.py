@@ -152,6 +152,10 @@ class MixtureOfDepths(nn.Module):
         real = next(iter(self.selected.values())).numel() if self._real is None else int(self._real.sum())
         return (routed + (self.num_layers - len(self.layers)) * real) / (self.num_layers * real)
 
+    def layers_run(self) -> Tensor:
+        """(B, T) float32: how many decoder layers each position of the last forward ran through."""
+        return sum(s.float() for s in self.selected.values()) + (self.num_layers - len(self.layers))
+
     def begin(self, llm: "LLM", segment_ids: Tensor | None = None) -> None:
         """Start a forward of `llm` (`LLM.forward` calls this), whose rows have `segment_ids` (padding -1)."""
         implementation = llm.base_llm.config._attn_implementation

@@ -184,3 +184,23 @@ def test_a_layer_input_that_cannot_be_gathered_is_named():
     mod = MixtureOfDepths(LLM(tiny_model("gpt2")), 0.5)
     with pytest.raises(ValueError, match="'cross_states'"):
         mod.run_layer(2, CrossLayer(), torch.randn(1, 4, 32), (), {"cross_states": torch.randn(1, 4, 32)})
+
+
+@torch.no_grad()
+def test_the_evaluation_counts_only_the_layers_the_routers_let_tokens_through():
+    from cascade.ensemble import Ensemble
+    from cascade.flops import forward_flops_per_token
+
+    llm = LLM(tiny_model("gpt2"))  # 2 layers, layer 2 routed
+    mod = llm.enable_mod(capacity=0.5)
+    x = tokens(rows=4, length=16, seed=3)
+    balance_router(llm, mod, x)
+    llm.eval()
+    llm(x)
+    kept = float(mod.selected[2].float().mean())
+    assert 0 < kept < 1
+    stats = Ensemble([llm]).evaluate([(x, torch.roll(x, -1, 1))], batch_size=4)
+    full = forward_flops_per_token(llm, 16)
+    assert stats["llm_stats"][0]["layer_tokens"] == pytest.approx(x.numel() * (1 + kept))
+    assert stats["compute_fraction"] == pytest.approx(forward_flops_per_token(llm, 16, 1 + kept) / full)
+    assert stats["compute_fraction"] < 1
