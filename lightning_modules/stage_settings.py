@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from cascade.hf_models import build_causal_lm
 from cascade.layer_exits import SCHEDULES, check_exit_routing, check_layer_weights, check_lr_scales
 from cascade.llm import LLM, later_stage_refused
@@ -84,4 +86,8 @@ def layer_settings(
         raise ValueError("Mixture-of-Depths and a confidence exit (exit_layer) cannot be combined yet; choose one")
     if mod_capacity is None and mod_layers is not None:
         raise ValueError("mod_layers names the layers Mixture-of-Depths routes: give mod_capacity too")
+    if exit_layer is not None and not routed_loss and exit_layer not in {**weights, **(weights_end or {})}:
+        rank_zero_warn(f"exit_layer {exit_layer} has no weight in layer_weights: its exit is not trained (the loss is the "
+                       f"other layers'); give it one, e.g. --model.layer_weights '{{{exit_layer}: 0.5, {llm.num_layers}: "
+                       "0.5}', or train each token at its exit with --model.routed_loss true")
     return weights, weights_end, lr_scales

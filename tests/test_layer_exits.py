@@ -74,6 +74,17 @@ def test_bad_layer_weights_are_rejected(weights, message):
         StageModule(llm=LLM(tiny_model("gpt2")), layer_weights=weights)
 
 
+def test_an_exit_layer_without_a_loss_there_is_named(recwarn):
+    llm = LLM(tiny_model("gpt2", n_layer=3))
+    with pytest.warns(UserWarning, match=r"exit_layer 1 has no weight in layer_weights: its exit is not trained"):
+        StageModule(llm=llm, exit_layer=1, routing_threshold=0.5)
+    recwarn.clear()
+    for trained in ({"layer_weights": {1: 0.5, 3: 0.5}}, {"layer_weights_end": {1: 0.5, 3: 0.5}, "alpha_schedule": "linear"},
+                    {"routed_loss": True, "layer_weights": None}):
+        StageModule(llm=llm, exit_layer=1, routing_threshold=0.5, **trained)
+    assert not [w for w in recwarn if "exit_layer" in str(w.message)]
+
+
 def test_per_layer_learning_rates_land_in_the_optimizer_groups():
     from lightning.pytorch import Trainer
 
