@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import datasets
@@ -23,11 +24,15 @@ VERIFIED = "verified.json"  # the token cache's file stamps when its checksums l
 
 
 def train_bpe(texts, vocab_size: int, path: Path) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE of `vocab_size` tokens (separator included) and save it to `path`."""
+    """Train a byte-level BPE of `vocab_size` tokens (separator included) and save it to `path` (written beside it,
+    then renamed into place: a run killed while saving leaves no half-written tokenizer)."""
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[DOCUMENT_SEPARATOR], show_progress=False)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=DOCUMENT_SEPARATOR)
-    tokenizer.save_pretrained(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)  # a tokenizer without its tokenizer.json, from before
+    tmp.rename(path)
     return tokenizer
 
 
