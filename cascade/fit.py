@@ -1,11 +1,10 @@
 """Train a cascade stage by stage: `python -m cascade.fit --config configs/stage.yaml`.
 
-Every `--trainer.*`, `--model.*` (StageModule), `--data.*` (TextDataModule) and `--handover.*`
-(StageHandover) setting can be given in the YAML or overridden on the command line. A run
-writes everything under `<runs_dir>/<name>/`: per stage `stage_k/` with TensorBoard logs,
-checkpoints, the model in Hugging Face format (`llm/`, threshold in its config.json) and the
-hard tokens handed to the next stage (`handover/`); at the end the ensemble is evaluated with
-true early exit on the validation split and the table is written to `eval.json` (with
+Every `--trainer.*`, `--model.*` (StageModule), `--data.*` (TextDataModule) and `--handover.*` (StageHandover)
+setting can be given in the YAML or overridden on the command line. A run writes everything under
+`<runs_dir>/<name>/`: per stage `stage_k/` with TensorBoard logs, checkpoints, the model in Hugging Face format
+(`llm/`, threshold in its config.json) and the hard tokens handed to the next stage (`handover/`); at the end the
+ensemble is evaluated with true early exit on the validation split and the table is written to `eval.json` (with
 `--model.exit_layer`, also each layer's exit perplexity and a threshold sweep of LLM 0).
 """
 
@@ -27,17 +26,9 @@ from callbacks.timing import TrainingTimer
 from cascade.hf_models import max_positions
 from cascade.llm import LLM
 from cascade.run_evaluation import evaluate_run
-from cascade.run_state import (
-    RunDirectoryInUse,
-    RunLock,
-    check_stage_selection,
-    latest_checkpoint,
-    read_done,
-    saved_tokenizer_problem,
-    stage_dir,
-    stage_problem,
-    trained_without_handover,
-)
+from cascade.run_state import (RunDirectoryInUse, RunLock, changed_settings, check_stage_selection, latest_checkpoint,
+                                read_done, saved_tokenizer_problem, stage_dir, stage_problem, stage_settings,
+                                trained_without_handover)
 from cascade.warm_start import identity_start
 from datamodules.corpus import check_corpus_file
 from datamodules.text import TextDataModule
@@ -59,6 +50,13 @@ def first_stage(stage: int | None) -> int:
 
 def run_directory(runs_dir: str, name: str) -> str:
     return str(Path(runs_dir) / name)  # where a run writes everything
+
+
+def trained_settings(c) -> dict:
+    """What defines a trained stage among a run's settings `c` (recorded in its `done.json`)."""
+    trainer = {k: c.trainer[k] for k in ("max_steps", "max_epochs", "accumulate_grad_batches", "gradient_clip_val")}
+    return stage_settings({"model": c.model.as_dict(), "data": c.data.as_dict(), "handover": c.handover.as_dict(),
+                           "trainer": trainer, "": {"seed_everything": c.seed_everything}})
 
 
 class CascadeCLI(LightningCLI):
@@ -164,6 +162,10 @@ class CascadeCLI(LightningCLI):
         for k in stages:
             path = stage_dir(self.run_dir, k)
             problem = stage_problem(path, self.hands_over(k)) if ckpt_path is None else "resuming from --ckpt_path"
+            changed = changed_settings(path, trained_settings(config))
+            if changed and (problem is None or trained_without_handover(path)):
+                rank_zero_info(f"stage {k} was trained with other settings ({changed}): kept as trained; to train with "
+                               "these, give the run a new --name")
             if problem is None:
                 rank_zero_info(f"stage {k}: complete in {path} (checked against its checksums), skipped")
                 continue
@@ -185,17 +187,15 @@ class CascadeCLI(LightningCLI):
         return self.evaluate(text, num_llms=stages[-1] + 1)
 
     def hold_run_dir(self) -> None:
-        """Take the run directory's lock before the first write (the first process of the first node only: the
-        others are this run's own DDP processes)."""
+        """Take the run directory's lock before the first write (the run's first process: the others are its own)."""
         if getattr(self, "_lock", None) is None and rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
             self._lock = RunLock(self.run_dir)
             if self._lock.previous:
                 rank_zero_info(f"{self.run_dir}: taking over from an earlier run that ended ({self._lock.previous})")
 
     def fit_stage(self, k: int, ckpt_path: str | None, trained: bool = False) -> None:
-        """Train stage k with a fresh model, data module and Trainer (resuming from `ckpt_path` or the stage's
-        newest checkpoint), hand its hard tokens over unless it is the last stage, save its LLM in HF format and
-        mark it done. With `trained`, the stage's saved LLM only hands over (no training)."""
+        """Train stage k with a fresh model, data and Trainer (resuming from `ckpt_path` or its newest checkpoint), hand
+        its hard tokens over unless it is last, save its LLM and mark it done; `trained`: its saved LLM only hands over."""
         config = self.stage_config(k, trained)
         self.config_init = self.parser.instantiate(config)
         text, model, handover = self.config_init.data, self.config_init.model, self.config_init.handover
@@ -214,7 +214,7 @@ class CascadeCLI(LightningCLI):
                        f"{f' and {processes - 1} more devices' if processes > 1 else ''}, precision {self.trainer.precision}")
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         record_stage(self.run_dir, k, self.trainer, model.llm, text, timer.stats, handover.stats if self.hands_over(k) else None,
-                     trained)
+                     trained, trained_settings(self.config))
 
     def stage_config(self, k: int, trained: bool):
         """The run's settings for stage k: its index, where its hand-over and checkpoints go, and (`trained`) its

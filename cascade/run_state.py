@@ -83,6 +83,24 @@ def trained_without_handover(stage_path: str | os.PathLike) -> bool:
     return done is not None and done.get("handover", {}) is None and stage_problem(stage_path, hands_over=False) is None
 
 
+IRRELEVANT_SETTINGS = ("model.stage", "model.compile", "model.compile_mode", "data.cache_dir", "data.num_workers",
+                       "handover.output_dir", "handover.after_last_stage", "handover.host_memory_gb")
+
+
+def stage_settings(sections: dict) -> dict:
+    """{dotted name: value} of what defines a trained stage (JSON values), from {section: its settings}: everything
+    but where files go and how fast it runs (`IRRELEVANT_SETTINGS`); recorded in `done.json`."""
+    flat = {f"{section}.{k}" if section else k: v for section, values in sections.items() for k, v in values.items()}
+    return json.loads(json.dumps({k: v for k, v in flat.items() if k not in IRRELEVANT_SETTINGS}, default=str))
+
+
+def changed_settings(stage_path: str | os.PathLike, now: dict) -> str | None:
+    """The settings (`stage_settings`) that differ from those the stage was trained with, in words; None if none do."""
+    recorded = (read_done(stage_path) or {}).get("settings") or {}
+    changed = [f"{k} {recorded[k]!r}, now {now[k]!r}" for k in sorted(recorded) if k in now and recorded[k] != now[k]]
+    return "; ".join(changed) or None
+
+
 def checkpoint_problem(file: Path) -> str | None:
     """Why `file` cannot be resumed from (a cut-short write, an entry failing its CRC), in words; None if it can."""
     try:

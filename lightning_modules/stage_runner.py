@@ -45,12 +45,12 @@ def stage_trainer_settings(settings: Mapping, run_dir: str | os.PathLike | None,
 
 
 def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing: dict, handover: dict | None,
-                 handed_over_only: bool) -> None:
+                 handed_over_only: bool, settings: dict | None = None) -> None:
     """After stage k's fit: print its phases, save its LLM and the run's tokenizer (`text`'s), and mark the stage done
-    (`done.json`, with the files' checksums). `handed_over_only`: the stage was trained before and only handed over
-    now; it keeps its training's figures."""
+    (`done.json`, with the files' checksums and the `settings` it trained with, `cascade.run_state.stage_settings`).
+    `handed_over_only`: the stage was trained before and only handed over now; it keeps its training's figures."""
     stage_path = stage_dir(run_dir, k)
-    info = (read_done(stage_path) or {}) if handed_over_only else {}
+    info = (read_done(stage_path) or {}) if handed_over_only else {"settings": settings}
     if timing:
         info["train"] = timing
         rank_zero_info(format_training(k, timing))

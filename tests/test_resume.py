@@ -76,7 +76,11 @@ def test_rerun_skips_complete_stages_and_redoes_partial_ones(tmp_path):
 
     again = run(tmp_path, "runs", "--trainer.max_steps", "20")
     assert "stage 0: complete" in again.stderr + again.stdout
+    assert "other settings" not in again.stderr + again.stdout
     assert part.stat().st_mtime_ns == written, "a complete stage is not redone"
+    changed = run(tmp_path, "runs", "--trainer.max_steps", "20", "--model.lr", "1e-3", "--data.num_workers", "1")
+    assert "stage 0 was trained with other settings (model.lr 0.003, now 0.001): kept as trained" in changed.stderr
+    assert "stage 0: complete" in changed.stderr and part.stat().st_mtime_ns == written
 
     raw = bytearray(part.read_bytes())
     raw[0] ^= 0xFF
