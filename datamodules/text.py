@@ -60,7 +60,8 @@ class TextDataModule(PackedDataModule):
         seq_len: Tokens per window.
         batch_size: Windows per batch.
         num_workers: DataLoader worker processes.
-        cache_dir: Where tokenizers and tokenized corpora are cached (reused by later runs).
+        cache_dir: Where tokenizers and tokenized corpora are cached (reused by later runs; runs sharing it build
+            each entry once); default `~/.cache/cascade`.
         seed: Seed of the validation hold-out and of the shuffle.
     """
 
