@@ -28,7 +28,9 @@ def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool,
     Returns the continuing tokens (compacted, with this LLM's output hidden states as inputs)
     and statistics over this LLM: `input_tokens`, `exit_tokens`, `nll_sum`, `correct` and
     `ppl` of the exiting tokens, `pad_tokens` (padding positions it also processed), `nll_sum_all` (over every
-    token in), `layer_tokens` (decoder layers run, summed over the tokens in) and, unless `is_last`, `exit_auroc`: {exit function: AUROC against the token loss above its median}.
+    token in), `layer_tokens` (decoder layers run, summed over the tokens in; with Mixture-of-Depths also
+    `mod_layer_fraction`, its share of every layer on every token) and, unless `is_last`, `exit_auroc`: {exit
+    function: AUROC against the token loss above its median}.
     Given `next_llm` (and not `is_last`), also `routing_bound` (`cascade.diagnostics.routing_bound`), which runs it on
     every token in. `run_options` (`compile`, `forward_context`) go to `run_llm`.
     """
@@ -50,6 +52,8 @@ def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool,
         # decoder layers run, summed over its tokens: fewer than input_tokens x layers where Mixture-of-Depths routes
         "layer_tokens": out.layers.double().sum().item() if out.layers is not None else data.num_tokens * llm.num_layers,
     }
+    if out.layers is not None:  # Mixture-of-Depths: the share of the layers' token work its routers let through
+        stats["mod_layer_fraction"] = stats["layer_tokens"] / (data.num_tokens * llm.num_layers)
     if not is_last:  # how well each exit score finds the tokens whose loss here is above the median
         hard = hard_by_loss(out.nll)
         stats["exit_auroc"] = {name: auroc(scores, hard) for name, scores in out.exit_scores.items()}

@@ -20,6 +20,9 @@ def format_diagnostics(stats: dict) -> str:
     lines = ["perplexity of the cascade cut after each LLM: " + ", ".join(
         f"{'LLM 0 alone' if j == 0 else f'LLMs 0..{j}'} {ppl:.2f}" for j, ppl in enumerate(stats["prefix_ppl"]))]
     for k, s in enumerate(stats["llm_stats"]):
+        if "mod_layer_fraction" in s:
+            lines.append(f"Mixture-of-Depths: LLM {k}'s routers let its tokens through {s['mod_layer_fraction']:.1%} of its "
+                         "layers' token work (router probability > 0.5)")
         if "exit_auroc" in s:
             lines.append(f"exit scores of LLM {k} as detectors of its tokens with a loss above the median (AUROC, 0.5 is "
                          "chance): " + ", ".join(f"{name} {value:.3f}" for name, value in s["exit_auroc"].items()))

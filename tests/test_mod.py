@@ -190,6 +190,7 @@ def test_a_layer_input_that_cannot_be_gathered_is_named():
 def test_the_evaluation_counts_only_the_layers_the_routers_let_tokens_through():
     from cascade.ensemble import Ensemble
     from cascade.flops import forward_flops_per_token
+    from cascade.report import format_diagnostics
 
     llm = LLM(tiny_model("gpt2"))  # 2 layers, layer 2 routed
     mod = llm.enable_mod(capacity=0.5)
@@ -204,3 +205,5 @@ def test_the_evaluation_counts_only_the_layers_the_routers_let_tokens_through():
     assert stats["llm_stats"][0]["layer_tokens"] == pytest.approx(x.numel() * (1 + kept))
     assert stats["compute_fraction"] == pytest.approx(forward_flops_per_token(llm, 16, 1 + kept) / full)
     assert stats["compute_fraction"] < 1
+    assert stats["llm_stats"][0]["mod_layer_fraction"] == pytest.approx((1 + kept) / 2)
+    assert f"through {(1 + kept) / 2:.1%} of its layers' token work" in format_diagnostics({**stats, "prefix_ppl": [1.0]})
