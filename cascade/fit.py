@@ -158,18 +158,18 @@ class CascadeCLI(LightningCLI):
         for f in config.eval_files or []:  # before any training, not after it
             check_corpus_file(Path(f).expanduser(), "eval_files", read=False)
         stages = range(config.num_stages) if config.stage is None else [config.stage]
-        ckpt_path = config.ckpt_path
+        ckpt_path, settings = config.ckpt_path, trained_settings(config)
         for k in stages:
             path = stage_dir(self.run_dir, k)
             problem = stage_problem(path, self.hands_over(k)) if ckpt_path is None else "resuming from --ckpt_path"
-            changed = changed_settings(path, trained_settings(config))
-            if changed and (problem is None or trained_without_handover(path)):
+            hand_over_only = problem is not None and ckpt_path is None and trained_without_handover(path)
+            if (problem is None or hand_over_only) and (changed := changed_settings(path, settings)):
                 rank_zero_info(f"stage {k} was trained with other settings ({changed}): kept as trained; to train with "
                                "these, give the run a new --name")
             if problem is None:
                 rank_zero_info(f"stage {k}: complete in {path} (checked against its checksums), skipped")
                 continue
-            if ckpt_path is None and trained_without_handover(path):
+            if hand_over_only:
                 rank_zero_info(f"stage {k}: trained as the last stage of an earlier run; handing its tokens over to stage {k + 1}")
                 self.fit_stage(k, None, trained=True)
             else:

@@ -35,7 +35,7 @@ class TokenOutputs:
     positions: int = 0  # row positions processed, padding included
     exit_scores: dict[str, Tensor] = field(default_factory=dict)  # name -> (N,) float32, for `exit_fns`
     hidden_file: str | None = None  # where the hidden states went instead of `hidden` (`cascade.routing.route`)
-    layers: Tensor | None = None  # (N,) float32 decoder layers each token ran through (Mixture-of-Depths only)
+    layers: Tensor | None = None  # (N,) float32 decoder layers each token ran through (Mixture-of-Depths, with `nll`)
 
     @classmethod
     def allocate(cls, n: int, dim: int, scores: bool = False, hidden: bool = False, nll: bool = False,
@@ -101,7 +101,7 @@ def run_llm(
     device, exit_fns = llm.device, dict(exit_fns or {})
     keep_hidden = hidden and hidden_file is None
     out = TokenOutputs.allocate(data.num_tokens, llm.dim, scores, keep_hidden, nll,
-                                device if hidden_on_device else "cpu", exit_fns, layers=llm.mod is not None)
+                                device if hidden_on_device else "cpu", exit_fns, layers=nll and llm.mod is not None)
     forward_context = forward_context or partial(autocast_for, device)
     residual = hidden and (llm.hands_over_residual if residual is None else residual)
     with _HostStore(out, hidden_file, device) as store, _eval_mode(llm):
@@ -163,7 +163,7 @@ class _Step:
         llm, results = self.llm, {}
         h_out, hidden_history = self.forward(b.inputs, self.input_type, b.model_position_ids(), b.model_segment_ids(), self.history)
         h = _real(h_out, pick)  # (n, D)
-        if llm.mod is not None:  # the layers its routers let each token through, for the compute spent
+        if self.nll and llm.mod is not None:  # evaluating: the layers its routers let each token through (compute)
             results["layers"] = _real(llm.mod.layers_run(), pick)
         if self.scores:
             results["scores"] = _real(llm.exit_scores(hidden_history, h_out), pick).float()

@@ -146,15 +146,14 @@ class MixtureOfDepths(nn.Module):
             raise RuntimeError("aux_loss() needs a forward inside `routing(llm)` first")
         return sum(self._bce.values())
 
-    def compute_fraction(self) -> float:
-        """Decoder-layer token work of the last forward relative to every layer on every real token."""
-        routed = sum(int(s.sum()) for s in self.selected.values())
-        real = next(iter(self.selected.values())).numel() if self._real is None else int(self._real.sum())
-        return (routed + (self.num_layers - len(self.layers)) * real) / (self.num_layers * real)
-
     def layers_run(self) -> Tensor:
         """(B, T) float32: how many decoder layers each position of the last forward ran through."""
         return sum(s.float() for s in self.selected.values()) + (self.num_layers - len(self.layers))
+
+    def compute_fraction(self) -> float:
+        """Decoder-layer token work of the last forward relative to every layer on every real token."""
+        layers = self.layers_run()
+        return float((layers if self._real is None else layers[self._real]).mean()) / self.num_layers
 
     def begin(self, llm: "LLM", segment_ids: Tensor | None = None) -> None:
         """Start a forward of `llm` (`LLM.forward` calls this), whose rows have `segment_ids` (padding -1)."""

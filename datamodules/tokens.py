@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import datasets
 import numpy as np
@@ -101,26 +103,24 @@ def _stamp(path: Path) -> dict[str, list[int]]:
             if p.name != VERIFIED and not p.name.startswith(".")}
 
 
-class cache_lock:
+@contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
     """Hold the lock of cache entry `path` (a file `<path>.lock` beside it) while a run checks or builds the entry.
 
     Runs that share a cache (by default `~/.cache/cascade`) then build each entry once, one at a time, and none reads
     an entry while another replaces it. Says so when it has to wait for another run.
     """
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.lock = path, FileLock(path.with_name(path.name + ".lock"))
-
-    def __enter__(self) -> None:
-        try:
-            self.lock.acquire(timeout=0)
-        except Timeout:
-            rank_zero_info(f"waiting for another run to finish writing the cache entry {self.path}")
-            self.lock.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.lock.release()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path.with_name(path.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        rank_zero_info(f"waiting for another run to finish writing the cache entry {path}")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def default_cache_dir() -> Path:
