@@ -26,9 +26,9 @@ import torch
 from cascade.shards import load_parts
 
 
-def fit(workdir: Path, runs: str, args: list[str]) -> None:
+def fit(workdir: Path, runs: str, args: list[str], env: dict | None = None) -> None:
     command = [sys.executable, "-m", "cascade.fit", "--name", "bench", "--runs_dir", runs, "--num_stages", "1", *args]
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
 
@@ -37,8 +37,9 @@ def tokens_per_second(stage_dir: Path) -> float:
     return json.loads((stage_dir / "done.json").read_text())["train"]["tokens_per_s"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def stage0_parser(description: str) -> argparse.ArgumentParser:
+    """The settings of a stage-0 run through the command, shared with ab_training.py."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-files", nargs="+", help="corpus files (.raw/.txt)")
     parser.add_argument("--repeat", type=int, default=1, help="train on the files' text repeated this many times (fewer epoch ends)")
     parser.add_argument("--tokenizer", help="HF tokenizer directory (default: a BPE trained on the corpus)")
@@ -47,14 +48,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
     parser.add_argument("--model-config", default='{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}')
-    parser.add_argument("--strategy", nargs="+", default=["ddp"],
-                        help="--trainer.strategy of the 2-device run (a name or a class config in JSON); several: one "
-                             "2-device run each, all against the one 1-device run (the hand-over check uses the first)")
-    parser.add_argument("--train-only", action="store_true", help="time the training only: no hand-over, no 1-vs-2 check")
     parser.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny model (CI)")
-    args = parser.parse_args()
+    return parser
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench_ddp_"))
+
+def stage0_args(args: argparse.Namespace, workdir: Path, hand_over: bool) -> list[str]:
+    """The command's arguments for stage 0 of `args` (the smoke setting filled in, the corpus repeated into `workdir`),
+    without --trainer.devices and --trainer.strategy."""
     if args.smoke:
         from pydoc_data.topics import topics
 
@@ -73,12 +73,25 @@ def main() -> None:
         "--data.num_workers", str(0 if args.smoke else args.num_workers),
         "--trainer.accelerator", accelerator, "--trainer.max_steps", str(args.steps),
         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--checkpoint.every_n_train_steps", str(10 * args.steps), "--handover.after_last_stage", str(not args.train_only).lower(),
+        "--checkpoint.every_n_train_steps", str(10 * args.steps), "--handover.after_last_stage", str(hand_over).lower(),
     ]
     if args.tokenizer:
         common += ["--data.tokenizer", str(Path(args.tokenizer).resolve())]
     else:
         common += ["--data.vocab_size", "2048" if not args.smoke else "300"]
+    return common
+
+
+def main() -> None:
+    parser = stage0_parser(__doc__)
+    parser.add_argument("--strategy", nargs="+", default=["ddp"],
+                        help="--trainer.strategy of the 2-device run (a name or a class config in JSON); several: one "
+                             "2-device run each, all against the one 1-device run (the hand-over check uses the first)")
+    parser.add_argument("--train-only", action="store_true", help="time the training only: no hand-over, no 1-vs-2 check")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench_ddp_"))
+    common = stage0_args(args, workdir, hand_over=not args.train_only)
     ddp = ["--trainer.strategy", args.strategy[0], "--trainer.devices", "2"]
 
     fit(workdir, "one", [*common, "--trainer.devices", "1"])

@@ -28,3 +28,15 @@ def compiles(setting: bool | None, device: torch.device) -> bool:
     """Whether to run under `torch.compile`: the setting where it is given, else on a GPU only (on a CPU compiling
     costs more than it saves)."""
     return device.type == "cuda" if setting is None else bool(setting)
+
+
+def on_host(metrics: dict) -> dict:
+    """Scalar metrics (tensors on one device, or numbers) as float32 host tensors, copied from the device at once.
+
+    For `LightningModule.log`: Lightning turns the progress bar's values into Python numbers after every step, logged
+    or not, and a value left on the GPU would make the CPU wait there for the GPU at every step, so that it could no
+    longer queue the next step's kernels ahead of them.
+    """
+    tensors = {k: v.detach().float().reshape(()) for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+    host = dict(zip(tensors, torch.stack(list(tensors.values())).cpu().unbind())) if tensors else {}
+    return {k: host[k] if k in host else torch.tensor(float(v)) for k, v in metrics.items()}

@@ -6,6 +6,7 @@ import time
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
@@ -15,10 +16,11 @@ from cascade.llm import LLM
 from cascade.losses import next_token_loss
 from cascade.optim import param_groups, warmup_cosine
 from cascade.sequence_data import Batch
-from cascade.utils import compiles
+from cascade.utils import compiles, on_host
 from lightning_modules.stage_settings import build_llm, check_compile_mode, check_model_fits, check_optimizer_settings, layer_settings
 
 FINITE_CHECK_EVERY = 20  # steps between checks for a non-finite loss (each check waits for the GPU)
+
 
 
 class StageModule(LightningModule):
@@ -200,7 +202,7 @@ class StageModule(LightningModule):
         self.llm.train()  # HF's from_pretrained returns eval mode; pre-training wants dropout as configured
         self._tokens, self._log_start = 0, time.perf_counter()
         if compiles(self.hparams.compile, self.device):
-            if self.trainer.world_size > 1:
+            if isinstance(self.trainer.strategy, DDPStrategy):
                 # one graph: dynamo's DDPOptimizer splits it at DDP's buckets to overlap their all-reduce with the
                 # backward, but that costs more than the all-reduce takes between NVLinked GPUs (docs/benchmarks.md)
                 torch._dynamo.config.optimize_ddp = False
@@ -229,18 +231,16 @@ class StageModule(LightningModule):
             loss = loss + self.hparams.mod_aux_weight * aux
         self._check_finite(loss)
         self._tokens += batch.num_tokens
-        # Only on the steps the logger writes: each `self.log` costs Lightning CPU time,
-        # and a logged Python number is copied to the GPU, which waits for the GPU, so that the CPU could no
-        # longer queue the next step ahead of it.
+        # Only on the logger's steps: `self.log` costs CPU time, and reading a GPU value makes the CPU wait for the GPU
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             now = time.perf_counter()
             if self.llm.mod is not None:
                 metrics["train/mod_compute_fraction"] = self.llm.mod.compute_fraction()
             metrics["train/ppl"] = loss.detach().exp()
             metrics["train/lr"] = self.lr_schedulers().get_last_lr()[0]
-            self.log_dict(metrics)
-            self.log("train/loss", loss, prog_bar=True)
-            self.log("train/tokens_per_s", self._tokens * self.trainer.world_size / (now - self._log_start), prog_bar=True)
+            progress = {"train/loss": loss, "train/tokens_per_s": self._tokens * self.trainer.world_size / (now - self._log_start)}
+            self.log_dict(on_host(metrics))
+            self.log_dict(on_host(progress), prog_bar=True)
             self._tokens, self._log_start = 0, now
         return loss
 

@@ -55,3 +55,15 @@ def test_bench_fit_smoke_accounts_for_the_command_phase_by_phase():
     assert sum(parts) == pytest.approx(wall, abs=0.01 * len(parts)) and all(p >= 0 for p in parts)
     ratios = [float(r) for r in re.findall(r"/ .*\s(\d+\.\d+)$", result.stdout, flags=re.M)]
     assert len(ratios) == 3 and all(r > 0 for r in ratios), result.stdout
+
+
+@pytest.mark.slow
+def test_ab_training_runs_the_command_from_the_given_tree_under_each_strategy():
+    """One tree under `auto` and under `ddp` on one device: each strategy's figure against the first tree's."""
+    root = BENCHMARKS.parent
+    command = [sys.executable, str(BENCHMARKS / "ab_training.py"), "--smoke", "--trees", str(root), "--strategy", "auto", "ddp"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(rf"^(auto|ddp)\s+{re.escape(str(root))}\s+([\d,]+)\s+(\d+\.\d+)$", result.stdout, flags=re.M)
+    assert [(s, float(r)) for s, _, r in rows] == [("auto", 1.0), ("ddp", 1.0)], result.stdout
+    assert all(int(t.replace(",", "")) > 0 for _, t, _ in rows)

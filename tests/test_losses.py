@@ -69,14 +69,18 @@ def test_stage_training_compiled_on_the_cpu_follows_the_eager_training():
     assert losses[True] == pytest.approx(losses[False], rel=1e-4), "compiled training must follow the eager one"
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_under_ddp_the_compiled_step_is_one_graph(monkeypatch, world_size):
-    """Several processes: dynamo's DDPOptimizer, which splits the compiled step at DDP's gradient buckets, is off."""
+@pytest.mark.parametrize("ddp, world_size", [(False, 1), (True, 1), (True, 2)])
+def test_under_ddp_the_compiled_step_is_one_graph(monkeypatch, ddp, world_size):
+    """Under DDP, at any number of processes: dynamo's DDPOptimizer, which splits the compiled step at DDP's gradient
+    buckets, is off."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(StageModule, "trainer", property(lambda self: SimpleNamespace(world_size=world_size)))
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    strategy = DDPStrategy() if ddp else SingleDeviceStrategy("cpu")
+    monkeypatch.setattr(StageModule, "trainer", property(lambda self: SimpleNamespace(world_size=world_size, strategy=strategy)))
     module = StageModule(llm=LLM(tiny_model("gpt2")), compile=True)
     with torch._dynamo.config.patch(optimize_ddp=True):  # given back after
         module.on_fit_start()
         assert module.compiled
-        assert torch._dynamo.config.optimize_ddp is (world_size == 1)
+        assert torch._dynamo.config.optimize_ddp is not ddp

@@ -89,3 +89,19 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error():
     trainer = Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(FloatingPointError, match="stage 0: the loss became nan at or before step 0"):
         trainer.fit(StageModule(llm=llm), datamodule=SequenceDataModule.from_data(data, data, batch_size=4))
+
+
+def test_logged_training_metrics_reach_the_host_in_one_copy(monkeypatch):
+    """Lightning reads the progress bar's values after every step: on a GPU, a value left there would make the CPU wait
+    for the GPU at every step. `on_host` gives Lightning float32 host scalars, copied from the device in one copy."""
+    from cascade.utils import on_host
+
+    copies = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self.shape) or cpu(self, *a, **k))
+    loss = torch.tensor(2.5, requires_grad=True) * 2
+    host = on_host({"loss": loss, "ppl": torch.tensor([7.0], dtype=torch.bfloat16), "lr": 1e-3, "tokens_per_s": 12})
+    assert copies == [torch.Size([2])]  # the two tensors, stacked
+    assert {k: v.item() for k, v in host.items()} == {"loss": 5.0, "ppl": 7.0, "lr": pytest.approx(1e-3), "tokens_per_s": 12.0}
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 and v.dim() == 0 and not v.requires_grad for v in host.values())
+    assert on_host({"lr": 0.5}) == {"lr": torch.tensor(0.5)} and not copies[1:]
