@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,19 +38,41 @@ def tokens_per_second(stage_dir: Path) -> float:
     return json.loads((stage_dir / "done.json").read_text())["train"]["tokens_per_s"]
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def stage0_parser(description: str) -> argparse.ArgumentParser:
     """The settings of a stage-0 run through the command, shared with ab_training.py."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-files", nargs="+", help="corpus files (.raw/.txt)")
+    parser = argparse.ArgumentParser(description=description, formatter_class=_Formatter)
+    parser.add_argument("--train-files", nargs="+", help="corpus files (.raw/.txt); required without --smoke")
     parser.add_argument("--repeat", type=int, default=1, help="train on the files' text repeated this many times (fewer epoch ends)")
     parser.add_argument("--tokenizer", help="HF tokenizer directory (default: a BPE trained on the corpus)")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=120, help="training steps of each run (the first one is left out of its rate)")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per device")
-    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per row")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
-    parser.add_argument("--model-config", default='{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}')
-    parser.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny model (CI)")
+    parser.add_argument("--model-config", default='{"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}',
+                        help="GPT-2 config overrides, JSON (default: GPT-2 small, 124M)")
+    parser.add_argument("--keep", action="store_true", help="keep the runs' directory (checkpoints, weights) and say where")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, gloo, a tiny model with its own corpus, steps, batch and row length (CI)")
     return parser
+
+
+def parse_stage0_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if not args.smoke and not args.train_files:
+        parser.error("give --train-files (corpus files), or --smoke")
+    return args
+
+
+def finish(workdir: Path, keep: bool) -> None:
+    """Remove the runs' directory (a GPT-2 small run leaves gigabytes of checkpoint), or say where it is."""
+    if keep:
+        print(f"runs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def stage0_args(args: argparse.Namespace, workdir: Path, hand_over: bool) -> list[str]:
@@ -88,9 +111,16 @@ def main() -> None:
                         help="--trainer.strategy of the 2-device run (a name or a class config in JSON); several: one "
                              "2-device run each, all against the one 1-device run (the hand-over check uses the first)")
     parser.add_argument("--train-only", action="store_true", help="time the training only: no hand-over, no 1-vs-2 check")
-    args = parser.parse_args()
+    args = parse_stage0_args(parser)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_ddp_"))
+    try:
+        measure(args, workdir)
+    finally:
+        finish(workdir, args.keep)
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> None:
     common = stage0_args(args, workdir, hand_over=not args.train_only)
     ddp = ["--trainer.strategy", args.strategy[0], "--trainer.devices", "2"]
 
@@ -104,12 +134,10 @@ def main() -> None:
         fit(workdir, f"two-{i}", [*common, "--trainer.strategy", strategy, "--trainer.devices", "2"])
         two = tokens_per_second(workdir / f"two-{i}" / "bench" / "stage_0")
         print(f"{'2 (DDP)':<10}{two:>14,.0f}{two / one:>8.2f}  {strategy}", flush=True)
-    if not args.train_only:
-        trained = workdir / "one" / "bench" / "stage_0" / "llm"
-        fit(workdir, "again", [*common, *ddp, "--model.model", str(trained), "--model.pretrained", "true", "--trainer.max_steps", "0"])
-
     if args.train_only:
         return
+    trained = workdir / "one" / "bench" / "stage_0" / "llm"
+    fit(workdir, "again", [*common, *ddp, "--model.model", str(trained), "--model.pretrained", "true", "--trainer.max_steps", "0"])
     thresholds = [json.loads((workdir / r / "bench" / "stage_0" / "llm" / "config.json").read_text())["exit_threshold"] for r in ("one", "again")]
     a = load_parts(workdir / "one" / "bench" / "stage_0" / "handover" / "train")
     b = load_parts(workdir / "again" / "bench" / "stage_0" / "handover" / "train")

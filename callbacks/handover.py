@@ -80,9 +80,9 @@ class StageHandover(Callback):
         hard_ratio: Fraction of the stage's training tokens passed on to the next stage.
         output_dir: Where the next stage's data goes (set per stage by `cascade.fit`).
         batch_size: Rows per batch while scoring (default: the data module's batch size).
-        host_memory_gb: Every token's hidden state waits for the threshold in host memory if this process's
-            do not fit in half the GPU's free memory and take at most this many GB, else in a temporary
-            file beside `output_dir`.
+        host_memory_gb: The most host memory, in GB, that this process's hidden states may take while they wait
+            for the threshold, when they do not fit in half the GPU's free memory; beyond it they wait in a
+            temporary file beside `output_dir`.
         after_last_stage: Also hand over after the last stage of a run (`cascade.fit`), so that the cascade can
             be extended later by more stages; by default the last stage hands over nothing.
         router_data: Which of the stage's splits the learned exit function's router is fitted on: `train`, or

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from cascade.report import human
 from cascade.sequence_data import SequenceData
 from datamodules.base import PackedDataModule
-from datamodules.corpus import BLANK_LINE, check_corpus_file, load_corpus, load_files
+from datamodules.corpus import BLANK_LINE, PYTHON_STDLIB, check_corpus_file, load_corpus, load_files
 from datamodules.sequence import SequenceDataModule
 from datamodules.tokens import cache_lock, default_cache_dir, fingerprint, load_tokenizer, load_tokens, tokenize_to_cache, train_bpe
 
@@ -110,7 +111,10 @@ class TextDataModule(PackedDataModule):
 
     def _corpus_key(self) -> str:
         stats = file_stats([*(self.source["train_files"] or []), *(self.source["val_files"] or [])])
-        return fingerprint(self.source, stats, BLANK_LINE.pattern)  # how files are cut into documents, too
+        parts = (self.source, stats, BLANK_LINE.pattern)  # how files are cut into documents, too
+        if self.source["dataset"] == PYTHON_STDLIB:  # its text is this Python's own
+            parts += (platform.python_implementation(), platform.python_version())
+        return fingerprint(*parts)
 
     @property
     def token_dir(self) -> Path:

@@ -64,6 +64,9 @@ def test_ab_training_runs_the_command_from_the_given_tree_under_each_strategy():
     command = [sys.executable, str(BENCHMARKS / "ab_training.py"), "--smoke", "--trees", str(root), "--strategy", "auto", "ddp"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = re.findall(rf"^(auto|ddp)\s+{re.escape(str(root))}\s+([\d,]+)\s+(\d+\.\d+)$", result.stdout, flags=re.M)
-    assert [(s, float(r)) for s, _, r in rows] == [("auto", 1.0), ("ddp", 1.0)], result.stdout
-    assert all(int(t.replace(",", "")) > 0 for _, t, _ in rows)
+    rows = re.findall(rf"^(auto|ddp)\s+{re.escape(str(root))}\s+([\d,]+)\s+(\d+\.\d+)\s+(\d+\.\d+)$", result.stdout, flags=re.M)
+    assert [(s, float(r)) for s, _, r, _ in rows] == [("auto", 1.0), ("ddp", 1.0)], result.stdout
+    tokens = {s: int(t.replace(",", "")) for s, t, _, _ in rows}
+    assert all(t > 0 for t in tokens.values()) and float(rows[1][3]) == pytest.approx(tokens["ddp"] / tokens["auto"], abs=1e-3)
+    not_a_checkout = subprocess.run([*command[:3], "--trees", str(root.parent)], capture_output=True, text=True, timeout=60)
+    assert not_a_checkout.returncode != 0 and "holds no cascade/__init__.py" in not_a_checkout.stderr
