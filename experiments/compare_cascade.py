@@ -6,7 +6,8 @@ Two regimes, each with LLM 0 = GPT-2 4 x 256 (a BPE of 8,192 trained on the trai
   text (chosen among `--select-steps`, each a full warm-up + cosine schedule), on all of it, saved, then extended by
   a cascade from its saved model (the run directory copied, `--num_stages 2`: stage 0 hands over without training);
   LLM 1 trains `hard_ratio` as many steps (the same number of passes over the tokens it gets);
-- equal steps: both stages trained from scratch for a quarter of those steps each.
+- equal steps: both stages trained from scratch for a quarter of those steps each (cosine and neg_entropy exits;
+  with --smoke, the headline exit functions only).
 
 Against: LLM 0 alone; LLM 0 trained for the cascade's training FLOPs (LLM 0's steps plus LLM 1's, every step the
 same tokens); one LLM of twice LLM 0's depth for the same training FLOPs (half those steps). The cascade runs with
@@ -161,7 +162,7 @@ def regime_rows(r: Runner, tag: str, steps_0: int, steps_1: int, seeds: list[int
                                                      steps_1, seed, exit_fn, warm)
     else:
         for seed in seeds[:1]:
-            for exit_fn in ("cosine", "neg_entropy"):
+            for exit_fn in a.headline_exit_fns if a.smoke else ("cosine", "neg_entropy"):
                 for warm in (False, True):
                     name = f"cascade, {exit_fn}, {'identity start' if warm else 'fresh LLM 1'}"
                     jobs[(name, seed)] = pool.submit(r.cascade, f"{tag}-{exit_fn}-{warm}-s{seed}", steps_0, seed, exit_fn, warm)
