@@ -22,7 +22,6 @@ from lightning_modules.stage_settings import build_llm, check_compile_mode, chec
 FINITE_CHECK_EVERY = 20  # steps between checks for a non-finite loss (each check waits for the GPU)
 
 
-
 class StageModule(LightningModule):
     """Next-token training of one LLM on its stage's tokens (token ids at stage 0, hidden states after).
 
@@ -238,9 +237,10 @@ class StageModule(LightningModule):
                 metrics["train/mod_compute_fraction"] = self.llm.mod.compute_fraction()
             metrics["train/ppl"] = loss.detach().exp()
             metrics["train/lr"] = self.lr_schedulers().get_last_lr()[0]
-            progress = {"train/loss": loss, "train/tokens_per_s": self._tokens * self.trainer.world_size / (now - self._log_start)}
-            self.log_dict(on_host(metrics))
-            self.log_dict(on_host(progress), prog_bar=True)
+            metrics["train/tokens_per_s"] = self._tokens * self.trainer.world_size / (now - self._log_start)
+            metrics = on_host({**metrics, "train/loss": loss})
+            self.log_dict({k: metrics.pop(k) for k in ("train/loss", "train/tokens_per_s")}, prog_bar=True)
+            self.log_dict(metrics)
             self._tokens, self._log_start = 0, now
         return loss
 
