@@ -52,9 +52,17 @@ def _attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask
 AttentionInterface.register(ATTENTION, _attention)
 
 
+def _alibi(config) -> bool:
+    """Whether the model adds ALiBi's position bias to the attention mask (BLOOM always; Falcon and MPT optionally)."""
+    attn_config = getattr(config, "attn_config", None)
+    return (config.model_type == "bloom" or bool(getattr(config, "alibi", False))
+            or bool(getattr(attn_config, "alibi", False)))
+
+
 def full_causal_attention(config) -> bool:
-    """Whether every layer attends causally to the whole sequence (no sliding window, chunk or bidirectional layer)."""
-    if not getattr(config, "is_causal", True) or getattr(config, "is_encoder_decoder", False):
+    """Whether every layer attends causally to the whole sequence with no bias in its mask (no sliding window, chunk,
+    bidirectional layer or ALiBi, whose bias transformers adds to the mask it builds)."""
+    if not getattr(config, "is_causal", True) or getattr(config, "is_encoder_decoder", False) or _alibi(config):
         return False
     if getattr(config, "sliding_window", None) is not None or getattr(config, "attention_chunk_size", None) is not None:
         return False
