@@ -8,7 +8,7 @@ way; flex attention skips the blocks that mask leaves empty.
   stage-0 rows:  sdpa (transformers' mask)  vs  sdpa with no mask (is_causal)
   packed rows:   sdpa with a 4D boolean block-causal mask  vs  flex attention with a BlockMask
 
-The runs without transformers' masks use `cascade.attention` (what the framework trains with). Every run:
+The runs without transformers' masks use `cascade.model.attention` (what the framework trains with). Every run:
 the same HF GPT-2, batches, fused AdamW, bf16 autocast, gradient clipping, `torch.compile`
 of model + loss (mode `--compile-mode`), vocabulary padded to 64, dropout 0.
 
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from bench_stage_training import ATTENTION_KERNELS, hard_token_data, synchronize, train_step
-from cascade.attention import ATTENTION, packed_rows_mask
-from cascade.hf_models import build_causal_lm
-from cascade.packing import block_causal_mask
+from cascade.model.attention import ATTENTION, packed_rows_mask
+from cascade.model.hf_models import build_causal_lm
+from cascade.data.packing import block_causal_mask
 from cascade.sequence_data import IGNORE_INDEX
 from synthetic import ab_training_arguments, random_windows
 

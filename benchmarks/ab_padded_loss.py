@@ -2,9 +2,9 @@
 
 GPT-2's 50,257-row head padded to 50,304 (`pad_vocab_to_multiple_of` 64) makes faster matrix products,
 but cut back to 50,257 columns for the loss, every row of the logits starts at an unaligned offset.
-`cascade.losses.next_token_loss` keeps the full width with the padded columns at -inf instead. An A/B
+`cascade.training.losses.next_token_loss` keeps the full width with the padded columns at -inf instead. An A/B
 in one process, plain training loop (no Lightning), every run compiled with model + loss in one graph
-(mode `--compile-mode`), SDPA given no mask (`cascade.attention`), fused AdamW, bf16 autocast,
+(mode `--compile-mode`), SDPA given no mask (`cascade.model.attention`), fused AdamW, bf16 autocast,
 clipping at 1.0; plus the unpadded head; and the time of the loss's own kernels (profiler).
 
     python benchmarks/ab_padded_loss.py            # GPU
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from bench_stage_training import synchronize, train_step
-from cascade.attention import own_masks
-from cascade.hf_models import build_causal_lm
-from cascade.losses import without_padded_vocab
+from cascade.model.attention import own_masks
+from cascade.model.hf_models import build_causal_lm
+from cascade.training.losses import without_padded_vocab
 from synthetic import ab_training_arguments
 
 VARIANTS = {  # name: (pad to a multiple of, loss logits)

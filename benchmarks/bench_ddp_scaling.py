@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cascade.shards import load_parts
+from cascade.data.shards import load_parts
 
 
 def fit(workdir: Path, runs: str, args: list[str], env: dict | None = None) -> None:

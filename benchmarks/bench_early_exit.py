@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from cascade.ensemble import Ensemble, create_sequence_data
-from cascade.handover import calibrate_threshold
-from cascade.hf_models import build_causal_lm
-from cascade.inference import autocast_for, run_llm
+from cascade.routing.threshold import calibrate_threshold
+from cascade.model.hf_models import build_causal_lm
+from cascade.routing.scoring import autocast_for, run_llm
 from cascade.llm import LLM
 from synthetic import inference_arguments  # benchmarks/synthetic.py
 
@@ -71,7 +71,7 @@ def main() -> None:
     stream = torch.randint(0, args.vocab, (rows, args.seq_len + 1), generator=g)
     batches = [(t[:, :-1], t[:, 1:]) for t in stream.split(args.batch_size)]
     data = create_sequence_data(ensemble, batches)
-    calibrate_threshold(llms[0], run_llm(llms[0], data, args.batch_size, scores=True).scores, args.hard_ratio)
+    llms[0].threshold.fill_(calibrate_threshold(run_llm(llms[0], data, args.batch_size, scores=True).scores, args.hard_ratio))
     pinned = [(x.pin_memory(), y.pin_memory()) for x, y in batches] if device.type == "cuda" else batches
 
     every_llm_on_every_token(ensemble, pinned[:2], device)  # warm-up

@@ -31,7 +31,7 @@ import torch
 
 import bench_handover  # benchmarks/
 import bench_stage_training
-from cascade.hf_models import build_causal_lm
+from cascade.model.hf_models import build_causal_lm
 from cascade.llm import LLM
 from synthetic import random_windows
 

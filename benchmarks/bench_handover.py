@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from cascade.handover import collect_hard_tokens
-from cascade.hf_models import build_causal_lm
-from cascade.inference import autocast_for, run_llm
+from cascade.routing.handover import collect_hard_tokens
+from cascade.model.hf_models import build_causal_lm
+from cascade.routing.scoring import autocast_for, run_llm
 from cascade.llm import LLM
-from cascade.routing import CHUNK_TOKENS, HOST_MEMORY_BYTES
-from cascade.storage import BLOCK_BYTES, HASH_THREADS, BlockDigest
+from cascade.routing.compaction import CHUNK_TOKENS
+from cascade.routing.route import HOST_MEMORY_BYTES
+from cascade.data.storage import BLOCK_BYTES, HASH_THREADS, BlockDigest
 from cascade.sequence_data import SequenceData
 from synthetic import inference_arguments, random_windows  # benchmarks/synthetic.py
 

@@ -27,7 +27,7 @@ def measure(tokens: int, width: int, seq_len: int, workdir: Path, mode: str) -> 
     """Run one hand-over (`mode` disk or memory) in this process and report its peak RSS (call in a fresh process)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from cascade.handover import collect_hard_tokens
+    from cascade.routing.handover import collect_hard_tokens
     from cascade.llm import LLM
     from cascade.sequence_data import SequenceData
     from datamodules.text import windows

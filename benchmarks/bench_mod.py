@@ -19,8 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from cascade import LLM
-from cascade.losses import next_token_loss
-from cascade.mod import MixtureOfDepths
+from cascade.training.losses import next_token_loss
+from cascade.model.mod import MixtureOfDepths
 
 
 def seconds_per_call(step, device: torch.device, repeats: int) -> float:
@@ -64,7 +64,7 @@ def main() -> None:
         fn = loss_of
         if compile:  # one compiled function per routing (None: the plain model), as StageModule compiles its loss
             fn = compiled.setdefault(id(mod), torch.compile(loss_of, dynamic=None if mod else False))
-        with autocast, mod.routing(llm) if mod else nullcontext():
+        with autocast, llm.routed_by(mod) if mod else nullcontext():
             loss = fn(x, targets)
             loss = loss + (0.01 * mod.aux_loss() if mod else 0)
         loss.backward()
@@ -73,7 +73,7 @@ def main() -> None:
 
     @torch.no_grad()
     def eval_forward(mod):
-        with autocast, mod.routing(llm) if mod else nullcontext():
+        with autocast, llm.routed_by(mod) if mod else nullcontext():
             llm(x, history=())
 
     optimizer = torch.optim.AdamW(llm.parameters(), lr=1e-5)
@@ -84,7 +84,7 @@ def main() -> None:
         print(f"plain train step compiled {plain_compiled * 1e3:.1f} ms ({plain_train / plain_compiled:.2f}x the eager step)")
     print(f"{device}, {rows} x {T} tokens, {config.num_hidden_layers} layers: plain train step {plain_train * 1e3:.1f} ms, eval {plain_eval * 1e3:.1f} ms")
     for capacity in args.capacities:
-        mod = MixtureOfDepths(llm, capacity).to(device)
+        mod = MixtureOfDepths(llm.layers, llm.dim, capacity).to(device)
         optimizer = torch.optim.AdamW([*llm.parameters(), *mod.parameters()], lr=1e-5)
         train = seconds_per_call(lambda: train_step(mod.train(), optimizer), device, repeats)
         train_fraction = mod.compute_fraction()

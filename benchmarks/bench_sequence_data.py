@@ -23,7 +23,8 @@ import time
 import torch
 
 from cascade import SequenceData
-from cascade.routing import compact_hard_tokens, hard_mask, quantile
+from cascade.routing.compaction import compact_hard_tokens
+from cascade.routing.threshold import hard_mask, quantile
 
 
 def best_of(fn, repeats: int) -> float:

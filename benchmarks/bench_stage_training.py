@@ -6,7 +6,7 @@ One setting per call, every figure measured in the same process:
     gradient clipping at 1.0; loss = cross-entropy of the model's logits in float32 (under
     torch.compile when the setting compiles, as one function with the model); run twice: as written
     with transformers (its attention masks, the logits cut to the vocabulary), and with the framework's
-    fast paths (SDPA given no mask, `cascade.attention`; a padded head's full width, `cascade.losses`);
+    fast paths (SDPA given no mask, `cascade.model.attention`; a padded head's full width, `cascade.training.losses`);
   - framework stage 0: `StageModule` trained by `lightning.Trainer` on stage-0 windows
     (`SequenceDataModule.from_data`), bf16-mixed, TensorBoard logger, no checkpoints or validation;
   - framework stage k > 0: the same on packed hard-token sequences (a random fraction of each
@@ -39,12 +39,12 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.optim.lr_scheduler import LambdaLR
 
-from cascade.attention import own_masks
-from cascade.hf_models import build_causal_lm
+from cascade.model.attention import own_masks
+from cascade.model.hf_models import build_causal_lm
 from cascade.llm import LLM
-from cascade.losses import without_padded_vocab
-from cascade.optim import warmup_cosine
-from cascade.routing import compact_hard_tokens
+from cascade.training.losses import without_padded_vocab
+from cascade.training.optim import warmup_cosine
+from cascade.routing.compaction import compact_hard_tokens
 from cascade.sequence_data import IGNORE_INDEX, SequenceData
 from datamodules.sequence import SequenceDataModule
 from lightning_modules.stage import StageModule
@@ -165,8 +165,8 @@ def train_step(model: torch.nn.Module, optimizer, step_loss, inputs: tuple, auto
 
 def plain_loop(args, data: SequenceData, device: torch.device, fast_paths: bool = False) -> dict:
     """The same HF model and batches in a hand-written training loop; with `fast_paths`, the framework's:
-    attention switched by `cascade.attention.own_masks` (SDPA gets no mask) and the loss over a padded
-    head's full width (`cascade.losses.without_padded_vocab`)."""
+    attention switched by `cascade.model.attention.own_masks` (SDPA gets no mask) and the loss over a padded
+    head's full width (`cascade.training.losses.without_padded_vocab`)."""
     setting = SETTINGS[args.setting]
     torch.manual_seed(0)
     model = build_causal_lm("gpt2", model_config(args), vocab_size=args.vocab, pad_vocab_to_multiple_of=setting["pad_vocab_to_multiple_of"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cascade.storage import load_tensors, save_tensors
+from cascade.data.storage import load_tensors, save_tensors
 from datamodules.tokens import VERIFIED, load_tokens
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from cascade.shards import load_parts
+from cascade.data.shards import load_parts
 
 
 def main() -> None:

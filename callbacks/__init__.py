@@ -1,5 +1,5 @@
 """Callbacks of the cascade: the hand-over between stages."""
 
-from callbacks.handover import StageHandover
+from callbacks.stage_handover import StageHandover
 
 __all__ = ["StageHandover"]

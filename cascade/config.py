@@ -46,7 +46,7 @@ class ExperimentConfig:
     def build_ensemble(self, vocab_size: int):
         """Fresh LLMs from `model` / `model_config`, seeded, chained in an Ensemble."""
         from cascade.ensemble import Ensemble
-        from cascade.hf_models import build_causal_lm
+        from cascade.model.hf_models import build_causal_lm
         from cascade.llm import LLM
         from cascade.utils import set_seed
 

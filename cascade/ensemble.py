@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import math
 import os
-import time
+from pathlib import Path
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
-from cascade.flops import forward_flops_per_token
 from cascade.llm import LLM, later_stage_refused
-from cascade.llm_evaluator import evaluate_llm
-from cascade.run_state import stage_dir
 from cascade.sequence_data import SequenceData
+
+
+def stage_dir(run_dir: str | os.PathLike, k: int) -> Path:
+    """Where a run keeps stage k: its model (`llm/`), logs, checkpoints and hand-over."""
+    return Path(run_dir) / f"stage_{k}"
 
 
 class Ensemble(nn.Module):
@@ -79,65 +79,27 @@ class Ensemble(nn.Module):
     def __len__(self) -> int:
         return len(self.llms)
 
-    @torch.no_grad()
     def evaluate(self, val_batches: Sequence[tuple[Tensor, Tensor]], batch_size: int, routing_bound: bool = False,
                  **run_options) -> dict:
-        """True early exit on `(x, y)` batches: each token is predicted by the LLM it exits at.
+        """True early exit on `(x, y)` batches of token ids (`cascade.routing.evaluation.evaluate_ensemble`)."""
+        from cascade.routing.evaluation import evaluate_ensemble
 
-        An LLM runs only on the tokens routed to it and is not called at all when none is.
-        Returns `ppl` = exp(total NLL / total tokens), `accuracy`, `total_tokens`,
-        `compute_fraction` (forward FLOPs spent / FLOPs of every LLM on every token),
-        `wall_time_s` and `llm_stats`, one dict per LLM (`input_tokens`, `exit_tokens`,
-        `exit_fraction` of all tokens, `ppl` of its exiting tokens, `pad_tokens`, and for each LLM that hands on,
-        `exit_auroc` of every registered exit function), and `prefix_ppl`: the perplexity of the cascade cut after
-        each LLM (LLM 0 alone first). With `routing_bound`, each LLM that hands on also reports `routing_bound`: the
-        oracle's perplexity at its hand-over fraction beside each exit score's (`cascade.diagnostics.routing_bound`;
-        one more forward of each later LLM on every token reaching the one before). Each LLM runs where it is;
-        `run_options` (`compile`, `forward_context`: the precision) go to `run_llm`.
-        """
-        data = create_sequence_data(self, val_batches)
-        total, context = data.num_tokens, int(data.lengths.max())
-        # one row length for every LLM: the batches of each have one shape, so a compiled forward compiles once
-        run_options.setdefault("row_length", context)
-        start = time.perf_counter()
-        llm_stats = []
-        for k, llm in enumerate(self.llms):
-            if data.num_tokens == 0:
-                stats = {"input_tokens": 0, "exit_tokens": 0, "pad_tokens": 0, "nll_sum": 0.0, "correct": 0, "ppl": math.nan,
-                         "nll_sum_all": 0.0, "layer_tokens": 0.0}
-            else:
-                is_last = k == len(self.llms) - 1
-                next_llm = self.llms[k + 1] if routing_bound and not is_last else None
-                data, stats = evaluate_llm(llm, data, batch_size, is_last, next_llm, **run_options)
-            llm_stats.append({**stats, "exit_fraction": stats["exit_tokens"] / total})
-        wall_time = time.perf_counter() - start
-        assert sum(s["exit_tokens"] for s in llm_stats) == total, "every token exits exactly once"
-        flops = [forward_flops_per_token(llm, context) for llm in self.llms]
-        spent = sum(s["input_tokens"] * forward_flops_per_token(llm, context, s["layer_tokens"] / s["input_tokens"])
-                    for s, llm in zip(llm_stats, self.llms) if s["input_tokens"])
-        # the cascade cut after LLM j: LLM j predicts every token that reaches it (j = 0: LLM 0 alone)
-        exited = [0.0, *torch.tensor([s["nll_sum"] for s in llm_stats], dtype=torch.float64).cumsum(0).tolist()]
-        prefix_ppl = [math.exp((exited[j] + s["nll_sum_all"]) / total) if s["input_tokens"] else math.nan
-                      for j, s in enumerate(llm_stats)]
-        return {
-            "ppl": math.exp(sum(s["nll_sum"] for s in llm_stats) / total),
-            "prefix_ppl": prefix_ppl,
-            "accuracy": sum(s["correct"] for s in llm_stats) / total,
-            "total_tokens": total,
-            "compute_fraction": spent / (total * sum(flops)),
-            "wall_time_s": wall_time,
-            "llm_stats": llm_stats,
-        }
+        return evaluate_ensemble(self.llms, create_sequence_data(self, val_batches), batch_size, routing_bound, **run_options)
 
 
 def create_sequence_data(ensemble: Ensemble, batches: Sequence[tuple[Tensor, Tensor]]) -> SequenceData:
     """Stage-0 data from `(x, y)` batches of token ids, checked against the ensemble's vocabulary."""
-    data = SequenceData.from_token_batches(batches)
+    return check_token_ids(SequenceData.from_token_batches(batches), ensemble.vocab_size)
+
+
+def check_token_ids(data: SequenceData, vocab_size: int) -> SequenceData:
+    """`data` (stage 0: token ids), after checking that its inputs and targets are ids of a vocabulary of `vocab_size`;
+    raises ValueError with the range found otherwise."""
     for name, ids in (("x", data.inputs), ("y", data.targets)):
         low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= ensemble.vocab_size:
+        if low < 0 or high >= vocab_size:
             raise ValueError(
-                f"token ids in {name} range over [{low}, {high}] but the LLMs' vocabulary has {ensemble.vocab_size} "
+                f"token ids in {name} range over [{low}, {high}] but the LLMs' vocabulary has {vocab_size} "
                 "entries; use the tokenizer the LLMs were built for"
             )
     return data

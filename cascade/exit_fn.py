@@ -14,17 +14,23 @@ A function without the attribute gets the full history.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from cascade.llm import LLM
+
+class ExitHead(Protocol):
+    """What an exit function may read of the `LLM` beside its hidden states: its logits, and its learned exit
+    network (None until fitted)."""
+
+    exit_router: Callable[[Tensor], Tensor] | None
+
+    def get_logits(self, h: Tensor) -> Tensor: ...
 
 
 class ExitFn(Protocol):
-    def __call__(self, hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: "LLM") -> Tensor:
+    def __call__(self, hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: ExitHead) -> Tensor:
         """Return exit scores of shape h_out.shape[:-1]; high = easy."""
         ...
 
@@ -45,7 +51,7 @@ def compute_cos_sim(a: Tensor, b: Tensor) -> Tensor:
 
 
 @reads_history(-2, -1)
-def default_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: "LLM") -> Tensor:
+def default_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: ExitHead) -> Tensor:
     """CALM's "state" measure: cosine between the residual stream entering and leaving the last layer.
 
     Both vectors are raw residual-stream states (before the final norm), so like is compared
@@ -55,36 +61,36 @@ def default_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm:
     return compute_cos_sim(hidden_history[-2], hidden_history[-1])
 
 
-def _probs(h_out: Tensor, llm: "LLM") -> Tensor:
+def _probs(h_out: Tensor, llm: ExitHead) -> Tensor:
     return llm.get_logits(h_out).float().softmax(dim=-1)
 
 
 @reads_history()
-def max_prob_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: "LLM") -> Tensor:
+def max_prob_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: ExitHead) -> Tensor:
     """Max softmax probability of the LLM's own prediction (Teerapittayanon et al.; CALM "softmax")."""
     return _probs(h_out, llm).amax(dim=-1)
 
 
 @reads_history()
-def top2_margin_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: "LLM") -> Tensor:
+def top2_margin_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: ExitHead) -> Tensor:
     """Difference between the two largest softmax probabilities (CALM's softmax margin)."""
     top2 = _probs(h_out, llm).topk(2, dim=-1).values
     return top2[..., 0] - top2[..., 1]
 
 
 @reads_history()
-def neg_entropy_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: "LLM") -> Tensor:
+def neg_entropy_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: ExitHead) -> Tensor:
     """Negative entropy (nats) of the predicted distribution: a peaked prediction scores high."""
     log_probs = llm.get_logits(h_out).float().log_softmax(dim=-1)
     return (log_probs.exp() * log_probs).sum(dim=-1)
 
 
 @reads_history()
-def learned_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: "LLM") -> Tensor:
+def learned_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: ExitHead) -> Tensor:
     """The token loss the LLM's fitted exit router predicts from its final hidden state, negated: tokens it expects
-    to predict well exit (see `cascade.exit_router`; CALM's learned classifier, Schuster et al. 2022)."""
+    to predict well exit (see `cascade.model.exit_router`; CALM's learned classifier, Schuster et al. 2022)."""
     if llm.exit_router is None:
-        raise ValueError("the learned exit function needs the LLM's exit router: fit it first (cascade.learned_exit.fit_exit_router)")
+        raise ValueError("the learned exit function needs the LLM's exit router: fit it first (cascade.routing.learned_exit.fit_exit_router)")
     return -llm.exit_router(h_out).float()
 
 

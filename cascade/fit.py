@@ -20,20 +20,20 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from callbacks.checkpoint_io import remove_partial_checkpoints
-from callbacks.handover import StageHandover
+from cascade.run.checkpoint_io import remove_partial_checkpoints
+from callbacks.stage_handover import StageHandover
 from callbacks.timing import TrainingTimer
-from cascade.hf_models import max_positions
+from cascade.model.hf_models import max_positions
 from cascade.llm import LLM
-from cascade.run_evaluation import evaluate_run
-from cascade.run_state import (RunDirectoryInUse, RunLock, changed_settings, check_stage_selection, latest_checkpoint,
+from cascade.run.evaluation import evaluate_run
+from cascade.run.state import (RunDirectoryInUse, RunLock, changed_settings, check_stage_selection, latest_checkpoint,
                                 read_done, saved_tokenizer_problem, stage_dir, stage_problem, stage_settings,
                                 trained_without_handover)
-from cascade.warm_start import identity_start
+from cascade.training.warm_start import identity_start
 from datamodules.corpus import check_corpus_file
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
-from lightning_modules.stage_runner import TRAINER_DEFAULTS, evaluation_trainer, record_stage, stage_trainer_settings
+from cascade.run.stage_runner import TRAINER_DEFAULTS, evaluation_trainer, record_stage, stage_trainer_settings
 
 
 RUNNER_OWNED = {  # a stage's index and directories, which each stage gets from the run: what to give instead
@@ -242,7 +242,7 @@ class CascadeCLI(LightningCLI):
         return text
 
     def stage_trainer(self, k: int, config, callbacks: list, trained: bool) -> Trainer:
-        """The stage's Trainer from the run's trainer settings (`lightning_modules.stage_runner`); it saves the stage's
+        """The stage's Trainer from the run's trainer settings (`cascade.run.stage_runner`); it saves the stage's
         resolved `config` to its log directory (not a hand-over alone: it keeps the training's)."""
         if not trained:
             callbacks = [*callbacks, SaveConfigCallback(self.parser, config, overwrite=True)]
@@ -263,7 +263,7 @@ class CascadeCLI(LightningCLI):
         return ckpt_path
 
     def evaluate(self, text: TextDataModule, num_llms: int) -> dict:
-        """True early exit of the trained ensemble (`cascade.run_evaluation`), on the last stage's device and in its
+        """True early exit of the trained ensemble (`cascade.run.evaluation`), on the last stage's device and in its
         precision, or with a Trainer of the run's settings when every stage was complete."""
         c = self.config
         trainer = getattr(self, "trainer", None) or evaluation_trainer(c.trainer)

@@ -4,35 +4,28 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from cascade.attention import ATTENTION, own_masks, packed_rows_mask
 from cascade.exit_fn import ExitFn, exit_fn_name, get_exit_fn
-from cascade.exit_router import ROUTER_FILE, ExitRouter
-from cascade.families import backbone, check_family, family, find_final_norm, head_logits_function
-from cascade.handover import collect_hard_tokens
-from cascade.hf_models import UNPADDED_VOCAB, supports_sdpa
-from cascade.inference import run_llm
-from cascade.layer_loop import LayerLoop
-from cascade.mod import MixtureOfDepths
-from cascade.sequence_data import SequenceData
+from cascade.model.attention import ATTENTION, own_masks, packed_rows_mask
+from cascade.model.exit_router import ROUTER_FILE, ExitRouter
+from cascade.model.families import (backbone, check_family, decoder_layers, family, find_final_norm,
+                                    head_logits_function)
+from cascade.model.hf_models import UNPADDED_VOCAB, supports_sdpa
+from cascade.model.layer_loop import LayerLoop
+from cascade.model.mod import MixtureOfDepths
+from cascade.utils import eval_mode
+
+if TYPE_CHECKING:
+    from cascade.sequence_data import SequenceData
 
 INPUT_TYPES = ("token_ids", "hidden_states")
 MOD_ROUTERS = "mod_routers.safetensors"  # beside the HF weights of a Mixture-of-Depths model
-
-
-def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The model's stack of decoder layers: the ModuleList of `num_hidden_layers` modules in its base model."""
-    n = model.config.get_text_config().num_hidden_layers
-    for module in backbone(model).modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}: no nn.ModuleList of that length")
 
 
 def later_stage_refused(llm: "LLM", where: str) -> str:
@@ -63,12 +56,12 @@ class LLM(nn.Module):
         self.mod: MixtureOfDepths | None = None
         self.exit_router: ExitRouter | None = None  # the learned exit function's network, once fitted
         # what the hand-over passes on: the final-norm output the head reads (default), or with this the residual
-        # stream before the final norm (for the identity start of the next LLM, `cascade.warm_start`)
+        # stream before the final norm (for the identity start of the next LLM, `cascade.training.warm_start`)
         self.hands_over_residual = False
         self._backbone = [backbone(base_llm)]  # lists, so that these modules are not registered twice
         self._layers = [decoder_layers(base_llm)]
         self._layer_loop: list[LayerLoop] = []  # built on first use
-        own_masks(base_llm)  # masks built here, not by transformers (see cascade.attention)
+        own_masks(base_llm)  # masks built here, not by transformers (see cascade.model.attention)
         self._head_logits = head_logits_function(base_llm)  # None: the LM head alone
         try:
             self._final: list[nn.Module] | ValueError = find_final_norm(base_llm, self.layers)
@@ -76,7 +69,10 @@ class LLM(nn.Module):
             self._final = e
         self.train(base_llm.training)  # wrap without changing the model's mode
         # why the model can only be LLM 0 (later LLMs read packed rows at the tokens' original positions), or None
-        self.only_first = check_family(self) if check else None
+        self.only_first = None
+        if check:
+            with eval_mode(self):
+                self.only_first = check_family(base_llm, self.layers, self._final_states, self.get_logits)
 
     @property
     def config(self):
@@ -130,6 +126,9 @@ class LLM(nn.Module):
             out = self._backbone[0](**backbone_inputs)
         return out.last_hidden_state, hidden_history
 
+    def _final_states(self, x: Tensor, position_ids: Tensor | None = None, segment_ids: Tensor | None = None) -> Tensor:
+        return self(x, position_ids=position_ids, segment_ids=segment_ids, history=())[0]
+
     def backbone_inputs(self, x: Tensor, input_type: str = "token_ids", position_ids: Tensor | None = None,
                         segment_ids: Tensor | None = None) -> dict:
         """What `forward` gives the model's backbone: the inputs, positions and the masks of `segment_ids`."""
@@ -147,7 +146,7 @@ class LLM(nn.Module):
             dtype = self.base_llm.get_input_embeddings().weight.dtype
             masks = packed_rows_mask(segment_ids, implementation, flex, dtype, self.config)
         elif position_ids is None or implementation == ATTENTION:
-            masks = {}  # plain causal rows: SDPA's is_causal kernel (see cascade.attention)
+            masks = {}  # plain causal rows: SDPA's is_causal kernel (see cascade.model.attention)
         else:
             # An explicit all-ones mask: with none, transformers would read gaps in position_ids
             # (normal at stage k > 0) as boundaries of packed sequences.
@@ -156,10 +155,10 @@ class LLM(nn.Module):
 
     @property
     def layer_loop(self) -> LayerLoop:
-        """The model's decoder layers, callable one at a time (`cascade.layer_loop`); ValueError naming the family
+        """The model's decoder layers, callable one at a time (`cascade.model.layer_loop`); ValueError naming the family
         where its backbone does not hold them as a direct child."""
         if not self._layer_loop:
-            self._layer_loop.append(LayerLoop(self, self._backbone[0]))
+            self._layer_loop.append(LayerLoop(self._backbone[0], self.layers))
         return self._layer_loop[0]
 
     def _forward_routed(self, backbone_inputs: dict, segment_ids: Tensor | None, history: Sequence[int] | None):
@@ -167,7 +166,7 @@ class LLM(nn.Module):
         count = self.num_layers + 1
         h, calls = self.layer_loop.layer_inputs(**backbone_inputs)
         hidden_history: list[Tensor | None] = [h] + [None] * self.num_layers
-        self.mod.begin(self, segment_ids)
+        self.mod.begin(self.base_llm.config._attn_implementation, self.num_layers, segment_ids)
         h = self.layer_loop.run(h, calls, 0, self.num_layers, hidden_history, self.mod.run_layer)
         if history is not None:
             wanted = {i % count for i in history}
@@ -176,7 +175,7 @@ class LLM(nn.Module):
 
     def head_logits(self, h: Tensor) -> Tensor:
         """Logits of final hidden states (..., D) as the model's own CausalLM computes them: its LM head and whatever
-        its family does after it (soft-capping, scaling; `cascade.families`), over the head's full (padded) width."""
+        its family does after it (soft-capping, scaling; `cascade.model.families`), over the head's full (padded) width."""
         return self._head_logits(h) if self._head_logits is not None else self.base_llm.get_output_embeddings()(h)
 
     def get_logits(self, h: Tensor) -> Tensor:
@@ -205,10 +204,21 @@ class LLM(nn.Module):
 
     def enable_mod(self, capacity: float, layers: list[int] | None = None) -> MixtureOfDepths:
         """Route `layers` (default 2, 4, ...) by Mixture-of-Depths with `capacity`: every forward
-        of this LLM then runs them on the routed tokens only (see `cascade.mod`)."""
-        self.mod = MixtureOfDepths(self, capacity, layers)
+        of this LLM then runs them on the routed tokens only (see `cascade.model.mod`)."""
+        self.mod = MixtureOfDepths(self.layers, self.dim, capacity, layers)
         self.layer_loop  # built here, not inside a compiled forward
         return self.mod
+
+    @contextmanager
+    def routed_by(self, mod: MixtureOfDepths) -> Iterator[MixtureOfDepths]:
+        """Route the forwards inside by the Mixture-of-Depths routers `mod` (routers not enabled with `enable_mod`)."""
+        before = self.mod
+        self.layer_loop  # built here, not inside a compiled forward
+        self.mod = mod
+        try:
+            yield mod
+        finally:
+            self.mod = before
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save in Hugging Face format; the threshold and exit function name go into config.json."""
@@ -265,11 +275,15 @@ class LLM(nn.Module):
         The returned data holds, per sequence, the hard tokens' output hidden states (bf16),
         targets and original positions; sequences without a hard token are dropped.
         """
-        return collect_hard_tokens(self, data, hard_ratio, batch_size)[0]
+        from cascade.routing.handover import collect_hard_tokens
+
+        return collect_hard_tokens(self, data, hard_ratio, batch_size).hard
 
     def transform_data(self, data: SequenceData, batch_size: int) -> SequenceData:
         """The same sequences with this LLM's output hidden states (bf16) as inputs."""
-        return SequenceData(run_llm(self, data, batch_size, hidden=True).hidden, data.targets, data.positions, data.offsets, data.sequence_ids)
+        from cascade.routing.handover import transform_data
+
+        return transform_data(self, data, batch_size)
 
     @contextmanager
     def _capture(self, history: Sequence[int] | None) -> Iterator[list[Tensor | None]]:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from lightning.pytorch import Trainer
 
-from callbacks.handover import StageHandover
+from callbacks.stage_handover import StageHandover
 from callbacks.timing import TrainingTimer
 from cascade.config import TrainerConfig
-from cascade.run_state import stage_dir
+from cascade.run.state import stage_dir
 from cascade.llm import LLM
 from cascade.sequence_data import SequenceData
 from datamodules.sequence import SequenceDataModule
 from lightning_modules.stage import StageModule
-from lightning_modules.stage_runner import TRAINER_DEFAULTS, stage_trainer_settings
+from cascade.run.stage_runner import TRAINER_DEFAULTS, stage_trainer_settings
 
 API_TRAINER_DEFAULTS = {**TRAINER_DEFAULTS, "max_epochs": 1, "devices": 1, "enable_checkpointing": False, "enable_model_summary": False}
 

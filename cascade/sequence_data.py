@@ -9,9 +9,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from cascade.batch import IGNORE_INDEX, Batch  # noqa: F401  (re-exported: part of this module's API)
-from cascade.packing import best_fit_decreasing, next_fit_row_starts, segment_arange
-from cascade.storage import load_tensors, save_tensors
+from cascade.data.batch import IGNORE_INDEX, Batch  # noqa: F401  (re-exported: part of this module's API)
+from cascade.data.packing import best_fit_decreasing, next_fit_row_starts, segment_arange
+from cascade.data.storage import load_tensors, save_tensors
 
 FORMAT = "cascade.SequenceData/1"
 
@@ -195,7 +195,7 @@ class SequenceData:
         With `pack`, consecutive sequences share a row of up to `row_length` tokens (default: the longest sequence)
         and are kept apart by a block-causal mask; without it, each row holds one sequence. Packing is next fit, which
         keeps the sequences (and so the tokens) in order, or with `best_fit` best fit decreasing
-        (`cascade.packing.best_fit_decreasing`), which wastes less padding when lengths vary but reorders sequences
+        (`cascade.data.packing.best_fit_decreasing`), which wastes less padding when lengths vary but reorders sequences
         within groups. With `shuffle`, sequences are visited in a random order drawn from `generator`.
         """
         if batch_size < 1:

@@ -1,11 +1,14 @@
-"""Seeding and device choice for scripts and notebooks."""
+"""Seeding, device choice and module modes, for scripts, notebooks and the rest of cascade."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from transformers import set_seed  # Python, NumPy and torch on every device, under the seed's API name
 
-__all__ = ["compiles", "default_precision", "get_device", "set_seed"]
+__all__ = ["default_precision", "eval_mode", "get_device", "human", "on_host", "set_seed"]
 
 
 def get_device() -> torch.device:
@@ -24,10 +27,15 @@ def default_precision(accelerator: object = "auto") -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-def compiles(setting: bool | None, device: torch.device) -> bool:
-    """Whether to run under `torch.compile`: the setting where it is given, else on a GPU only (on a CPU compiling
-    costs more than it saves)."""
-    return device.type == "cuda" if setting is None else bool(setting)
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """`module` in eval mode inside the block, back in its mode after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def on_host(metrics: dict) -> dict:
@@ -40,3 +48,11 @@ def on_host(metrics: dict) -> dict:
     tensors = {k: v.detach().float().reshape(()) for k, v in metrics.items() if isinstance(v, torch.Tensor)}
     host = dict(zip(tensors, torch.stack(list(tensors.values())).cpu().unbind())) if tensors else {}
     return {k: host[k] if k in host else torch.tensor(float(v)) for k, v in metrics.items()}
+
+
+def human(n: float) -> str:
+    """A count for a line of text: 950, 12.3k, 7.9M, 1.2B."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.{1 if abs(n) < 100 * scale else 0}f}{suffix}"
+    return f"{n:.0f}"

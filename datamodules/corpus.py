@@ -10,7 +10,7 @@ from pathlib import Path
 
 import datasets
 
-from cascade.hub import require_hub
+from cascade.model.hub import require_hub
 
 PYTHON_STDLIB = "python-stdlib"
 _LOADERS = {".txt": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cascade.sequence_data import SequenceData
-from cascade.shards import is_complete, load_parts
+from cascade.data.shards import is_complete, load_parts
 from datamodules.base import PackedDataModule
 
 

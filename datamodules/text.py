@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from cascade.report import human
+from cascade.utils import human
 from cascade.sequence_data import SequenceData
 from datamodules.base import PackedDataModule
 from datamodules.corpus import BLANK_LINE, PYTHON_STDLIB, check_corpus_file, load_corpus, load_files

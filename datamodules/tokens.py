@@ -18,8 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from cascade.hub import require_hub
-from cascade.storage import TensorDirWriter, load_tensors, write_json_atomic
+from cascade.model.hub import require_hub
+from cascade.data.storage import TensorDirWriter, load_tensors, write_json_atomic
 
 DOCUMENT_SEPARATOR = "<|endoftext|>"
 VERIFIED = "verified.json"  # the token cache's file stamps when its checksums last matched

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -122,11 +121,11 @@ def val_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def forward_flops(run_dir: Path, context: int) -> list[float]:
-    """Forward FLOPs per token of each saved LLM of a run (`cascade.flops`)."""
+    """Forward FLOPs per token of each saved LLM of a run (`cascade.model.flops`)."""
     from cascade.ensemble import Ensemble
-    from cascade.flops import forward_flops_per_token
+    from cascade.model.flops import forward_flops_per_token
 
-    return [forward_flops_per_token(llm, context) for llm in Ensemble.from_pretrained(run_dir).llms]
+    return [forward_flops_per_token(llm.base_llm, context) for llm in Ensemble.from_pretrained(run_dir).llms]
 
 
 def summary(result: dict, run_dir: Path, llm0_flops: float, context: int) -> dict:

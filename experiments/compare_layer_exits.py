@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from cascade.layer_skip import layer_perplexities, threshold_sweep
+from cascade.routing.layer_skip import layer_perplexities, threshold_sweep
 from datamodules import TextDataModule
 from lightning_modules import StageModule
 from smoke_text import write_smoke_text  # beside this script

@@ -6,17 +6,17 @@ import time
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.strategies import DDPStrategy
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from cascade.layer_exits import layer_weighted_loss, scheduled_layer_weights
-from cascade.layer_skip import routed_nll
+from cascade.training.layer_exits import layer_weighted_loss, scheduled_layer_weights
+from cascade.routing.layer_skip import routed_nll
 from cascade.llm import LLM
-from cascade.losses import next_token_loss
-from cascade.optim import param_groups, warmup_cosine
+from cascade.training.losses import next_token_loss
+from cascade.training.optim import param_groups, warmup_cosine
 from cascade.sequence_data import Batch
-from cascade.utils import compiles, on_host
+from cascade.model.compile import apply_compile, compiles
+from cascade.utils import on_host
 from lightning_modules.stage_settings import build_llm, check_compile_mode, check_model_fits, check_optimizer_settings, layer_settings
 
 FINITE_CHECK_EVERY = 20  # steps between checks for a non-finite loss (each check waits for the GPU)
@@ -32,10 +32,10 @@ class StageModule(LightningModule):
         pretrained: Load the weights of `model` (a name or directory) instead of a fresh init.
         vocab_size: Vocabulary size of a fresh model; linked from the data's tokenizer.
         exit_fn: Exit function by name: cosine, max_prob, top2_margin, neg_entropy, or learned (a small network fitted to
-            the LLM's token loss at the hand-over, `cascade.exit_router`).
+            the LLM's token loss at the hand-over, `cascade.model.exit_router`).
         warm_start: Each LLM hands over its residual stream before the final norm, and each LLM k > 0 starts as the
             identity on it with copies of LLM k-1's final norm and head: before training it predicts exactly what LLM
-            k-1 does (`cascade.warm_start`; set up by `cascade.fit`, which reads LLM k-1).
+            k-1 does (`cascade.training.warm_start`; set up by `cascade.fit`, which reads LLM k-1).
         stage: Index k of this LLM in the cascade (set by `cascade.fit`).
         lr: Peak learning rate of stage 0.
         lr_decay: Stage k trains with peak learning rate `lr * lr_decay ** k`.
@@ -201,16 +201,10 @@ class StageModule(LightningModule):
         self.llm.train()  # HF's from_pretrained returns eval mode; pre-training wants dropout as configured
         self._tokens, self._log_start = 0, time.perf_counter()
         if compiles(self.hparams.compile, self.device):
-            if isinstance(self.trainer.strategy, DDPStrategy):
-                # one graph: dynamo's DDPOptimizer splits it at DDP's buckets to overlap their all-reduce with the
-                # backward, but that costs more than the all-reduce takes between NVLinked GPUs (docs/benchmarks.md)
-                torch._dynamo.config.optimize_ddp = False
-            # batches have one shape (fixed-length rows, the last batch padded): a graph for that shape, never a
-            # dynamic-shape one (slower, and inductor cannot split a flex-attention block mask of symbolic length);
-            # but Mixture-of-Depths keeps a varying number of tokens per layer where rows are packed (it uses no flex
-            # attention): dynamo makes that count symbolic after its first change
+            # batches have one shape (fixed-length rows, the last batch padded), but Mixture-of-Depths keeps a varying
+            # number of tokens per layer where rows are packed (it uses no flex attention)
             dynamic = None if self.llm.mod is not None else False
-            self._compiled_loss = torch.compile(self._last_layer_loss, mode=self.hparams.compile_mode, dynamic=dynamic)
+            self._compiled_loss = apply_compile(self._last_layer_loss, mode=self.hparams.compile_mode, dynamic=dynamic)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         metrics = {}  # logged on the logger's steps only, see below

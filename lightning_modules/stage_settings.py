@@ -6,8 +6,8 @@ import os
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from cascade.hf_models import build_causal_lm
-from cascade.layer_exits import SCHEDULES, check_exit_routing, check_layer_weights, check_lr_scales
+from cascade.model.hf_models import build_causal_lm
+from cascade.training.layer_exits import SCHEDULES, check_exit_routing, check_layer_weights, check_lr_scales
 from cascade.llm import LLM, later_stage_refused
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -1,4 +1,4 @@
-"""The LLM builds its attention masks itself (cascade.attention): plain rows reach SDPA with no mask, also
+"""The LLM builds its attention masks itself (cascade.model.attention): plain rows reach SDPA with no mask, also
 under torch.compile; packed rows get a block-causal mask, as a flex-attention BlockMask or a 4D mask,
 and every path computes what transformers' own masks compute."""
 
@@ -10,8 +10,8 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from cascade import LLM
-from cascade.attention import ATTENTION, _attention, packed_rows_mask
-from cascade.packing import block_causal_mask
+from cascade.model.attention import ATTENTION, _attention, packed_rows_mask
+from cascade.data.packing import block_causal_mask
 from conftest import ARCHS, VOCAB, tiny_model
 
 SEGMENTS = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3 + [-1] * 4, [0] * 10 + [1] * 6])
@@ -38,7 +38,7 @@ def test_plain_rows_reach_sdpa_without_a_mask_also_under_compile(arch, sdpa_call
     reference = tiny_model(arch)  # transformers' masks
     llm = LLM(tiny_model(arch))
     assert llm.base_llm.config._attn_implementation == ATTENTION
-    sdpa_calls.clear()  # wrapping checks the model on packed rows too (cascade.families)
+    sdpa_calls.clear()  # wrapping checks the model on packed rows too (cascade.model.families)
     x = torch.randint(0, VOCAB, (2, 12))
     gapped = torch.tensor([[0, 1, 3, 4, 6, 7, 8, 10, 11, 13, 14, 15]]).expand(2, -1)  # one sequence a row, stage k > 0
     compiled = torch.compile(lambda *args: llm(*args, history=())[0], backend="eager")  # dynamo traces, no codegen

@@ -24,7 +24,7 @@ def test_packing_waste_script_reports_best_fit_below_next_fit(tmp_path):
     import torch
 
     from cascade.sequence_data import SequenceData
-    from cascade.shards import save_part
+    from cascade.data.shards import save_part
 
     lengths = torch.randint(5, 60, (300,), generator=torch.Generator().manual_seed(0))
     n = int(lengths.sum())

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from cascade.shards import load_parts
+from cascade.data.shards import load_parts
 from conftest import write_corpus
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from cascade import LLM, Ensemble, create_sequence_data
-from cascade.diagnostics import auroc, sweep_compute
-from cascade.inference import run_llm
+from cascade.routing.diagnostics import auroc, sweep_compute
+from cascade.routing.scoring import run_llm
 from cascade.llm_evaluator import compute_ppl
-from cascade.routing import compact_hard_tokens
+from cascade.routing.compaction import compact_hard_tokens
 from conftest import tiny_model, token_batches
 
 
@@ -49,7 +49,7 @@ def test_every_evaluation_reports_prefix_perplexities_and_each_exit_scores_auroc
 
 def test_the_sweep_ends_at_llm_0_alone_and_at_every_token_through_every_llm():
     ensemble, batches, data = two_llm_cascade()
-    curve = sweep_compute(ensemble, data, batch_size=4, fractions=(0.0, 0.3, 1.0))
+    curve = sweep_compute(ensemble.llms, data, batch_size=4, fractions=(0.0, 0.3, 1.0))
     assert [p["hard_fraction"] for p in curve] == [0.0, 0.3, 1.0]
     assert curve[0]["ppl"] == pytest.approx(compute_ppl(ensemble.llms[0], data, 4), rel=1e-5)
     everyone = compact_hard_tokens(data, torch.ones(data.num_tokens, dtype=torch.bool), ensemble.llms[0].transform_data(data, 4).inputs)

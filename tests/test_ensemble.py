@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from cascade import LLM, Ensemble, compute_ppl, create_sequence_data, evaluate_llm
-from cascade.flops import forward_flops_per_token
+from cascade.model.flops import forward_flops_per_token
 from conftest import VOCAB, token_batches, tiny_model
 
 
@@ -80,7 +80,7 @@ def test_an_llm_that_receives_no_token_is_never_called():
     stats = ensemble.evaluate(token_batches(1), batch_size=2)
     assert counts == {"tokens": 0, "positions": 0}
     assert stats["llm_stats"][1]["input_tokens"] == 0
-    f0, f1 = (forward_flops_per_token(llm, 16) for llm in ensemble.llms)
+    f0, f1 = (forward_flops_per_token(llm.base_llm, 16) for llm in ensemble.llms)
     assert stats["compute_fraction"] == pytest.approx(f0 / (f0 + f1)) and f0 != f1
 
 
@@ -117,7 +117,7 @@ def test_ppl_equals_nll_recomputed_from_each_stages_logits():
     assert (s0["input_tokens"], s0["exit_tokens"], s1["input_tokens"], s1["exit_tokens"]) == (total, exits0, n1, n1)
     assert s0["ppl"] == pytest.approx(math.exp(nll0.mean().item()), rel=1e-4)
     assert s1["ppl"] == pytest.approx(math.exp(nll1.mean().item()), rel=1e-4)
-    f0, f1 = (forward_flops_per_token(llm, 16) for llm in (llm0, llm1))
+    f0, f1 = (forward_flops_per_token(llm.base_llm, 16) for llm in (llm0, llm1))
     assert stats["compute_fraction"] == pytest.approx((total * f0 + n1 * f1) / (total * (f0 + f1)))
 
 

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from cascade import LLM, SequenceData
-from cascade.hf_models import build_causal_lm
+from cascade.model.hf_models import build_causal_lm
 from cascade.llm import decoder_layers
 from lightning_modules import StageModule
 

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, FalconConfig, Gemma2Config, Mistr
 
 from cascade import LLM, Ensemble, SequenceData
 from cascade.exit_fn import max_prob_exit_fn
-from cascade.hf_models import build_causal_lm
-from cascade.layer_exits import logit_lens
+from cascade.model.hf_models import build_causal_lm
+from cascade.training.layer_exits import logit_lens
 from lightning_modules import StageModule
 
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from cascade import LLM, SequenceData
-from cascade.layer_exits import logit_lens
+from cascade.training.layer_exits import logit_lens
 from conftest import ARCHS, VOCAB, tiny_model
 from lightning_modules import StageModule
 
@@ -109,7 +109,7 @@ def test_per_layer_learning_rates_land_in_the_optimizer_groups():
 
 
 def test_layer_weight_schedules():
-    from cascade.layer_exits import scheduled_layer_weights
+    from cascade.training.layer_exits import scheduled_layer_weights
 
     start, end = {1: 0.5, 3: 0.5}, {1: 0.0, 3: 1.0}
     assert scheduled_layer_weights(start, end, "constant", 0.7, 3) == start
@@ -158,7 +158,7 @@ def _count_positions(module):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_layer_exit_with_no_exit_equals_the_full_model(arch):
     from cascade import compute_ppl, create_sequence_data, Ensemble
-    from cascade.layer_skip import evaluate_layer_exit
+    from cascade.routing.layer_skip import evaluate_layer_exit
     from conftest import token_batches
 
     llm = LLM(tiny_model(arch, n_layer=3) if arch == "gpt2" else tiny_model(arch, num_hidden_layers=3))
@@ -170,13 +170,13 @@ def test_layer_exit_with_no_exit_equals_the_full_model(arch):
 
 def test_layer_exit_skips_the_later_layers_for_exiting_tokens():
     from cascade import create_sequence_data, Ensemble
-    from cascade.layer_skip import evaluate_layer_exit
+    from cascade.routing.layer_skip import evaluate_layer_exit
     from conftest import token_batches
 
     llm = LLM(tiny_model("llama", num_hidden_layers=3))
     data = create_sequence_data(Ensemble([llm]), token_batches(num_batches=2, batch_size=4, seq_len=16))
     # a threshold at the median confidence: about half the tokens exit after layer 2
-    from cascade.layer_exits import logit_lens
+    from cascade.training.layer_exits import logit_lens
     with torch.no_grad():
         h = torch.cat([llm(data.sequence(s).inputs[None], history=(2,))[1][2][0] for s in range(data.num_sequences)])
         confidence = logit_lens(llm, h).softmax(-1).amax(-1)
@@ -201,7 +201,7 @@ def _three_layer_llm(arch="llama", seed=0):
 
 def _varied_sequences(seed=0):
     """Stage-k-like data: sequences of different lengths with gaps in their positions (packed several to a row)."""
-    from cascade.routing import compact_hard_tokens
+    from cascade.routing.compaction import compact_hard_tokens
     from conftest import token_batches
 
     data = SequenceData.from_token_batches(token_batches(num_batches=2, batch_size=4, seq_len=16, seed=seed))
@@ -210,7 +210,7 @@ def _varied_sequences(seed=0):
 
 
 def _median_confidence(llm, data, layer):
-    from cascade.layer_skip import routed_nll
+    from cascade.routing.layer_skip import routed_nll
 
     with torch.no_grad():
         return float(torch.cat([routed_nll(llm, b, layer, [])[1] for b in data.batches(4)]).median())
@@ -218,7 +218,7 @@ def _median_confidence(llm, data, layer):
 
 def test_threshold_sweep_ends_and_per_layer_perplexities():
     from cascade import compute_ppl
-    from cascade.layer_skip import layer_perplexities, threshold_sweep
+    from cascade.routing.layer_skip import layer_perplexities, threshold_sweep
 
     llm, data = _three_layer_llm(), _varied_sequences()
     median = _median_confidence(llm, data, 1)
@@ -236,7 +236,7 @@ def test_threshold_sweep_ends_and_per_layer_perplexities():
 def test_routed_tokens_in_packed_rows_see_only_their_own_sequences_continuing_tokens(arch):
     """Rule 2 under layer skipping: a continuing token's last-layer NLL equals that of its sequence's
     continuing tokens run alone (layers 1..e on the whole sequence, layers e+1..L on the continuing ones)."""
-    from cascade.layer_skip import routed_nll, run_from, run_until
+    from cascade.routing.layer_skip import routed_nll, run_from, run_until
 
     llm, data = _three_layer_llm(arch), _varied_sequences(seed=1)
     batch = next(data.batches(16, row_length=16))
@@ -295,7 +295,7 @@ def test_validation_reports_routed_perplexity_exit_and_compute_fraction(tmp_path
     from lightning.pytorch import Trainer
     from lightning.pytorch.loggers import CSVLogger
 
-    from cascade.layer_skip import evaluate_layer_exit
+    from cascade.routing.layer_skip import evaluate_layer_exit
     from datamodules import SequenceDataModule
 
     llm, data = _three_layer_llm("gpt2"), _varied_sequences(seed=2)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from cascade import LLM, Ensemble, SequenceData, create_sequence_data
+from cascade import LLM, Ensemble, SequenceData
 from cascade.exit_fn import learned_exit_fn
-from cascade.inference import run_llm
-from cascade.learned_exit import fit_exit_router
+from cascade.routing.scoring import run_llm
+from cascade.routing.learned_exit import fit_exit_router
 from cascade.fit import main
 from datamodules.corpus import BLANK_LINE
 from conftest import VOCAB, tiny_model, token_batches, write_corpus

@@ -1,12 +1,12 @@
-"""One next-token loss (`cascade.losses`), the same numbers eager and under `torch.compile`, on the CPU."""
+"""One next-token loss (`cascade.training.losses`), the same numbers eager and under `torch.compile`, on the CPU."""
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
 
 from cascade import LLM
-from cascade.hf_models import pad_vocab
-from cascade.losses import next_token_loss
+from cascade.model.hf_models import pad_vocab
+from cascade.training.losses import next_token_loss
 from cascade.sequence_data import IGNORE_INDEX
 from conftest import VOCAB, tiny_model
 from lightning_modules.stage import StageModule
@@ -72,15 +72,18 @@ def test_stage_training_compiled_on_the_cpu_follows_the_eager_training():
 @pytest.mark.parametrize("ddp, world_size", [(False, 1), (True, 1), (True, 2)])
 def test_under_ddp_the_compiled_step_is_one_graph(monkeypatch, ddp, world_size):
     """Under DDP, at any number of processes: dynamo's DDPOptimizer, which splits the compiled step at DDP's gradient
-    buckets, is off."""
+    buckets, is off while the step runs, and the process's own setting is left as it was."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     strategy = DDPStrategy() if ddp else SingleDeviceStrategy("cpu")
     monkeypatch.setattr(StageModule, "trainer", property(lambda self: SimpleNamespace(world_size=world_size, strategy=strategy)))
+    # the compiled step reports the setting dynamo reads when it traces it
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: lambda *args: torch._dynamo.config.optimize_ddp)
     module = StageModule(llm=LLM(tiny_model("gpt2")), compile=True)
     with torch._dynamo.config.patch(optimize_ddp=True):  # given back after
         module.on_fit_start()
         assert module.compiled
-        assert torch._dynamo.config.optimize_ddp is not ddp
+        assert module._compiled_loss() is False
+        assert torch._dynamo.config.optimize_ddp is True

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 from safetensors.torch import load_file
 
-from callbacks.handover import StageHandover
+from callbacks.stage_handover import StageHandover
 from callbacks.progress import StepProgressBar
 from callbacks.timing import TrainingTimer
 from cascade import LLM, SequenceData
@@ -215,7 +215,7 @@ def test_a_compiled_evaluation_traces_each_llm_for_one_batch_shape(monkeypatch):
     from torch._dynamo.utils import counters
 
     from cascade import Ensemble
-    from cascade.diagnostics import sweep_compute
+    from cascade.routing.diagnostics import sweep_compute
     from cascade.ensemble import create_sequence_data
     from conftest import token_batches
 
@@ -227,7 +227,7 @@ def test_a_compiled_evaluation_traces_each_llm_for_one_batch_shape(monkeypatch):
     ensemble.llms[0].collect_hard_tokens(create_sequence_data(ensemble, batches), 0.3, batch_size=4)
     ensemble.evaluate(batches, 4, compile=True)
     after_evaluation = counters["stats"]["unique_graphs"]
-    curve = sweep_compute(ensemble, create_sequence_data(ensemble, batches), 4, compile=True)
+    curve = sweep_compute(ensemble.llms, create_sequence_data(ensemble, batches), 4, compile=True)
     assert len({point["hard_fraction"] for point in curve}) == 11
     # each LLM at most once per attention path: plain rows (LLM 0; LLM 1 when every token is handed on), packed rows
     # (LLM 1, with and without rows of padding alone); 16 graphs when the rows followed each fraction's longest sequence
@@ -238,7 +238,7 @@ def test_a_compiled_evaluation_traces_each_llm_for_one_batch_shape(monkeypatch):
 def test_a_compiled_scoring_pass_compiles_in_inductors_deterministic_mode(monkeypatch):
     """Kernel configurations chosen by timing can change a reduction's summation order, so two processes could score
     a token near the threshold differently; the compiled scoring pass asks inductor to choose none that way."""
-    from cascade.inference import run_llm
+    from cascade.routing.scoring import run_llm
     from conftest import token_batches
 
     calls = []

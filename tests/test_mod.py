@@ -1,4 +1,4 @@
-"""Mixture-of-Depths on the model's own decoder layers (cascade/mod.py)."""
+"""Mixture-of-Depths on the model's own decoder layers (cascade/model/mod.py)."""
 
 import pytest
 import torch
@@ -6,9 +6,13 @@ from torch import nn
 from torch.testing import assert_close
 
 from cascade import LLM
-from cascade.layer_skip import run_from
-from cascade.mod import MixtureOfDepths, gather_index, gather_mask, top_k_per_sequence
+from cascade.routing.layer_skip import run_from
+from cascade.model.mod import MixtureOfDepths, gather_index, gather_mask, top_k_per_sequence
 from conftest import ARCHS, VOCAB, tiny_model
+
+
+def layers_and_dim(llm):
+    return llm.layers, llm.dim
 
 
 def tokens(rows=3, length=10, seed=0):
@@ -51,10 +55,10 @@ def test_gather_index_pads_short_rows_and_the_mask_hides_the_padding():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_capacity_one_in_training_is_the_plain_model_and_trains_the_router(arch, attn):
     llm = LLM(tiny_model(arch, attn=attn))
-    mod = MixtureOfDepths(llm, capacity=1.0).train()
+    mod = MixtureOfDepths(llm.layers, llm.dim, capacity=1.0).train()
     x = tokens()
     plain, _ = llm(x)
-    with mod.routing(llm):
+    with llm.routed_by(mod):
         routed, _ = llm(x)
     assert torch.equal(routed, plain)
     assert mod.selected[2].all() and mod.compute_fraction() == 1.0
@@ -65,12 +69,12 @@ def test_capacity_one_in_training_is_the_plain_model_and_trains_the_router(arch,
 @pytest.mark.parametrize("arch", ARCHS)
 def test_half_capacity_runs_the_layer_on_half_the_tokens_and_skipped_tokens_pass_through(arch):
     llm = LLM(tiny_model(arch, attn="eager" if arch == "gpt2" else "sdpa"))
-    mod = MixtureOfDepths(llm, capacity=0.5).train()
+    mod = MixtureOfDepths(llm.layers, llm.dim, capacity=0.5).train()
     x = tokens(length=9)
     seen = []
     handle = llm.layers[1].register_forward_pre_hook(lambda m, args, kwargs: seen.append((args or [kwargs["hidden_states"]])[0].shape), with_kwargs=True)
     try:
-        with mod.routing(llm):
+        with llm.routed_by(mod):
             _, history = llm(x)
     finally:
         handle.remove()
@@ -87,10 +91,10 @@ def test_half_capacity_runs_the_layer_on_half_the_tokens_and_skipped_tokens_pass
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kept_tokens_get_the_layer_run_on_them_alone_at_their_positions(arch, training, attn):
     llm = LLM(tiny_model(arch, attn=attn))
-    mod = MixtureOfDepths(llm, capacity=0.5).train(training)
+    mod = MixtureOfDepths(llm.layers, llm.dim, capacity=0.5).train(training)
     x = tokens(rows=4, length=12)
     balance_router(llm, mod, x)
-    with mod.routing(llm):
+    with llm.routed_by(mod):
         h_out, history = llm(x)
     selected = mod.selected[2]
     if not training:
@@ -104,13 +108,13 @@ def test_kept_tokens_get_the_layer_run_on_them_alone_at_their_positions(arch, tr
 @pytest.mark.parametrize("arch", ARCHS)
 def test_eval_routing_is_causal_and_training_top_k_is_not(arch):
     llm = LLM(tiny_model(arch))
-    mod = MixtureOfDepths(llm, capacity=0.5)
+    mod = MixtureOfDepths(llm.layers, llm.dim, capacity=0.5)
     x, t = tokens(rows=2, length=16), 7
     balance_router(llm, mod, x)
 
     def run(inputs, training):
         mod.train(training)
-        with mod.routing(llm):
+        with llm.routed_by(mod):
             h_out, _ = llm(inputs)
         return h_out, mod.selected[2]
 
@@ -129,18 +133,18 @@ def test_eval_routing_is_causal_and_training_top_k_is_not(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_packed_sequences_are_routed_and_attended_as_if_alone(arch, training):
     llm = LLM(tiny_model(arch))
-    mod = MixtureOfDepths(llm, capacity=0.5).train(training)
+    mod = MixtureOfDepths(llm.layers, llm.dim, capacity=0.5).train(training)
     a, b = tokens(rows=1, length=5, seed=1), tokens(rows=1, length=7, seed=2)
     balance_router(llm, mod, torch.cat([a, b], 1))
     row = torch.cat([a, b, torch.zeros(1, 2, dtype=torch.long)], 1)
     segments = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 2])
     positions = torch.tensor([[*range(5), *range(7), 0, 0]])
-    with mod.routing(llm, segments):
+    with llm.routed_by(mod):
         packed, _ = llm(row, position_ids=positions, segment_ids=segments)
     packed_selected = mod.selected[2][0]
     assert not packed_selected[-2:].any()  # padding is never routed
     for seq, span in ((a, slice(0, 5)), (b, slice(5, 12))):
-        with mod.routing(llm):
+        with llm.routed_by(mod):
             alone, _ = llm(seq)
         assert torch.equal(mod.selected[2][0], packed_selected[span])
         assert_close(packed[0, span], alone[0])
@@ -148,13 +152,13 @@ def test_packed_sequences_are_routed_and_attended_as_if_alone(arch, training):
 
 def test_aux_loss_trains_the_router_to_predict_its_top_k():
     llm = LLM(tiny_model("llama", num_hidden_layers=4)).requires_grad_(False)
-    mod = MixtureOfDepths(llm, capacity=0.25).train()
+    mod = MixtureOfDepths(llm.layers, llm.dim, capacity=0.25).train()
     assert mod.layers == [2, 4]
     optimizer = torch.optim.Adam(mod.parameters(), lr=1e-1)
     x = tokens(rows=4, length=16)
     losses = []
     for _ in range(15):
-        with mod.routing(llm):
+        with llm.routed_by(mod):
             llm(x)
         loss = mod.aux_loss()
         losses.append(loss.item())
@@ -167,13 +171,13 @@ def test_aux_loss_trains_the_router_to_predict_its_top_k():
 @pytest.mark.parametrize("capacity", [0, -0.5, 1.5])
 def test_bad_capacity_is_rejected(capacity):
     with pytest.raises(ValueError, match=rf"capacity must be in \(0, 1\], got {capacity}"):
-        MixtureOfDepths(LLM(tiny_model("gpt2")), capacity)
+        MixtureOfDepths(*layers_and_dim(LLM(tiny_model("gpt2"))), capacity)
 
 
 @pytest.mark.parametrize("layers", [[0], [3], [], [2, 2]])
 def test_bad_layers_are_rejected(layers):
     with pytest.raises(ValueError, match=rf"layers of 1..2 .* got {layers}".replace("[", r"\[").replace("]", r"\]")):
-        MixtureOfDepths(LLM(tiny_model("gpt2")), 0.5, layers)
+        MixtureOfDepths(*layers_and_dim(LLM(tiny_model("gpt2"))), 0.5, layers)
 
 
 def test_a_layer_input_that_cannot_be_gathered_is_named():
@@ -181,7 +185,7 @@ def test_a_layer_input_that_cannot_be_gathered_is_named():
         def forward(self, hidden_states, cross_states=None):
             return hidden_states
 
-    mod = MixtureOfDepths(LLM(tiny_model("gpt2")), 0.5)
+    mod = MixtureOfDepths(*layers_and_dim(LLM(tiny_model("gpt2"))), 0.5)
     with pytest.raises(ValueError, match="'cross_states'"):
         mod.run_layer(2, CrossLayer(), torch.randn(1, 4, 32), (), {"cross_states": torch.randn(1, 4, 32)})
 
@@ -189,8 +193,8 @@ def test_a_layer_input_that_cannot_be_gathered_is_named():
 @torch.no_grad()
 def test_the_evaluation_counts_only_the_layers_the_routers_let_tokens_through():
     from cascade.ensemble import Ensemble
-    from cascade.flops import forward_flops_per_token
-    from cascade.report import format_diagnostics
+    from cascade.model.flops import forward_flops_per_token
+    from cascade.run.report import format_diagnostics
 
     llm = LLM(tiny_model("gpt2"))  # 2 layers, layer 2 routed
     mod = llm.enable_mod(capacity=0.5)
@@ -201,9 +205,9 @@ def test_the_evaluation_counts_only_the_layers_the_routers_let_tokens_through():
     kept = float(mod.selected[2].float().mean())
     assert 0 < kept < 1
     stats = Ensemble([llm]).evaluate([(x, torch.roll(x, -1, 1))], batch_size=4)
-    full = forward_flops_per_token(llm, 16)
+    full = forward_flops_per_token(llm.base_llm, 16)
     assert stats["llm_stats"][0]["layer_tokens"] == pytest.approx(x.numel() * (1 + kept))
-    assert stats["compute_fraction"] == pytest.approx(forward_flops_per_token(llm, 16, 1 + kept) / full)
+    assert stats["compute_fraction"] == pytest.approx(forward_flops_per_token(llm.base_llm, 16, 1 + kept) / full)
     assert stats["compute_fraction"] < 1
     assert stats["llm_stats"][0]["mod_layer_fraction"] == pytest.approx((1 + kept) / 2)
     assert f"through {(1 + kept) / 2:.1%} of its layers' token work" in format_diagnostics({**stats, "prefix_ppl": [1.0]})

@@ -10,9 +10,9 @@ from lightning.pytorch import Trainer
 
 from cascade import LLM, SequenceData
 from cascade.exit_fn import EXIT_FNS
-from cascade.hf_models import build_causal_lm, pad_vocab
-from cascade.inference import run_llm
-from cascade.losses import next_token_loss
+from cascade.model.hf_models import build_causal_lm, pad_vocab
+from cascade.routing.scoring import run_llm
+from cascade.training.losses import next_token_loss
 from cascade.sequence_data import IGNORE_INDEX, Batch
 from conftest import VOCAB, tiny_model, token_batches
 from datamodules.sequence import SequenceDataModule

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from callbacks.checkpoint_io import AtomicCheckpointIO, remove_partial_checkpoints
+from cascade.run.checkpoint_io import AtomicCheckpointIO, remove_partial_checkpoints
 from cascade.fit import main
-from cascade.run_state import RunDirectoryInUse, RunLock, latest_checkpoint
+from cascade.run.state import RunDirectoryInUse, RunLock, latest_checkpoint
 from conftest import write_corpus
 from datamodules.tokens import load_tokens
 from test_fit import tiny_args
@@ -78,14 +78,14 @@ def test_a_corrupt_token_cache_is_caught_and_rebuilt(tmp_path, caplog):
 
 
 def test_the_token_cache_is_hashed_once_and_not_on_every_start(tmp_path, monkeypatch):
-    from cascade.storage import save_tensors
-    import cascade.storage
+    from cascade.data.storage import save_tensors
+    import cascade.data.storage
 
     path = tmp_path / "train"
     save_tensors(path, {"ids": torch.arange(1000, dtype=torch.int32)}, {"format": "cascade.tokens/1"})
     hashed = []
-    real = cascade.storage.file_checksum
-    monkeypatch.setattr(cascade.storage, "file_checksum", lambda *a, **k: hashed.append(a[0]) or real(*a, **k))
+    real = cascade.data.storage.file_checksum
+    monkeypatch.setattr(cascade.data.storage, "file_checksum", lambda *a, **k: hashed.append(a[0]) or real(*a, **k))
     assert torch.equal(load_tokens(path), torch.arange(1000, dtype=torch.int32))
     assert len(hashed) == 1, "checked once (it was never checked)"
     load_tokens(path)
@@ -261,7 +261,7 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_holder(tmp_pat
 @pytest.mark.slow
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from cascade.run_state import RunLock; l = RunLock(sys.argv[1]); "
+        [sys.executable, "-c", "import sys, time; from cascade.run.state import RunLock; l = RunLock(sys.argv[1]); "
          "print('held', flush=True); time.sleep(60)", str(tmp_path / "run")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
@@ -283,7 +283,7 @@ sys.path.insert(0, os.getcwd())
 what, args = sys.argv[1], sys.argv[2:]
 if what == "checkpoint":  # the second checkpoint's write is cut off half way
     import io, torch
-    from callbacks.checkpoint_io import AtomicCheckpointIO
+    from cascade.run.checkpoint_io import AtomicCheckpointIO
     calls = []
     write = AtomicCheckpointIO.write
     def half_then_die(self, checkpoint, file):
@@ -295,7 +295,7 @@ if what == "checkpoint":  # the second checkpoint's write is cut off half way
         write(self, checkpoint, file)
     AtomicCheckpointIO.write = half_then_die
 else:  # the hand-over dies in the middle of writing its first shard
-    from cascade.storage import TensorDirWriter
+    from cascade.data.storage import TensorDirWriter
     append = TensorDirWriter.append
     def append_then_die(self, name, chunk):
         append(self, name, chunk)

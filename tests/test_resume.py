@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cascade.shards import load_parts
+from cascade.data.shards import load_parts
 from conftest import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]

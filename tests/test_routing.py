@@ -3,7 +3,8 @@ import torch
 from torch.testing import assert_close
 
 from cascade import LLM, SequenceData, create_sequence_data, Ensemble
-from cascade.routing import compact_hard_tokens, hard_mask, quantile
+from cascade.routing.compaction import compact_hard_tokens
+from cascade.routing.threshold import hard_mask, quantile
 from conftest import token_batches, tiny_model
 
 
@@ -105,9 +106,9 @@ def test_equal_scores_give_an_empty_hard_set_error():
 
 @pytest.mark.parametrize("host_memory_bytes", [0, 1 << 30], ids=["through-a-file", "in-host-memory"])
 def test_hand_over_streamed_to_disk_equals_the_in_memory_one(tmp_path, monkeypatch, host_memory_bytes):
-    import cascade.routing as routing
+    import cascade.routing.compaction as routing
     from cascade import SequenceData as SD
-    from cascade.handover import collect_hard_tokens
+    from cascade.routing.handover import collect_hard_tokens
 
     monkeypatch.setattr(routing, "CHUNK_TOKENS", 7)  # many chunks, boundaries inside sequences
     llm = LLM(tiny_model("llama"))
@@ -126,13 +127,19 @@ def test_hand_over_streamed_to_disk_equals_the_in_memory_one(tmp_path, monkeypat
 def test_a_process_with_no_tokens_hands_over_an_empty_part_of_hidden_states(tmp_path):
     """Under data parallelism a process may get no sequence; its part must still be hidden states of the LLM's width,
     so that the parts merge."""
-    from cascade.routing import route
+    from cascade.routing.handover import collect_hard_tokens
 
     llm = LLM(tiny_model("gpt2"))
     data = create_sequence_data(Ensemble([llm]), token_batches(1))
     nothing = data.select(torch.arange(0))
     seen = []
-    handed = route(llm, nothing, 4, threshold_of=lambda scores: seen.append(scores.numel()) or 0.5, path=tmp_path / "part").hard
+    others = torch.tensor([0.2, 0.4, 0.6, 0.8])  # the other processes' scores
+
+    def all_gather(scores):
+        seen.append(scores.numel())
+        return torch.cat([scores, others])
+
+    handed = collect_hard_tokens(llm, nothing, 0.3, 4, all_gather, path=tmp_path / "part").hard
     assert seen == [0], "the process still takes part in the threshold"
     assert handed.num_tokens == 0 and handed.input_type == "hidden_states" and tuple(handed.inputs.shape) == (0, llm.dim)
     assert handed.inputs.dtype == torch.bfloat16

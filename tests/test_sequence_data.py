@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from cascade import SequenceData, storage
-from cascade.packing import best_fit_decreasing, block_causal_mask, next_fit_row_starts, segment_arange
+from cascade import SequenceData
+from cascade.data import storage
+from cascade.data.packing import best_fit_decreasing, block_causal_mask, next_fit_row_starts, segment_arange
 from cascade.sequence_data import IGNORE_INDEX
 
 
@@ -235,7 +236,7 @@ def test_truncated_file_and_missing_manifest_are_detected(tmp_path):
 
 
 def test_data_without_stored_positions_batches_selects_compacts_and_saves_as_with_them(tmp_path):
-    from cascade.routing import compact_hard_tokens
+    from cascade.routing.compaction import compact_hard_tokens
 
     stored = SequenceData.from_token_batches([(torch.arange(24).view(4, 6), torch.arange(1, 25).view(4, 6))])
     implicit = SequenceData(stored.inputs, stored.targets, None, stored.offsets, stored.sequence_ids)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cascade.shards import is_complete, load_parts, save_part
+from cascade.data.shards import is_complete, load_parts, save_part
 from test_sequence_data import random_data
 
 
@@ -55,7 +55,7 @@ def test_batch_aligned_shards_form_exactly_the_batches_of_one_process():
 
 
 def test_merging_parts_streams_them_into_one_identical_part(tmp_path):
-    from cascade.shards import merge_parts
+    from cascade.data.shards import merge_parts
 
     data = random_data([3, 1, 4, 1, 5, 9, 2], width=4)
     for rank in range(3):

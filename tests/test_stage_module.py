@@ -9,7 +9,7 @@ from cascade import LLM, SequenceData
 from conftest import VOCAB, tiny_model
 from datamodules import SequenceDataModule
 from lightning_modules import StageModule
-from cascade.optim import warmup_cosine
+from cascade.training.optim import warmup_cosine
 
 
 def test_stage0_loss_is_the_mean_cross_entropy_of_the_hf_logits():

@@ -7,9 +7,9 @@ import torch
 
 from cascade import LLM, SequenceData
 from cascade.fit import main
-from cascade.inference import run_llm
-from cascade.routing import compact_hard_tokens
-from cascade.warm_start import identity_start
+from cascade.routing.scoring import run_llm
+from cascade.routing.compaction import compact_hard_tokens
+from cascade.training.warm_start import identity_start
 from conftest import tiny_model, token_batches, write_corpus
 from test_fit import tiny_args
 

@@ -1,6 +1,6 @@
 """Confidence exit after one layer with true layer skipping (DESIGN rule 6), on the model's own layers.
 
-`run_until` runs layers 1..e of the model's layer loop (`cascade.layer_loop`); `run_from` runs layers e + 1..L on a
+`run_until` runs layers 1..e of the model's layer loop (`cascade.model.layer_loop`); `run_from` runs layers e + 1..L on a
 residual stream after e, so the tokens that exited at e are never computed by the later layers.
 """
 
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 import torch
 from torch import Tensor
 
-from cascade.inference import autocast_for
-from cascade.layer_exits import check_exit_layer, layer_output
-from cascade.losses import next_token_loss, token_cross_entropy, vocab_logits
-from cascade.packing import gather_index
+from cascade.routing.scoring import autocast_for
+from cascade.training.layer_exits import check_exit_layer, layer_output
+from cascade.training.losses import next_token_loss, token_cross_entropy, vocab_logits
+from cascade.data.packing import gather_index
 from cascade.sequence_data import Batch, SequenceData
 
 if TYPE_CHECKING:

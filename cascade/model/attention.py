@@ -26,7 +26,7 @@ from torch import Tensor
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from cascade.packing import block_causal_mask
+from cascade.data.packing import block_causal_mask
 
 ATTENTION = "cascade_sdpa"  # "sdpa" in the name: transformers then checks the model supports SDPA
 

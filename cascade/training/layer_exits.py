@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from cascade.losses import next_token_loss
+from cascade.training.losses import next_token_loss
 
 if TYPE_CHECKING:
     from cascade.llm import LLM

@@ -13,11 +13,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.checkpoint_io import AtomicCheckpointIO
+from cascade.run.checkpoint_io import AtomicCheckpointIO
 from callbacks.progress import default_progress_bar
 from cascade.llm import LLM
-from cascade.report import format_handover, format_training
-from cascade.run_state import checksums, mark_stage_done, read_done, stage_dir
+from cascade.run.report import format_handover, format_training
+from cascade.run.state import checksums, mark_stage_done, read_done, stage_dir
 from cascade.utils import default_precision
 
 TRAINER_DEFAULTS = {"gradient_clip_val": 1.0}  # Lightning Trainer settings a stage starts from
@@ -47,7 +47,7 @@ def stage_trainer_settings(settings: Mapping, run_dir: str | os.PathLike | None,
 def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing: dict, handover: dict | None,
                  handed_over_only: bool, settings: dict | None = None) -> None:
     """After stage k's fit: print its phases, save its LLM and the run's tokenizer (`text`'s), and mark the stage done
-    (`done.json`, with the files' checksums and the `settings` it trained with, `cascade.run_state.stage_settings`).
+    (`done.json`, with the files' checksums and the `settings` it trained with, `cascade.run.state.stage_settings`).
     `handed_over_only`: the stage was trained before and only handed over now; it keeps its training's figures."""
     stage_path = stage_dir(run_dir, k)
     info = (read_done(stage_path) or {}) if handed_over_only else {"settings": settings}

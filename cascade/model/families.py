@@ -12,15 +12,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-if TYPE_CHECKING:
-    from cascade.llm import LLM
+# (x (B, T) token ids, position_ids=None, segment_ids=None) -> the final hidden states (B, T, D) the LM head reads
+Forward = Callable[..., Tensor]
 
 
 class FamilyRefused(ValueError):
@@ -29,6 +29,15 @@ class FamilyRefused(ValueError):
 
 def family(model: PreTrainedModel) -> str:
     return f"{type(model).__name__} (model type {model.config.model_type!r})"
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The model's stack of decoder layers: the ModuleList of `num_hidden_layers` modules in its base model."""
+    n = model.config.get_text_config().num_hidden_layers
+    for module in backbone(model).modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}: no nn.ModuleList of that length")
 
 
 def backbone(model: PreTrainedModel) -> nn.Module:
@@ -127,11 +136,11 @@ def find_final_norm(model: PreTrainedModel, layers: nn.ModuleList) -> list[nn.Mo
     return modules
 
 
-def _reads_context(llm: "LLM", x: Tensor, h: Tensor) -> bool:
+def _reads_context(forward: Forward, x: Tensor, h: Tensor, vocab: int) -> bool:
     """Whether the outputs after the first token change with the first token."""
     changed = x.clone()
-    changed[0, 0] = (changed[0, 0] + 1) % llm.base_llm.get_input_embeddings().weight.shape[0]
-    return not _close(llm(changed, history=())[0][:, 1:], h[:, 1:])
+    changed[0, 0] = (changed[0, 0] + 1) % vocab
+    return not _close(forward(changed)[:, 1:], h[:, 1:])
 
 
 def _probe_ids(model: PreTrainedModel, batch: int, length: int) -> Tensor:
@@ -146,17 +155,16 @@ def _close(a: Tensor, b: Tensor) -> bool:
 
 
 @torch.no_grad()
-def check_family(llm: "LLM") -> str | None:
-    """Tiny forwards that `llm` must pass to be run exactly (raises FamilyRefused, a ValueError naming the family and
-    why, otherwise). Returns why it can only be LLM 0 of a cascade (which sees whole windows in order), or None:
-    later LLMs read packed rows of compacted tokens at their original positions, which a family that takes
-    positions from token order (ALiBi, positions from the mask) or cannot take a block-causal mask cannot honour."""
-    model = llm.base_llm
+def check_family(model: PreTrainedModel, layers: nn.ModuleList, forward: Forward, logits: Callable[[Tensor], Tensor]) -> str | None:
+    """Tiny forwards that a wrapping of `model` must pass to run it exactly (raises FamilyRefused, a ValueError naming
+    the family and why, otherwise): `forward` is the wrapping's forward through the decoder `layers` (in eval mode),
+    `logits` its logits of final hidden states. Returns why it can only be LLM 0 of a cascade (which sees whole windows
+    in order), or None: later LLMs read packed rows of compacted tokens at their original positions, which a family
+    that takes positions from token order (ALiBi, positions from the mask) or cannot take a block-causal mask cannot
+    honour."""
     name = family(model)
-    was_training = llm.training
-    llm.eval()
     try:
-        return _check_family(llm, model, name)
+        return _check_family(model, layers, forward, logits, name)
     except FamilyRefused:
         raise
     except Exception as e:  # the model's own code fails on what cascade gives it
@@ -164,8 +172,6 @@ def check_family(llm: "LLM") -> str | None:
             f"{name} cannot be run by cascade: its forward fails on the inputs cascade gives it (hidden states, "
             f"position ids: {type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from e
-    finally:
-        llm.train(was_training)
 
 
 SOFTMAX_ATTENTION = {"full_attention", "sliding_attention", "chunked_attention"}  # transformers' layer_types
@@ -175,26 +181,32 @@ def _has_attention(layer: nn.Module) -> bool:
     return any("attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower() for m in layer.modules())
 
 
-def _check_family(llm: "LLM", model: PreTrainedModel, name: str) -> str | None:
-    """`check_family`'s forwards (the LLM in eval mode, no gradients)."""
-    other = sorted(set(getattr(llm.config, "layer_types", None) or ()) - SOFTMAX_ATTENTION)
+def _check_kinds(layers: nn.ModuleList, config, name: str) -> None:
+    """Refuse layers that are not softmax attention."""
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - SOFTMAX_ATTENTION)
     if other:
         raise FamilyRefused(
             f"{name} has layers of kind {other}, not softmax attention (linear attention, state-space or convolution "
             "layers carry a state along a row, across the sequences cascade packs into it)"
         )
-    if not all(_has_attention(layer) for layer in llm.layers):
+    if not all(_has_attention(layer) for layer in layers):
         raise FamilyRefused(
             f"{name} has decoder layers without attention (state-space, recurrent or convolution layers): they carry "
             "information along a row, across the sequences cascade packs into it, and past the tokens a stage drops"
         )
+
+
+def _check_family(model: PreTrainedModel, layers: nn.ModuleList, forward: Forward, logits: Callable[[Tensor], Tensor],
+                  name: str) -> str | None:
+    """`check_family`'s forwards (no gradients)."""
+    _check_kinds(layers, model.config.get_text_config(), name)
     x = _probe_ids(model, 1, 12)
-    reference = model(input_ids=x, use_cache=False).logits[..., : llm.vocab_size]
-    calls = [0] * len(llm.layers)
+    reference = model(input_ids=x, use_cache=False).logits
+    calls = [0] * len(layers)
     counting = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
-                for i, layer in enumerate(llm.layers)]
+                for i, layer in enumerate(layers)]
     try:
-        h, _ = llm(x, history=())
+        h = forward(x)
     finally:
         for handle in counting:
             handle.remove()
@@ -203,28 +215,34 @@ def _check_family(llm: "LLM", model: PreTrainedModel, name: str) -> str | None:
             f"{name} calls its decoder layers {calls} times in a forward (a looped or recurrent-depth model): the "
             "residual stream after each layer, which exit scores and layer exits read, is not defined"
         )
-    if not _close(llm.get_logits(h), reference):
+    own = logits(h)
+    if not _close(own, reference[..., : own.shape[-1]]):
         raise FamilyRefused(f"{name}: its logits cannot be reproduced from its final hidden states and LM head")
+    vocab = model.get_input_embeddings().weight.shape[0]
     changed = x.clone()
-    changed[0, -1] = (changed[0, -1] + 1) % model.get_input_embeddings().weight.shape[0]
-    h_changed, _ = llm(changed, history=())
-    if not _close(h_changed[:, :-1], h[:, :-1]):
+    changed[0, -1] = (changed[0, -1] + 1) % vocab
+    if not _close(forward(changed)[:, :-1], h[:, :-1]):
         raise FamilyRefused(f"{name} is not a causal language model: a later token changes the outputs of earlier ones")
+    return _check_positions(forward, x, h, vocab, name)
+
+
+def _check_positions(forward: Forward, x: Tensor, h: Tensor, vocab: int, name: str) -> str | None:
+    """Packed rows computed as each sequence alone, and positions read from `position_ids` (else: LLM 0 only)."""
     lengths = (5, 4, 3)
     positions = torch.cat([torch.arange(n) for n in lengths])[None].to(x.device)
     segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None].to(x.device)
     try:
-        packed, _ = llm(x, position_ids=positions, segment_ids=segments, history=())
+        packed = forward(x, position_ids=positions, segment_ids=segments)
     except Exception as e:
         return f"it cannot take the block-causal mask of packed rows ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    alone = torch.cat([llm(part, history=())[0] for part in x.split(lengths, dim=1)], dim=1)
+    alone = torch.cat([forward(part) for part in x.split(lengths, dim=1)], dim=1)
     if not _close(packed, alone):
         raise FamilyRefused(
             f"{name}: a sequence packed in a row with others is not computed as it is alone (an attention pattern "
             "cascade cannot express); cascade packs the hard tokens of several sequences into a row"
         )
     gapped = torch.tensor([[0, 1, 2, 6, 7, 11, 12, 13, 17, 18, 19, 20]], device=x.device)
-    h_gapped, _ = llm(x, position_ids=gapped, history=())
-    if _close(h_gapped, h) and _reads_context(llm, x, h):  # weights that ignore context (an identity start) ignore positions too
+    # weights that ignore context (an identity start) ignore positions too
+    if _close(forward(x, position_ids=gapped), h) and _reads_context(forward, x, h, vocab):
         return "it takes its positions from the order of its tokens (ALiBi, or positions from the attention mask), not from position_ids"
     return None

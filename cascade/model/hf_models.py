@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as transformers_logging
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from cascade.hub import require_hub
+from cascade.model.hub import require_hub
 
 UNPADDED_VOCAB = "unpadded_vocab_size"  # config field set by `pad_vocab`: the real vocabulary below the padding
 

@@ -11,8 +11,9 @@ import time
 import zipfile
 from pathlib import Path
 
-from cascade.shards import is_complete, verify_parts
-from cascade.storage import file_checksum, write_json_atomic
+from cascade.data.shards import is_complete, verify_parts
+from cascade.ensemble import stage_dir
+from cascade.data.storage import file_checksum, write_json_atomic
 
 DONE = "done.json"
 LOCK = ".lock"
@@ -159,11 +160,6 @@ class RunLock:
         self._file.flush()
         fcntl.flock(self._file, fcntl.LOCK_UN)
         self._file.close()
-
-
-def stage_dir(run_dir: str | os.PathLike, k: int) -> Path:
-    """Where stage k of a run keeps its model, logs and hand-over."""
-    return Path(run_dir) / f"stage_{k}"
 
 
 def check_stage_selection(run_dir: str | os.PathLike, stage: int | None, num_stages: int) -> None:

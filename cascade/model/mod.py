@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cascade.attention import ATTENTION
-from cascade.packing import gather_index
-
-if TYPE_CHECKING:
-    from cascade.llm import LLM
+from cascade.model.attention import ATTENTION
+from cascade.data.packing import gather_index
 
 _PER_TOKEN = ("attention_mask", "position_ids", "position_embeddings")  # layer inputs with a T axis that we gather
 
@@ -93,27 +89,28 @@ def _gather_tokens(value: Tensor, index: Tensor) -> Tensor:
 
 
 class MixtureOfDepths(nn.Module):
-    """Routers for the routed layers of one LLM, applied by its layer loop (`LLM.enable_mod`, or `routing(llm)`).
+    """Routers for the routed layers among a model's decoder layers, applied by its layer loop (`LLM.enable_mod`, or
+    `LLM.routed_by`).
 
-    `capacity` in (0, 1]: the fraction of each sequence's tokens a routed layer processes in
-    training. `layers` (1-indexed): the routed layers; default every other layer, 2, 4, ...
-    After each forward: `selected[l]` (B, T) bool, `layer_tokens[l]` (tokens the layer ran on,
+    `decoder_layers`: the model's decoder layers, of width `dim`. `capacity` in (0, 1]: the fraction of each
+    sequence's tokens a routed layer processes in training. `layers` (1-indexed): the routed layers; default every other
+    layer, 2, 4, ... After each forward: `selected[l]` (B, T) bool, `layer_tokens[l]` (tokens the layer ran on,
     padding slots included) and `aux_loss()`.
     """
 
-    def __init__(self, llm: "LLM", capacity: float, layers: list[int] | None = None):
+    def __init__(self, decoder_layers: Sequence[nn.Module], dim: int, capacity: float, layers: list[int] | None = None):
         super().__init__()
         if not 0 < capacity <= 1:
             raise ValueError(f"capacity must be in (0, 1], got {capacity}")
-        L = llm.num_layers
+        L = len(decoder_layers)
         layers = list(range(2, L + 1, 2)) if layers is None else list(layers)
         bad = [layer for layer in layers if not (isinstance(layer, int) and 1 <= layer <= L)]
         if bad or not layers or len(set(layers)) != len(layers):
             raise ValueError(f"Mixture-of-Depths layers must be distinct layers of 1..{L} (1-indexed), at least one; got {layers}")
         self.capacity, self.layers, self.num_layers = capacity, sorted(layers), L
-        weight = llm.base_llm.get_input_embeddings().weight
-        self._input_names = {l: _positional_names(llm.layers[l - 1]) for l in self.layers}
-        self.routers = nn.ModuleDict({str(l): nn.Linear(llm.dim, 1, device=weight.device, dtype=weight.dtype) for l in self.layers})
+        weight = next(decoder_layers[0].parameters())  # the routers' device and dtype
+        self._input_names = {l: _positional_names(decoder_layers[l - 1]) for l in self.layers}
+        self.routers = nn.ModuleDict({str(l): nn.Linear(dim, 1, device=weight.device, dtype=weight.dtype) for l in self.layers})
         self._reset(None)
 
     def _reset(self, segment_ids: Tensor | None) -> None:
@@ -143,7 +140,7 @@ class MixtureOfDepths(nn.Module):
     def aux_loss(self) -> Tensor:
         """Σ over routed layers of the router's BCE against its own top-k membership, on the last forward."""
         if not self._bce:
-            raise RuntimeError("aux_loss() needs a forward inside `routing(llm)` first")
+            raise RuntimeError("aux_loss() needs a forward routed by these routers first")
         return sum(self._bce.values())
 
     def layers_run(self) -> Tensor:
@@ -155,13 +152,13 @@ class MixtureOfDepths(nn.Module):
         layers = self.layers_run()
         return float((layers if self._real is None else layers[self._real]).mean()) / self.num_layers
 
-    def begin(self, llm: "LLM", segment_ids: Tensor | None = None) -> None:
-        """Start a forward of `llm` (`LLM.forward` calls this), whose rows have `segment_ids` (padding -1)."""
-        implementation = llm.base_llm.config._attn_implementation
+    def begin(self, implementation: str, num_layers: int, segment_ids: Tensor | None = None) -> None:
+        """Start a forward (`LLM.forward` calls this) of a model of attention `implementation` and `num_layers` decoder
+        layers, whose rows have `segment_ids` (padding -1)."""
         if implementation not in ("sdpa", "eager", ATTENTION):
             raise ValueError(f"Mixture-of-Depths needs attn_implementation 'sdpa' or 'eager', got {implementation!r}")
-        if llm.num_layers != self.num_layers:
-            raise ValueError(f"these routers were built for {self.num_layers} layers, but the LLM has {llm.num_layers}")
+        if num_layers != self.num_layers:
+            raise ValueError(f"these routers were built for {self.num_layers} layers, but the LLM has {num_layers}")
         self._reset(segment_ids)
 
     def run_layer(self, number: int, layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
@@ -191,18 +188,6 @@ class MixtureOfDepths(nn.Module):
         if valid is not None:
             mixed = torch.where(valid[..., None], mixed, x_kept)
         return x.scatter(1, index[..., None].expand_as(mixed), mixed)
-
-    @contextmanager
-    def routing(self, llm: "LLM", segment_ids: Tensor | None = None) -> Iterator["MixtureOfDepths"]:
-        """Route the forwards of `llm` inside by these routers (for routers not enabled on it with `LLM.enable_mod`);
-        the segment ids are those given to `llm`."""
-        before = llm.mod
-        llm.layer_loop  # built here, not inside a compiled forward
-        llm.mod = self
-        try:
-            yield self
-        finally:
-            llm.mod = before
 
 
 def _positional_names(layer: nn.Module) -> list[str]:

@@ -15,12 +15,13 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
 from cascade.exit_fn import learned_exit_fn
-from cascade.handover import collect_hard_tokens
-from cascade.inference import run_llm
-from cascade.learned_exit import fit_exit_router
-from cascade.routing import check_hard_ratio, route
+from cascade.routing.handover import collect_hard_tokens
+from cascade.routing.scoring import run_llm
+from cascade.routing.learned_exit import fit_exit_router
+from cascade.routing.threshold import check_hard_ratio
+from cascade.routing.route import route
 from cascade.sequence_data import SequenceData
-from cascade.shards import merge_parts, part_name
+from cascade.data.shards import merge_parts, part_name
 
 
 def gather_variable(strategy: Strategy, t: Tensor) -> Tensor:
@@ -72,7 +73,7 @@ class StageHandover(Callback):
     of scores. Every token's hidden state waits for the threshold in GPU memory if they take at most half
     of what is free there, else in host memory up to `host_memory_gb`, beyond which they go through a
     temporary file and host memory holds a batch of them. With the learned exit function (`exit_fn: learned`), its
-    router is fitted first (`cascade.learned_exit`), unless the stage trained no step and the LLM came with one.
+    router is fitted first (`cascade.routing.learned_exit`), unless the stage trained no step and the LLM came with one.
     The exit-score histogram, the threshold, the hard fractions and the hand-over's wall time go to the logger and
     to `stats`.
 

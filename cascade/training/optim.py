@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Mapping
 
-from cascade.layer_exits import parameters_by_layer
+from cascade.training.layer_exits import parameters_by_layer
 
 if TYPE_CHECKING:
     from cascade.llm import LLM

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from cascade.sequence_data import SequenceData, manifest_meta
-from cascade.storage import TensorDirWriter, read_manifest
+from cascade.data.storage import TensorDirWriter, read_manifest
 
 _PART = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 

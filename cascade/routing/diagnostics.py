@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 
-from cascade.flops import forward_flops_per_token
-from cascade.inference import TokenOutputs, run_llm
-from cascade.routing import compact_hard_tokens, quantile
+from cascade.model.flops import forward_flops_per_token
+from cascade.routing.scoring import TokenOutputs, run_llm
+from cascade.routing.compaction import compact_hard_tokens
+from cascade.routing.threshold import quantile
 from cascade.sequence_data import SequenceData
 
 if TYPE_CHECKING:
-    from cascade.ensemble import Ensemble
     from cascade.llm import LLM
 
 SWEEP_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -65,16 +65,16 @@ def routing_bound(out: TokenOutputs, data: SequenceData, next_llm: "LLM", count:
     return {"hard_fraction": count / data.num_tokens, "ppl": ppl}
 
 
-def sweep_compute(ensemble: "Ensemble", data: SequenceData, batch_size: int, fractions: Sequence[float] = SWEEP_FRACTIONS,
+def sweep_compute(llms: Sequence["LLM"], data: SequenceData, batch_size: int, fractions: Sequence[float] = SWEEP_FRACTIONS,
                   **run_options) -> list[dict]:
-    """The perplexity-vs-compute curve of `ensemble` on `data` (stage-0 tokens): for each fraction q, every LLM but
+    """The perplexity-vs-compute curve of the cascade `llms` on `data` (stage-0 tokens): for each fraction q, every LLM but
     the last hands on the q of the tokens reaching it that score lowest (q = 0: LLM 0 alone; q = 1: every token
     through every LLM), the later LLMs run on exactly those tokens (true early exit). Returns, per q, `hard_fraction`,
     `ppl` and `compute_fraction` (forward FLOPs relative to every LLM on every token). LLM 0 runs once."""
-    llms, total = list(ensemble.llms), data.num_tokens
+    total = data.num_tokens
     context = int(data.lengths.max())
     run_options.setdefault("row_length", context)  # one batch shape at every fraction: compiled once per LLM
-    flops = [forward_flops_per_token(llm, context) for llm in llms]
+    flops = [forward_flops_per_token(llm.base_llm, context) for llm in llms]
     last = len(llms) - 1
     first = run_llm(llms[0], data, batch_size, scores=last > 0, hidden=last > 0, nll=True, **run_options)
     curve = []

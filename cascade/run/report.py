@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cascade.utils import human
+
 
 def format_eval_table(stats: dict) -> str:
     """Render `Ensemble.evaluate`'s result: one row per LLM, then the overall figures."""
@@ -68,14 +70,6 @@ def format_layer_exit_table(report: dict) -> str:
     for point in report["sweep"]:
         lines.append(f"{point['threshold']:>9.2f} {point['exit_fraction']:>9.1%} {point['routed_ppl']:>10.2f} {point['compute_fraction']:>8.1%}")
     return "\n".join(lines)
-
-
-def human(n: float) -> str:
-    """A count for a line of text: 950, 12.3k, 7.9M, 1.2B."""
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.{1 if abs(n) < 100 * scale else 0}f}{suffix}"
-    return f"{n:.0f}"
 
 
 def format_training(k: int, train: dict) -> str:

@@ -5,18 +5,19 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Iterable, Mapping
 
 import torch
-import torch._inductor.config
 from torch import Tensor
 
 from cascade.exit_fn import ExitFn, history_indices
-from cascade.losses import token_cross_entropy, vocab_logits
+from cascade.model.compile import apply_compile
+from cascade.training.losses import token_cross_entropy, vocab_logits
 from cascade.sequence_data import SequenceData
+from cascade.utils import eval_mode
 
 if TYPE_CHECKING:
     from cascade.llm import LLM
@@ -104,7 +105,7 @@ def run_llm(
                                 device if hidden_on_device else "cpu", exit_fns, layers=nll and llm.mod is not None)
     forward_context = forward_context or partial(autocast_for, device)
     residual = hidden and (llm.hands_over_residual if residual is None else residual)
-    with _HostStore(out, hidden_file, device) as store, _eval_mode(llm):
+    with _HostStore(out, hidden_file, device) as store, eval_mode(llm):
         step = _Step(llm, data.input_type, scores, residual, hidden, nll, exit_fns, compile)
         # one shape for every batch, the last one too: compiled, each other shape would be compiled again
         for batch in data.batches(batch_size, row_length, fixed_length=True, pad_last_batch=compile):
@@ -114,23 +115,6 @@ def run_llm(
                 results = step(on_device, pick)
             store.push(index, results)
     return out
-
-
-def compile_options() -> dict:
-    """Inductor's deterministic mode for a scoring pass: no kernel configuration chosen by timing it on the device
-    where the choice changes the numbers (a reduction's block size changes its summation order). Else the choice, and
-    so the exit scores near the threshold, could differ between two runs, or between 1 and 2 processes handing over."""
-    return {"deterministic": True} if hasattr(torch._inductor.config, "deterministic") else {}
-
-
-@contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def _place(batch, device: torch.device) -> tuple[Tensor, Tensor | None, object]:
@@ -157,7 +141,7 @@ class _Step:
             history = None if wanted is None or history is None else tuple({*history, *wanted})
         self.history = history
         # not Mixture-of-Depths: in eval mode its layers route a data-dependent number of tokens, a graph per count
-        self.forward = torch.compile(llm, dynamic=False, options=compile_options()) if compile and llm.mod is None else llm
+        self.forward = apply_compile(llm, deterministic=True) if compile and llm.mod is None else llm
 
     def __call__(self, b, pick: Tensor | None) -> dict[str, Tensor]:
         llm, results = self.llm, {}

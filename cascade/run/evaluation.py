@@ -11,12 +11,13 @@ from typing import Callable, ContextManager
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from cascade.diagnostics import sweep_compute
-from cascade.ensemble import Ensemble, create_sequence_data
-from cascade.layer_skip import layer_perplexities, threshold_sweep
-from cascade.report import format_diagnostics, format_eval_table, format_layer_exit_table, plot_curve
-from cascade.run_state import read_done, stage_dir
-from cascade.utils import compiles
+from cascade.routing.diagnostics import sweep_compute
+from cascade.ensemble import Ensemble, check_token_ids
+from cascade.routing.evaluation import evaluate_ensemble
+from cascade.routing.layer_skip import layer_perplexities, threshold_sweep
+from cascade.run.report import format_diagnostics, format_eval_table, format_layer_exit_table, plot_curve
+from cascade.run.state import read_done, stage_dir
+from cascade.model.compile import compiles
 
 SWEEP_THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01)  # 0: every token exits; 1.01: none does
 
@@ -39,23 +40,24 @@ def evaluate_run(
 ) -> dict:
     """True early exit of the first `num_llms` LLMs saved in `run_dir` on `text`'s validation split (or on `files`),
     on `device` with each forward in `forward_context()` (a Trainer's precision plugin's; `precision` names it), compiled
-    per `compile` (`cascade.utils.compiles`). With `curve`, also
+    per `compile` (`cascade.model.compile.compiles`). With `curve`, also
     the hand-over-fraction sweep; with `exit_layer`, each layer's exit perplexity and a threshold sweep of LLM 0.
     Prints the table; writes `eval.json` and the TensorBoard scalars; returns the statistics."""
     ensemble = Ensemble.from_pretrained(run_dir, num_llms=num_llms).to(device)
     start = time.perf_counter()
     run = {"compile": compiles(compile, device), "forward_context": forward_context}
-    batches = text.token_batches(batch_size=batch_size, data=text.file_data(files) if files else None)
-    stats = ensemble.evaluate(batches, batch_size, routing_bound=routing_bound, **run)
+    text.setup()
+    data = check_token_ids(text.file_data(files) if files else text.val_data, ensemble.vocab_size)
+    stats = evaluate_ensemble(ensemble.llms, data, batch_size, routing_bound=routing_bound, **run)
     if curve and len(ensemble) > 1:
-        stats["curve"] = sweep_compute(ensemble, create_sequence_data(ensemble, batches), batch_size, **run)
+        stats["curve"] = sweep_compute(ensemble.llms, data, batch_size, **run)
     print(f"\nTrue early-exit evaluation of {run_dir} on {', '.join(files) if files else 'the validation split'} ({device}, {precision}):")
     print(format_eval_table(stats))
     print(format_diagnostics(stats))
     if "curve" in stats and plot_curve(stats, run_dir / "eval_curve.png"):
         print(f"the curve: {run_dir / 'eval_curve.png'}")
     if exit_layer is not None:
-        llm, data = ensemble.llms[0], text.val_data
+        llm = ensemble.llms[0]
         thresholds = sorted({*SWEEP_THRESHOLDS, routing_threshold})
         stats["layer_exits"] = {
             "llm": 0, "exit_layer": exit_layer, "layer_ppl": layer_perplexities(llm, data, batch_size, forward_context),

@@ -1,4 +1,4 @@
-"""Fitting an LLM's exit router (the learned exit function, `cascade.exit_router`) to its own token loss."""
+"""Fitting an LLM's exit router (the learned exit function, `cascade.model.exit_router`) to its own token loss."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from cascade.diagnostics import auroc, hard_by_loss
-from cascade.exit_router import ExitRouter
-from cascade.inference import run_llm
+from cascade.routing.diagnostics import auroc, hard_by_loss
+from cascade.model.exit_router import ExitRouter
+from cascade.routing.scoring import run_llm
 from cascade.sequence_data import SequenceData
 
 if TYPE_CHECKING:

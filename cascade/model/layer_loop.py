@@ -11,12 +11,9 @@ real model is never modified, so a compiled forward sees one static module.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from cascade.llm import LLM
 
 
 def _first(output):
@@ -46,16 +43,16 @@ LayerCall = tuple[tuple, dict]  # the positional (after the hidden states) and k
 
 
 class LayerLoop:
-    """Decoder layers of `llm` called one at a time, with the inputs its backbone gives them."""
+    """The decoder `layers` of a model's `backbone` called one at a time, with the inputs the backbone gives them."""
 
-    def __init__(self, llm: "LLM", backbone: nn.Module):
-        name = next((key for key, module in backbone.named_children() if module is llm.layers), None)
+    def __init__(self, backbone: nn.Module, layers: nn.ModuleList):
+        name = next((key for key, module in backbone.named_children() if module is layers), None)
         if name is None:
             raise ValueError(f"{type(backbone).__name__} does not hold its decoder layers as a direct child; it cannot run them one at a time")
-        self.llm, self.calls, self.name = llm, [], name
+        self.layers, self.calls, self.name = layers, [], name
         self.view = copy.copy(backbone)  # a new module object whose children are the backbone's own...
         self.view._modules = dict(backbone._modules)  # ...but in a dict of its own, so that this is its alone:
-        self.view._modules[name] = nn.ModuleList(_Recorder(layer, self.calls) for layer in llm.layers)
+        self.view._modules[name] = nn.ModuleList(_Recorder(layer, self.calls) for layer in layers)
         self._backbone = [backbone]
 
     def layer_inputs(self, **backbone_inputs) -> tuple[Tensor, list[LayerCall]]:
@@ -68,8 +65,8 @@ class LayerLoop:
                 self.view._modules[key] = module
         self.calls.clear()
         self.view(**backbone_inputs)
-        if len(self.calls) != self.llm.num_layers:
-            raise ValueError(f"{type(self.view).__name__} called {len(self.calls)} of its {self.llm.num_layers} layers")
+        if len(self.calls) != len(self.layers):
+            raise ValueError(f"{type(self.view).__name__} called {len(self.calls)} of its {len(self.layers)} layers")
         return self.calls[0][0], [(args, kwargs) for _, args, kwargs in self.calls]
 
     def run(self, h: Tensor, calls: list[LayerCall], start: int, stop: int, history: list | None = None,
@@ -79,7 +76,7 @@ class LayerLoop:
         kwargs)`, where given, runs a layer instead of calling it (Mixture-of-Depths); it returns None to have the
         layer called as usual."""
         for number in range(start + 1, stop + 1):
-            layer, (args, kwargs) = self.llm.layers[number - 1], calls[number - 1]
+            layer, (args, kwargs) = self.layers[number - 1], calls[number - 1]
             out = layer_fn(number, layer, h, args, kwargs) if layer_fn is not None else None
             h = _first(layer(h, *args, **kwargs)) if out is None else out
             if history is not None:
