@@ -29,10 +29,11 @@ import torch
 
 from cascade.routing.handover import collect_hard_tokens
 from cascade.model.hf_models import build_causal_lm
-from cascade.routing.scoring import autocast_for, run_llm
+from cascade.model.forward_settings import ForwardSettings, autocast_for
+from cascade.routing.scoring import run_llm
 from cascade.llm import LLM
 from cascade.routing.compaction import CHUNK_TOKENS
-from cascade.routing.route import HOST_MEMORY_BYTES
+from cascade.routing.route import HOST_MEMORY_BYTES, HiddenBudget
 from cascade.data.storage import BLOCK_BYTES, HASH_THREADS, BlockDigest
 from cascade.sequence_data import SequenceData
 from synthetic import inference_arguments, random_windows  # benchmarks/synthetic.py
@@ -58,8 +59,8 @@ def hand_over(llm: LLM, data: SequenceData, batch_size: int, hard_ratio: float, 
               compile: bool = False) -> float:
     synchronize()
     start = time.perf_counter()
-    collect_hard_tokens(llm, data, hard_ratio, batch_size, path=path, host_memory_bytes=host_memory_bytes, gpu_memory=gpu_memory,
-                        compile=compile)
+    collect_hard_tokens(llm, data, hard_ratio, batch_size, settings=ForwardSettings(compile=compile), path=path,
+                        budget=HiddenBudget(gpu_memory=gpu_memory, host_memory_bytes=host_memory_bytes))
     return time.perf_counter() - start
 
 
@@ -67,7 +68,7 @@ def scoring_pass(llm: LLM, data: SequenceData, batch_size: int) -> float:
     """The hand-over's first part alone: scores, and hidden states kept on the GPU (in host memory on a CPU)."""
     synchronize()
     start = time.perf_counter()
-    run_llm(llm, data, batch_size, scores=True, hidden=True, hidden_on_device=True)
+    run_llm(llm, data, batch_size, scores=True, hidden="device")
     synchronize()
     return time.perf_counter() - start
 

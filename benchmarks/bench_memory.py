@@ -28,6 +28,7 @@ def measure(tokens: int, width: int, seq_len: int, workdir: Path, mode: str) -> 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from cascade.routing.handover import collect_hard_tokens
+    from cascade.routing.route import HiddenBudget
     from cascade.llm import LLM
     from cascade.sequence_data import SequenceData
     from datamodules.text import windows
@@ -41,9 +42,10 @@ def measure(tokens: int, width: int, seq_len: int, workdir: Path, mode: str) -> 
     llm = LLM(model)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if mode == "disk":
-        collect_hard_tokens(llm, data, 0.3, 16, path=workdir / f"part-{tokens}", host_memory_bytes=0)  # the file, however small
+        # the file, however small
+        collect_hard_tokens(llm, data, 0.3, 16, path=workdir / f"part-{tokens}", budget=HiddenBudget(host_memory_bytes=0))
     else:
-        collect_hard_tokens(llm, data, 0.3, 16, host_memory_bytes=None)[0].save(workdir / f"memory-part-{tokens}")
+        collect_hard_tokens(llm, data, 0.3, 16, budget=HiddenBudget(host_memory_bytes=None))[0].save(workdir / f"memory-part-{tokens}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"tokens": data.num_tokens, "peak_rss_mb": peak / 1024, "rss_before_mb": before / 1024}
 

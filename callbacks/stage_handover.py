@@ -7,6 +7,7 @@ import time
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -15,11 +16,12 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 
 from cascade.exit_fn import learned_exit_fn
+from cascade.model.forward_settings import ForwardSettings
 from cascade.routing.handover import collect_hard_tokens
 from cascade.routing.scoring import run_llm
-from cascade.routing.learned_exit import fit_exit_router
+from cascade.routing.learned_exit import fit_exit_classifier
 from cascade.routing.threshold import check_hard_ratio
-from cascade.routing.route import route
+from cascade.routing.route import HOST_MEMORY_BYTES, HiddenBudget, route
 from cascade.sequence_data import SequenceData
 from cascade.data.shards import merge_parts, part_name
 
@@ -47,17 +49,17 @@ def on_device(module: LightningModule, device: torch.device):
         module.to(before)
 
 
-def compile_scoring(llm, data: SequenceData, batch_size: int, **run) -> float:
-    """Compile the LLM's scoring forward for the hand-over's batch shape on the first batch of `data` (its outputs
-    unused), so that the hand-over itself is timed warm; returns the seconds it took."""
+def compile_scoring(llm, data: SequenceData, batch_size: int, settings: ForwardSettings) -> float:
+    """Compile the LLM's scoring forward (`settings`, compiled) for the hand-over's batch shape on the first batch of
+    `data` (its outputs unused), so that the hand-over itself is timed warm; returns the seconds it took."""
     start = time.perf_counter()
     if data.num_sequences:
         first = data.select(torch.arange(min(batch_size, data.num_sequences)))
-        run_llm(llm, first, batch_size, scores=True, hidden=True, hidden_on_device=True, compile=True, **run)
+        run_llm(llm, first, batch_size, settings=settings, scores=True, hidden="device")
     return time.perf_counter() - start
 
 
-ROUTER_DATA = ("train", "validation")
+CLASSIFIER_DATA = ("train", "validation")
 
 
 class StageHandover(Callback):
@@ -73,7 +75,8 @@ class StageHandover(Callback):
     of scores. Every token's hidden state waits for the threshold in GPU memory if they take at most half
     of what is free there, else in host memory up to `host_memory_gb`, beyond which they go through a
     temporary file and host memory holds a batch of them. With the learned exit function (`exit_fn: learned`), its
-    router is fitted first (`cascade.routing.learned_exit`), unless the stage trained no step and the LLM came with one.
+    exit classifier is fitted first (`cascade.routing.learned_exit`), unless the stage trained no step and the LLM
+    came with one.
     The exit-score histogram, the threshold, the hard fractions and the hand-over's wall time go to the logger and
     to `stats`.
 
@@ -86,7 +89,7 @@ class StageHandover(Callback):
             temporary file beside `output_dir`.
         after_last_stage: Also hand over after the last stage of a run (`cascade.fit`), so that the cascade can
             be extended later by more stages; by default the last stage hands over nothing.
-        router_data: Which of the stage's splits the learned exit function's router is fitted on: `train`, or
+        classifier_data: Which of the stage's splits the learned exit function's classifier is fitted on: `train`, or
             `validation` (tokens the LLM did not train on, whose loss is like that of new text: better where the LLM
             has seen its training tokens many times; keep the evaluation's text out of that split, `--eval_files`).
     """
@@ -96,17 +99,18 @@ class StageHandover(Callback):
         hard_ratio: float = 0.3,
         output_dir: str | None = None,
         batch_size: int | None = None,
-        host_memory_gb: float = 4.0,
+        host_memory_gb: float = HOST_MEMORY_BYTES / 1e9,
         after_last_stage: bool = False,
-        router_data: str = "train",
+        classifier_data: str = "train",
     ):
         check_hard_ratio(hard_ratio)
-        if router_data not in ROUTER_DATA:
-            raise ValueError(f"router_data must be one of {ROUTER_DATA}, got {router_data!r}")
+        if classifier_data not in CLASSIFIER_DATA:
+            raise ValueError(f"classifier_data must be one of {CLASSIFIER_DATA}, got {classifier_data!r}")
         if host_memory_gb < 0:
             raise ValueError(f"host_memory_gb must be >= 0, got {host_memory_gb}")
-        self.hard_ratio, self.output_dir, self.batch_size, self.router_data = hard_ratio, output_dir, batch_size, router_data
-        self.host_memory_bytes, self.after_last_stage = int(host_memory_gb * 1e9), after_last_stage
+        self.hard_ratio, self.output_dir, self.batch_size = hard_ratio, output_dir, batch_size
+        self.classifier_data, self.after_last_stage = classifier_data, after_last_stage
+        self.budget = HiddenBudget(host_memory_bytes=int(host_memory_gb * 1e9))
         self.stats: dict = {}
         self.train_next = self.val_next = None  # this process's part of the hand-over, for the Python API
 
@@ -117,22 +121,23 @@ class StageHandover(Callback):
         row_length = max((int(d.lengths.max()) for d in (data.train_data, data.val_data) if d.num_sequences), default=None)
         train, val = (data.train_data.shard(trainer.global_rank, trainer.world_size, batch_size, row_length),
                       data.val_data.shard(trainer.global_rank, trainer.world_size, batch_size, row_length))
-        run = {"row_length": row_length, "forward_context": trainer.precision_plugin.forward_context}
+        compiled = bool(getattr(pl_module, "compiled", False))
+        settings = ForwardSettings(row_length, compiled, trainer.precision_plugin.forward_context)
         with on_device(pl_module, trainer.strategy.root_device):
-            refit = llm.exit_fn is learned_exit_fn and (trainer.global_step > 0 or llm.exit_router is None)
-            router = self.fit_router(trainer, llm, batch_size, run) if refit else None
+            refit = llm.exit_fn is learned_exit_fn and (trainer.global_step > 0 or llm.exit_classifier is None)
+            classifier = self.fit_classifier(trainer, llm, batch_size, settings.forward_context) if refit else None
             compile_s = 0.0
-            if compiled := bool(getattr(pl_module, "compiled", False)):
-                compile_s = compile_scoring(llm, train, batch_size, **run)
+            if compiled:
+                compile_s = compile_scoring(llm, train, batch_size, settings)
                 trainer.strategy.barrier()  # the hand-over is timed from when every process has compiled
             start = time.perf_counter()
-            scores = self.hand_over(trainer, llm, train, val, batch_size, run, compiled)
+            scores = self.hand_over(trainer, llm, train, val, batch_size, settings)
             seconds = time.perf_counter() - start
             device = str(llm.device)
         scored = data.train_data.num_tokens + data.val_data.num_tokens
         self.stats.update(scored_tokens=scored, seconds=seconds, tokens_per_s=scored / seconds, compile_s=compile_s)
-        if router is not None:
-            self.stats.update({f"router_{k}": v for k, v in router.items()})
+        if classifier is not None:
+            self.stats.update({f"classifier_{k}": v for k, v in classifier.items()})
         for logger in trainer.loggers:  # loggers are active on rank 0 only
             logger.log_metrics({f"handover/{k}": v for k, v in self.stats.items()}, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger):
@@ -140,17 +145,18 @@ class StageHandover(Callback):
                 logger.experiment.flush()
         self.stats.update(device=device, compiled=compiled)  # where it ran (not logged: not a number)
 
-    def fit_router(self, trainer: Trainer, llm, batch_size: int, run: dict) -> dict:
-        """Fit the learned exit function's router on the first sequences of `router_data` (the same ones on every
-        process), then give every process rank 0's, so that all score alike; returns the fit's figures."""
-        data = trainer.datamodule.train_data if self.router_data == "train" else trainer.datamodule.val_data
-        figures = fit_exit_router(llm, data, batch_size, forward_context=run["forward_context"])
-        state = trainer.strategy.broadcast({k: v.cpu() for k, v in llm.exit_router.state_dict().items()}, src=0)
-        llm.exit_router.load_state_dict(state)
+    def fit_classifier(self, trainer: Trainer, llm, batch_size: int, forward_context: Callable[[], ContextManager]) -> dict:
+        """Fit the learned exit function's classifier on the first sequences of `classifier_data` (the same ones on
+        every process; eager, each forward in `forward_context()`), then give every process rank 0's, so that all
+        score alike; returns the fit's figures."""
+        data = trainer.datamodule.train_data if self.classifier_data == "train" else trainer.datamodule.val_data
+        figures = fit_exit_classifier(llm, data, batch_size, settings=ForwardSettings(forward_context=forward_context))
+        state = trainer.strategy.broadcast({k: v.cpu() for k, v in llm.exit_classifier.state_dict().items()}, src=0)
+        llm.exit_classifier.load_state_dict(state)
         return figures
 
     def hand_over(
-        self, trainer: Trainer, llm, train: SequenceData, val: SequenceData, batch_size: int, run: dict, compiled: bool
+        self, trainer: Trainer, llm, train: SequenceData, val: SequenceData, batch_size: int, settings: ForwardSettings
     ) -> Tensor:
         """Score, calibrate, compact this process's shares of both splits (into its part of `output_dir/train` and
         `output_dir/val`, or into memory without `output_dir`); sets `stats`, returns every process's scores."""
@@ -163,10 +169,10 @@ class StageHandover(Callback):
                     shutil.rmtree(out / split, ignore_errors=True)
             strategy.barrier()
             paths = {split: out / split / part_name(rank, world_size) for split in paths}
-        run = {**run, "compile": compiled, "host_memory_bytes": self.host_memory_bytes}
         gather = partial(gather_variable, strategy)
-        train, scores = collect_hard_tokens(llm, train, self.hard_ratio, batch_size, gather, path=paths["train"], **run)
-        val = route(llm, val, batch_size, path=paths["val"], **run).hard
+        train, scores = collect_hard_tokens(llm, train, self.hard_ratio, batch_size, gather, settings=settings,
+                                            path=paths["train"], budget=self.budget)
+        val = route(llm, val, batch_size, settings=settings, path=paths["val"], budget=self.budget).hard
         strategy.barrier()
         if self.output_dir and world_size > 1:  # one part, so that the next stage memory-maps it whole
             if rank == 0:

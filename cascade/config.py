@@ -10,18 +10,19 @@ class TrainerConfig:
 
     Args:
         batch_size: Rows per batch.
-        lr: Stage 0's peak learning rate (stage k uses `lr * lr_decay ** k`).
-        weight_decay: AdamW's weight decay.
-        warmup_steps: Linear warm-up of the learning rate, in steps.
-        hard_ratio: The fraction of each stage's training tokens handed to the next stage.
+        lr: Stage 0's peak learning rate (stage k uses `lr * lr_decay ** k`); None: `StageModule`'s default.
+        weight_decay: AdamW's weight decay; None: `StageModule`'s default.
+        warmup_steps: Linear warm-up of the learning rate, in steps; None: `StageModule`'s default.
+        hard_ratio: The fraction of each stage's training tokens handed to the next stage; None: `StageHandover`'s
+            default.
         output_dir: Each stage's hand-over and logs go under `output_dir/stage_k/`; None writes nothing.
         **trainer: Lightning `Trainer` arguments, given to it as they are (`max_epochs`, `max_steps`, `accelerator`,
             `devices`, `precision`, `gradient_clip_val`, `enable_progress_bar`, ...), over the API's defaults (one
             epoch unless `max_steps` is given, on one device, clipping at 1.0, the machine's precision: `cascade.llm_trainer.API_TRAINER_DEFAULTS`).
     """
 
-    def __init__(self, batch_size: int = 32, lr: float = 6e-4, weight_decay: float = 0.1, warmup_steps: int = 100,
-                 hard_ratio: float = 0.3, output_dir: str | None = None, **trainer):
+    def __init__(self, batch_size: int = 32, lr: float | None = None, weight_decay: float | None = None,
+                 warmup_steps: int | None = None, hard_ratio: float | None = None, output_dir: str | None = None, **trainer):
         self.batch_size, self.lr, self.weight_decay, self.warmup_steps = batch_size, lr, weight_decay, warmup_steps
         self.hard_ratio, self.output_dir, self.trainer = hard_ratio, output_dir, trainer
 
@@ -39,7 +40,7 @@ class ExperimentConfig:
     model_config: dict = field(default_factory=dict)
     num_llms: int = 2
     seq_len: int = 128
-    lr_decay: float = 0.5
+    lr_decay: float | None = None  # None: StageModule's
     seed: int = 0
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 

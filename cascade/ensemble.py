@@ -9,6 +9,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from cascade.llm import LLM, later_stage_refused
+from cascade.model.forward_settings import ForwardSettings
 from cascade.sequence_data import SequenceData
 
 
@@ -80,11 +81,11 @@ class Ensemble(nn.Module):
         return len(self.llms)
 
     def evaluate(self, val_batches: Sequence[tuple[Tensor, Tensor]], batch_size: int, routing_bound: bool = False,
-                 **run_options) -> dict:
+                 settings: ForwardSettings = ForwardSettings()) -> dict:
         """True early exit on `(x, y)` batches of token ids (`cascade.routing.evaluation.evaluate_ensemble`)."""
         from cascade.routing.evaluation import evaluate_ensemble
 
-        return evaluate_ensemble(self.llms, create_sequence_data(self, val_batches), batch_size, routing_bound, **run_options)
+        return evaluate_ensemble(self.llms, create_sequence_data(self, val_batches), batch_size, routing_bound, settings=settings)
 
 
 def create_sequence_data(ensemble: Ensemble, batches: Sequence[tuple[Tensor, Tensor]]) -> SequenceData:

@@ -24,7 +24,7 @@ class ExitHead(Protocol):
     """What an exit function may read of the `LLM` beside its hidden states: its logits, and its learned exit
     network (None until fitted)."""
 
-    exit_router: Callable[[Tensor], Tensor] | None
+    exit_classifier: Callable[[Tensor], Tensor] | None
 
     def get_logits(self, h: Tensor) -> Tensor: ...
 
@@ -87,11 +87,13 @@ def neg_entropy_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, 
 
 @reads_history()
 def learned_exit_fn(hidden_history: Sequence[Tensor | None], h_out: Tensor, llm: ExitHead) -> Tensor:
-    """The token loss the LLM's fitted exit router predicts from its final hidden state, negated: tokens it expects
-    to predict well exit (see `cascade.model.exit_router`; CALM's learned classifier, Schuster et al. 2022)."""
-    if llm.exit_router is None:
-        raise ValueError("the learned exit function needs the LLM's exit router: fit it first (cascade.routing.learned_exit.fit_exit_router)")
-    return -llm.exit_router(h_out).float()
+    """The token loss the LLM's fitted exit classifier predicts from its final hidden state, negated: tokens it
+    expects to predict well exit (see `cascade.model.exit_classifier`; CALM's early-exit classifier, Schuster et al.
+    2022)."""
+    if llm.exit_classifier is None:
+        raise ValueError("the learned exit function needs the LLM's exit classifier: fit it first "
+                         "(cascade.routing.learned_exit.fit_exit_classifier)")
+    return -llm.exit_classifier(h_out).float()
 
 
 LEARNED = "learned"  # the name of `learned_exit_fn`; not in EXIT_FNS, whose functions need nothing fitted

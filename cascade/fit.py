@@ -10,30 +10,21 @@ ensemble is evaluated with true early exit on the validation split and the table
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
+from dataclasses import fields
 from typing import Optional
 
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from cascade.run.checkpoint_io import remove_partial_checkpoints
 from callbacks.stage_handover import StageHandover
-from callbacks.timing import TrainingTimer
-from cascade.model.hf_models import max_positions
-from cascade.llm import LLM
-from cascade.run.evaluation import evaluate_run
-from cascade.run.state import (RunDirectoryInUse, RunLock, changed_settings, check_stage_selection, latest_checkpoint,
-                                read_done, saved_tokenizer_problem, stage_dir, stage_problem, stage_settings,
-                                trained_without_handover)
-from cascade.training.warm_start import identity_start
-from datamodules.corpus import check_corpus_file
+from cascade.run import stages
+from cascade.run.stage_runner import TRAINER_DEFAULTS
+from cascade.run.stages import RunSettings, StageParts, run_cascade
+from cascade.run.state import RunDirectoryInUse, stage_dir, stage_settings
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
-from cascade.run.stage_runner import TRAINER_DEFAULTS, evaluation_trainer, record_stage, stage_trainer_settings
 
 
 RUNNER_OWNED = {  # a stage's index and directories, which each stage gets from the run: what to give instead
@@ -49,7 +40,7 @@ def first_stage(stage: int | None) -> int:
 
 
 def run_directory(runs_dir: str, name: str) -> str:
-    return str(Path(runs_dir) / name)  # where a run writes everything
+    return str(stages.run_directory(runs_dir, name))
 
 
 def trained_settings(c) -> dict:
@@ -71,7 +62,7 @@ class CascadeCLI(LightningCLI):
             seed_everything_default=0,
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,  # hparams must be each stage's own arguments (stage k, its lr)
-            save_config_callback=None,  # each stage saves its own resolved config, see `stage_trainer`
+            save_config_callback=None,  # each stage saves its own resolved config, see `stage_parts`
             trainer_defaults=TRAINER_DEFAULTS,  # precision: chosen for the machine when a stage starts
             parser_kwargs={"description": __doc__, "prog": "python -m cascade.fit"},
         )
@@ -133,146 +124,43 @@ class CascadeCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def instantiate_classes(self) -> None:
-        """Nothing here: every stage instantiates its own model, data and Trainer in `fit_stage`."""
+        """Nothing here: every stage instantiates its own model, data and Trainer settings in `stage_parts`."""
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.config.runs_dir) / self.config.name
-
-    def hands_over(self, k: int) -> bool:
-        """Every stage but the last hands its hard tokens to the next; the last one only if asked."""
-        return k < self.config.num_stages - 1 or self.config.handover.after_last_stage
+    def run_settings(self) -> RunSettings:
+        return RunSettings(**{f.name: self.config[f.name] for f in fields(RunSettings)})
 
     def run(self) -> dict | None:
-        """Train the stages not complete yet, then evaluate; the run directory is held until this returns."""
-        try:
-            return self._run()
-        finally:
-            if getattr(self, "_lock", None) is not None:
-                self._lock.release()
-                self._lock = None
+        """Train the stages not complete yet, then evaluate (`cascade.run.stages.run_cascade`)."""
+        c = self.config
+        return run_cascade(
+            self.run_settings(), self.stage_parts, after_last_stage=c.handover.after_last_stage, settings=trained_settings(c),
+            data_settings=c.data.as_dict(), trainer_settings=c.trainer, compile=c.model.compile,
+            exit_layer=c.model.exit_layer, routing_threshold=c.model.routing_threshold,
+        )
 
-    def _run(self) -> dict | None:
-        config = self.config
-        check_stage_selection(self.run_dir, config.stage, config.num_stages)
-        for f in config.eval_files or []:  # before any training, not after it
-            check_corpus_file(Path(f).expanduser(), "eval_files", read=False)
-        stages = range(config.num_stages) if config.stage is None else [config.stage]
-        ckpt_path, settings = config.ckpt_path, trained_settings(config)
-        for k in stages:
-            path = stage_dir(self.run_dir, k)
-            problem = stage_problem(path, self.hands_over(k)) if ckpt_path is None else "resuming from --ckpt_path"
-            hand_over_only = problem is not None and ckpt_path is None and trained_without_handover(path)
-            if (problem is None or hand_over_only) and (changed := changed_settings(path, settings)):
-                rank_zero_info(f"stage {k} was trained with other settings ({changed}): kept as trained; to train with "
-                               "these, give the run a new --name")
-            if problem is None:
-                rank_zero_info(f"stage {k}: complete in {path} (checked against its checksums), skipped")
-                continue
-            if hand_over_only:
-                rank_zero_info(f"stage {k}: trained as the last stage of an earlier run; handing its tokens over to stage {k + 1}")
-                self.fit_stage(k, None, trained=True)
-            else:
-                if read_done(path) is not None and ckpt_path is None:
-                    rank_zero_info(f"stage {k} was complete, but {problem}: training it again")
-                self.fit_stage(k, ckpt_path)
-            ckpt_path = None
-        if rank_zero_only.rank != 0:
-            return None
-        text = getattr(self, "text", None) or TextDataModule(**config.data.as_dict())  # stage 0's, where it ran
-        self.hold_run_dir()
-        if problem := saved_tokenizer_problem(self.run_dir, num_llms=stages[-1] + 1):
-            rank_zero_info(f"{problem}: saving the tokenizer again")  # nothing needs training again
-            text.save_tokenizer(self.run_dir / "tokenizer")
-        return self.evaluate(text, num_llms=stages[-1] + 1)
+    def stage_parts(self, k: int, handover_only: bool) -> StageParts:
+        """Stage k's objects from its settings (`stage_config`); its resolved config is saved to its log directory,
+        unless it only hands over (it keeps its training's)."""
+        config = self.stage_config(k, handover_only)
+        objects = self.parser.instantiate(config)
+        saver = [] if handover_only else [SaveConfigCallback(self.parser, config, overwrite=True)]
+        return StageParts(objects.model, objects.data, objects.handover, objects.trainer, [*saver, objects.checkpoint])
 
-    def hold_run_dir(self) -> None:
-        """Take the run directory's lock before the first write (the run's first process: the others are its own)."""
-        if getattr(self, "_lock", None) is None and rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
-            self._lock = RunLock(self.run_dir)
-            if self._lock.previous:
-                rank_zero_info(f"{self.run_dir}: taking over from an earlier run that ended ({self._lock.previous})")
-
-    def fit_stage(self, k: int, ckpt_path: str | None, trained: bool = False) -> None:
-        """Train stage k with a fresh model, data and Trainer (resuming from `ckpt_path` or its newest checkpoint), hand
-        its hard tokens over unless it is last, save its LLM and mark it done; `trained`: its saved LLM only hands over."""
-        config = self.stage_config(k, trained)
-        self.config_init = self.parser.instantiate(config)
-        text, model, handover = self.config_init.data, self.config_init.model, self.config_init.handover
-        limit = max_positions(model.llm.config)
-        if limit is not None and text.seq_len > limit:
-            raise ValueError(f"data.seq_len {text.seq_len} exceeds the model's {limit} positions; lower it or enlarge the model")
-        datamodule = self.stage_datamodule(k, text)
-        if k > 0 and model.hparams.warm_start and not trained:  # a resumed stage's checkpoint then overwrites it
-            identity_start(model.llm, LLM.from_pretrained(stage_dir(self.run_dir, k - 1) / "llm"))
-            rank_zero_info(f"stage {k}: LLM {k} starts predicting exactly what LLM {k - 1} does (warm_start)")
-        timer = TrainingTimer()
-        self.trainer = self.stage_trainer(k, config, [timer, *([handover] if self.hands_over(k) else [])], trained)
-        ckpt_path = self.resume_checkpoint(k, ckpt_path, trained)
-        processes = self.trainer.world_size
-        rank_zero_info(f"stage {k}: {'handing over' if trained else 'training'} on {self.trainer.strategy.root_device}"
-                       f"{f' and {processes - 1} more devices' if processes > 1 else ''}, precision {self.trainer.precision}")
-        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        record_stage(self.run_dir, k, self.trainer, model.llm, text, timer.stats, handover.stats if self.hands_over(k) else None,
-                     trained, trained_settings(self.config))
-
-    def stage_config(self, k: int, trained: bool):
-        """The run's settings for stage k: its index, where its hand-over and checkpoints go, and (`trained`) its
+    def stage_config(self, k: int, handover_only: bool):
+        """The run's settings for stage k: its index, where its hand-over and checkpoints go, and (`handover_only`) its
         saved LLM loaded to hand over without training; seeds the stage."""
-        stage_path = stage_dir(self.run_dir, k)
+        stage_path = stage_dir(self.run_settings().run_dir, k)
         config = self.config.clone()
         config.model.stage = k
         config.handover.output_dir = str(stage_path / "handover")
         config.checkpoint.dirpath = str(stage_path / "checkpoints")
-        if trained:
+        if handover_only:
             config.model.model, config.model.pretrained, config.model.model_config = str(stage_path / "llm"), True, None
             config.trainer.max_steps = 0
         if isinstance(config.seed_everything, int) and not isinstance(config.seed_everything, bool):
             # the stage's initialisation and dropout depend on the run's seed and k alone, not on earlier stages
             seed_everything(config.seed_everything + k, workers=True, verbose=False)
         return config
-
-    def stage_datamodule(self, k: int, text: TextDataModule):
-        """Stage 0 reads the corpus (tokenized, or its cache checked, before anything is written); stage k > 0 the
-        hand-over of stage k - 1, with its own shuffle seed (its data order does not depend on stage 0's)."""
-        if k > 0:
-            return text.handover_data(stage_dir(self.run_dir, k - 1) / "handover", k)
-        text.prepare_data()
-        self.text = text
-        return text
-
-    def stage_trainer(self, k: int, config, callbacks: list, trained: bool) -> Trainer:
-        """The stage's Trainer from the run's trainer settings (`cascade.run.stage_runner`); it saves the stage's
-        resolved `config` to its log directory (not a hand-over alone: it keeps the training's)."""
-        if not trained:
-            callbacks = [*callbacks, SaveConfigCallback(self.parser, config, overwrite=True)]
-        settings = stage_trainer_settings(self.config_init.trainer, self.run_dir, k, callbacks)
-        self.hold_run_dir()  # every setting is checked; from here on the run writes
-        return self.instantiate_trainer(**settings)
-
-    def resume_checkpoint(self, k: int, ckpt_path: str | None, trained: bool) -> str | None:
-        """`ckpt_path`, else the stage's newest complete checkpoint (partial ones of a killed write removed first)."""
-        checkpoints = stage_dir(self.run_dir, k) / "checkpoints"
-        if self.trainer.is_global_zero:
-            for partial in remove_partial_checkpoints(checkpoints):
-                rank_zero_info(f"stage {k}: removed {partial}, a checkpoint whose writing was cut short")
-        if not trained and ckpt_path is None:
-            if (resume := latest_checkpoint(checkpoints, warn=rank_zero_info)) is not None:
-                rank_zero_info(f"stage {k}: resuming from {resume}")
-                return str(resume)
-        return ckpt_path
-
-    def evaluate(self, text: TextDataModule, num_llms: int) -> dict:
-        """True early exit of the trained ensemble (`cascade.run.evaluation`), on the last stage's device and in its
-        precision, or with a Trainer of the run's settings when every stage was complete."""
-        c = self.config
-        trainer = getattr(self, "trainer", None) or evaluation_trainer(c.trainer)
-        return evaluate_run(
-            self.run_dir, text, num_llms, trainer.strategy.root_device, trainer.precision_plugin.forward_context,
-            str(trainer.precision), batch_size=c.eval_batch_size or text.batch_size, files=c.eval_files,
-            curve=c.eval_curve, routing_bound=c.eval_routing_bound, compile=c.model.compile, exit_layer=c.model.exit_layer,
-            routing_threshold=c.model.routing_threshold,
-        )
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, RunDirectoryInUse)  # what settings and data cause

@@ -1,4 +1,5 @@
-"""Seeding, device choice and module modes, for scripts, notebooks and the rest of cascade."""
+"""Seeding and the generators' states, device choice and module modes, for scripts, notebooks and
+the rest of cascade."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from typing import Iterator
 import torch
 from transformers import set_seed  # Python, NumPy and torch on every device, under the seed's API name
 
-__all__ = ["default_precision", "eval_mode", "get_device", "human", "on_host", "set_seed"]
+__all__ = [
+    "default_precision",
+    "eval_mode",
+    "get_device",
+    "human",
+    "on_host",
+    "rng_states",
+    "set_rng_states",
+    "set_seed",
+]
 
 
 def get_device() -> torch.device:
@@ -25,6 +35,24 @@ def default_precision(accelerator: object = "auto") -> str:
     fp32 elsewhere."""
     on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return "bf16-mixed" if on_gpu else "32-true"
+
+
+def rng_states() -> dict:
+    """The global generators' states (the CPU's, and the GPU's where there is one), for a
+    checkpoint."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Set the global generators to `states` from `rng_states` (the GPU's only where there is
+    one)."""
+    if "cpu" in states:
+        torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 @contextmanager

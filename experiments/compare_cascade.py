@@ -66,7 +66,7 @@ class Runner:
             "--trainer.check_val_every_n_epoch", "null", "--trainer.limit_val_batches", str(a.val_batches),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--seed_everything", str(seed), "--data.seed", str(seed), "--eval_routing_bound", "true",
-            "--handover.router_data", a.router_data, *data,
+            "--handover.classifier_data", a.classifier_data, *data,
         ]
 
     def fit(self, name: str, args: list[str]) -> dict:
@@ -238,8 +238,8 @@ def main() -> None:
     parser.add_argument("--hard-ratio", type=float, default=0.3)
     parser.add_argument("--held-out-validation", action="store_true",
                         help="validate every run on the held-out tenth (as the selection) and evaluate on --eval apart")
-    parser.add_argument("--router-data", default="train", choices=["train", "validation"],
-                        help="the split the learned exit function is fitted on (--handover.router_data)")
+    parser.add_argument("--classifier-data", default="train", choices=["train", "validation"],
+                        help="the split the learned exit function is fitted on (--handover.classifier_data)")
     parser.add_argument("--llm1-layers", type=int, default=4, help="LLM 1's depth in the converged regime (LLM 0 has 4)")
     parser.add_argument("--lr-decay", type=float, default=1.0, help="LLM k's peak learning rate is lr x lr_decay^k")
     parser.add_argument("--select-steps", type=int, nargs="+", default=[250, 500, 1000, 2000])

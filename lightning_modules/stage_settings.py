@@ -15,11 +15,11 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 def build_llm(model: str, model_config: dict | None, pretrained: bool, vocab_size: int | None, exit_fn: str,
               attn_implementation: str | None, pad_vocab_to_multiple_of: int | None) -> LLM:
-    """The LLM of `StageModule`'s model settings (see its arguments); a saved cascade LLM keeps its fitted router."""
+    """The LLM of `StageModule`'s model settings (see its arguments); a saved cascade LLM keeps its fitted exit classifier."""
     causal_lm = build_causal_lm(model, model_config, pretrained, vocab_size, attn_implementation, pad_vocab_to_multiple_of)
     llm = LLM(causal_lm, exit_fn)
     if pretrained and os.path.isdir(model):
-        llm.load_exit_router(model)
+        llm.load_exit_classifier(model)
     return llm
 
 

@@ -1,10 +1,18 @@
+"""Helpers of every tier (tests/unit, tests/system, tests/e2e): tiny models, token batches, corpora. Pytest puts this
+folder on sys.path, so a test anywhere below imports them with `from conftest import ...`. Nothing here imports
+Lightning when it loads: the unit tier runs without it (TokenCounter, a Lightning callback, is built on first use)."""
+
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Callback
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+# The tests' tensors are tiny: a second intra-op thread gains nothing, and where the cores are shared (this 2-core
+# machine running other work, a CI runner) OpenMP's spin-waiting makes every op many times slower (tests/unit took 90 s
+# instead of 10 s under a load of 5). Commands the tests start as subprocesses keep torch's default.
+torch.set_num_threads(1)
 
 VOCAB = 97
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -63,17 +71,105 @@ def write_corpus(path: Path, paragraphs: int = 400) -> Path:
     return path
 
 
-class TokenCounter(Callback):
-    """Counts the real tokens a stage trains on; appends {"stage", "train_tokens", "epochs"} to `path` at fit end."""
+def __getattr__(name: str):
+    """`conftest.TokenCounter`, built on first use (a CLI test names it as a callback's class path)."""
+    if name == "TokenCounter":
+        globals()[name] = token_counter = _token_counter_class()
+        return token_counter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __init__(self, path: str):
-        self.path = path
-        self.tokens = 0
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.tokens += batch.num_tokens
+def _token_counter_class() -> type:
+    from lightning.pytorch import Callback
 
-    def on_fit_end(self, trainer, pl_module):
-        record = {"stage": pl_module.hparams.stage, "train_tokens": self.tokens, "epochs": trainer.current_epoch}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    class TokenCounter(Callback):
+        """Counts the real tokens a stage trains on; appends {"stage", "train_tokens", "epochs"} to `path` at fit end."""
+
+        def __init__(self, path: str):
+            self.path = path
+            self.tokens = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.tokens += batch.num_tokens
+
+        def on_fit_end(self, trainer, pl_module):
+            record = {"stage": pl_module.hparams.stage, "train_tokens": self.tokens, "epochs": trainer.current_epoch}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    TokenCounter.__qualname__ = "TokenCounter"
+    return TokenCounter
+
+
+# -- helpers of tests in more than one tier --------------------------------------------------------------------------
+
+# packed rows: three sequences and padding in row 0, two in row 1, with gapped positions (stage k > 0)
+SEGMENTS = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3 + [-1] * 4, [0] * 10 + [1] * 6])
+POSITIONS = torch.tensor([[0, 2, 3, 7, 9, 1, 2, 3, 5, 0, 4, 6, 0, 0, 0, 0], list(range(10)) + [3, 4, 5, 8, 9, 12]])
+
+
+def _three_layer_llm(arch="llama", seed=0):
+    from cascade import LLM
+
+    return LLM(tiny_model(arch, seed=seed, n_layer=3) if arch == "gpt2" else tiny_model(arch, seed=seed, num_hidden_layers=3))
+
+
+def _varied_sequences(seed=0):
+    """Stage-k-like data: sequences of different lengths with gaps in their positions (packed several to a row)."""
+    from cascade import SequenceData
+    from cascade.routing.compaction import compact_hard_tokens
+
+    data = SequenceData.from_token_batches(token_batches(num_batches=2, batch_size=4, seq_len=16, seed=seed))
+    keep = torch.rand(data.num_tokens, generator=torch.Generator().manual_seed(seed)) < 0.6
+    return compact_hard_tokens(data, keep)
+
+
+def _median_confidence(llm, data, layer):
+    from cascade.routing.layer_skip import routed_nll
+
+    with torch.no_grad():
+        return float(torch.cat([routed_nll(llm, b, layer, [])[1] for b in data.batches(4)]).median())
+
+
+SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def ids(*shape, vocab=97, seed=0):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_args(tmp_path, corpus, *extra):
+    return [
+        "--name", "tiny", "--runs_dir", str(tmp_path / "runs"), "--num_stages", "2",
+        "--model.model", "gpt2",
+        "--model.model_config", '{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}',
+        "--model.lr", "3e-3", "--model.warmup_steps", "5",
+        "--data.train_files", f"[{corpus}]", "--data.vocab_size", "300", "--data.seq_len", "32",
+        "--data.batch_size", "8", "--data.cache_dir", str(tmp_path / "cache"),
+        "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "4", "--trainer.log_every_n_steps", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--handover.hard_ratio", "0.3",
+        *extra,
+    ]
+
+
+def flip(path: Path, offset: int | None = None, count: int = 16) -> None:
+    """Change `count` bytes of `path` in place (same size), in its middle by default."""
+    raw = bytearray(path.read_bytes())
+    start = len(raw) // 2 if offset is None else offset
+    for i in range(start, start + count):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def patterned_batches(num_batches, batch_size=8, seq_len=32, vocab=64, seed=0):
+    """Learnable token streams: each row counts up from a random start with a random stride."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        start = torch.randint(0, vocab, (batch_size, 1), generator=g)
+        stride = torch.randint(1, 4, (batch_size, 1), generator=g)
+        t = (start + stride * torch.arange(seq_len + 1)) % vocab
+        batches.append((t[:, :-1], t[:, 1:]))
+    return batches

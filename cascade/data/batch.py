@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from cascade.data.packing import segment_arange
+
 IGNORE_INDEX = -100  # target of padding, ignored by cross-entropy
 
 
@@ -57,3 +59,70 @@ class Batch:
     def _map(self, fn) -> "Batch":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return Batch(**{k: fn(v) if isinstance(v, Tensor) else v for k, v in values.items()})
+
+
+def positions_at(positions: Tensor | None, offsets: Tensor, index: Tensor) -> Tensor:
+    """The original positions (int64) of the flat tokens at `index`: `positions` (N,) where stored,
+    else each token's place in its sequence of `offsets` (S + 1,)."""
+    if positions is not None:
+        return positions.index_select(0, index).long()
+    return index - offsets[torch.searchsorted(offsets, index, right=True) - 1]
+
+
+def make_batch(
+    inputs: Tensor,
+    targets: Tensor,
+    positions: Tensor | None,
+    offsets: Tensor,
+    seqs: Tensor,
+    row_bounds: Tensor,
+    length: int | None = None,
+    num_rows: int | None = None,
+) -> Batch:
+    """Lay out sequences `seqs` (in order) of flat arrays (`inputs`, `targets`, `positions` and the
+    sequences' `offsets`, as a SequenceData holds them) into rows; row r holds
+    seqs[row_bounds[r]:row_bounds[r + 1]].
+
+    Rows are padded to the fullest row, or to `length` where that is longer; with `num_rows`,
+    rows of padding are added up to that many (an epoch's last batch then has the shape of the
+    others)."""
+    rows = row_bounds.numel() - 1
+    lengths = (offsets[1:] - offsets[:-1])[seqs]
+    seqs_per_row = row_bounds[1:] - row_bounds[:-1]
+    row_of_seq = torch.arange(rows).repeat_interleave(seqs_per_row)
+    token = segment_arange(offsets[:-1][seqs], lengths)
+    row_fill = torch.zeros(rows, dtype=torch.long).index_add_(0, row_of_seq, lengths)
+    row = row_of_seq.repeat_interleave(lengths)
+    row_begin = torch.cumsum(row_fill, 0) - row_fill
+    col = torch.arange(token.numel()) - row_begin[row]
+    segment = (torch.arange(seqs.numel()) - row_bounds[:-1][row_of_seq]).repeat_interleave(lengths)
+    T = max(int(row_fill.max()), length or 0)
+
+    # One gather per array: padding reads some real token (its values are never seen: padding
+    # attends only to padding and its target is ignored), then gets its own markers.
+    filled_rows, rows = rows, max(rows, num_rows or 0)
+    source = torch.full((rows * T,), int(token[0]), dtype=torch.long)
+    source[row * T + col] = token
+    pad = torch.ones(rows * T, dtype=torch.bool)
+    pad[row * T + col] = False
+    pad = pad.view(rows, T)
+    row_inputs = inputs.index_select(0, source).view(rows, T, *inputs.shape[1:])
+    if row_inputs.dim() == 2:
+        row_inputs = row_inputs.long()  # token ids may be stored narrower
+    row_targets = targets.index_select(0, source).long().view(rows, T)
+    row_targets = row_targets.masked_fill(pad, IGNORE_INDEX)
+    position_ids = positions_at(positions, offsets, source).view(rows, T).masked_fill(pad, 0)
+    segment_ids = torch.full((rows * T,), -1, dtype=torch.long)
+    segment_ids[row * T + col] = segment
+    segment_ids = segment_ids.view(rows, T)
+    token_index = source.view(rows, T).masked_fill(pad, -1)
+    # Rows of padding alone (an epoch's last batch) change nothing: nothing reads their outputs, so
+    # they take the default positions and leave a batch of full single-sequence rows on the
+    # mask-free path of the others.
+    position_ids[filled_rows:] = torch.arange(T)
+    single = bool((seqs_per_row == 1).all()) and bool((row_fill == T).all())
+    default_positions = single and bool((position_ids == torch.arange(T)).all())
+    return Batch(
+        row_inputs, row_targets, position_ids, segment_ids, token_index, single, token.numel(),
+        default_positions,
+    )

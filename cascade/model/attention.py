@@ -144,3 +144,17 @@ def packed_rows_mask(segment_ids: Tensor, implementation: str, flex: bool, dtype
     if getattr(config, "layer_types", None) and implementation != ATTENTION:
         return {"attention_mask": masks}  # transformers takes one mask per kind of layer
     return {"attention_mask": next(iter(masks.values()))}
+
+
+def rows_mask(x: Tensor, position_ids: Tensor | None, segment_ids: Tensor | None, implementation: str, flex: bool,
+              dtype: torch.dtype, config=None) -> dict:
+    """The mask keywords a backbone of attention `implementation` takes for rows `x` (B, T, ...): the block-causal
+    mask of `segment_ids` (`packed_rows_mask`), or for rows that are one sequence each, none where that is plain
+    causal attention."""
+    if segment_ids is not None:
+        return packed_rows_mask(segment_ids, implementation, flex, dtype, config)
+    if position_ids is None or implementation == ATTENTION:
+        return {}  # plain causal rows: SDPA's is_causal kernel
+    # An explicit all-ones mask: with none, transformers would read gaps in position_ids
+    # (normal at stage k > 0) as boundaries of packed sequences.
+    return {"attention_mask": torch.ones(x.shape[:2], dtype=torch.long, device=x.device)}

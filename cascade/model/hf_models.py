@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -10,7 +11,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from cascade.model.hub import require_hub
 
-UNPADDED_VOCAB = "unpadded_vocab_size"  # config field set by `pad_vocab`: the real vocabulary below the padding
+# config field set by `pad_vocab`: the real vocabulary below the padding
+UNPADDED_VOCAB = "unpadded_vocab_size"
+# the model types an unknown type's error names
+KNOWN_TYPES = ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "gemma")
 
 
 def build_causal_lm(
@@ -21,14 +25,16 @@ def build_causal_lm(
     attn_implementation: str | None = None,
     pad_vocab_to_multiple_of: int | None = None,
 ) -> PreTrainedModel:
-    """A CausalLM from `model`: a model type ("gpt2", "llama", ...), a hub name or a local directory.
+    """A CausalLM from `model`: a model type ("gpt2", "llama", ...), hub name or local directory.
 
     `config` overrides fields of the model type's default config (or of the saved config).
     With `pretrained`, weights are loaded with `from_pretrained`; otherwise the model is freshly
-    initialised, with no special token ids of the family's hub tokenizer (a pad id would freeze a real token's
-    embedding row, or fall outside a small vocabulary). `vocab_size` applies to fresh models unless `config` sets it.
-    `attn_implementation`: transformers' attention ("sdpa", "eager", ...); default SDPA where the family has it,
-    else eager. With `pad_vocab_to_multiple_of`, the embedding and LM head get rows up to that multiple (`pad_vocab`).
+    initialised, with no special token ids of the family's hub tokenizer (a pad id would freeze a
+    real token's embedding row, or fall outside a small vocabulary). `vocab_size` applies to fresh
+    models unless `config` sets it. `attn_implementation`: transformers' attention ("sdpa",
+    "eager", ...); default SDPA where the family has it, else eager. With
+    `pad_vocab_to_multiple_of`, the embedding and LM head get rows up to that multiple
+    (`pad_vocab`).
     """
     overrides = dict(config or {})
     if not pretrained:
@@ -37,34 +43,59 @@ def build_causal_lm(
         # a fresh model for pre-training has no special tokens of its own (and no generation)
         for special in ("bos_token_id", "eos_token_id", "pad_token_id"):
             overrides.setdefault(special, None)
-    is_path = Path(model).expanduser().is_dir()
-    if not is_path and model in CONFIG_MAPPING and not pretrained:
-        hf_config = AutoConfig.for_model(model, **overrides)
-    elif is_path or "/" in model or pretrained:
-        if not is_path:
-            require_hub(model, "model.model", "give a local directory saved with save_pretrained, or a transformers "
-                        "model type (gpt2, llama, ...) for a fresh model")
-        try:
-            hf_config = AutoConfig.from_pretrained(model, **overrides)
-        except OSError as e:
-            raise ValueError(
-                f"cannot load a config for {model!r}: not a local directory, and the hub could not provide it ({e})"
-            ) from e
-    else:
-        known = ", ".join(sorted(t for t in ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "gemma") if t in CONFIG_MAPPING))
-        raise ValueError(
-            f"unknown model type {model!r}: give a transformers model type (e.g. {known}), "
-            "a hub model name, or a local directory saved with save_pretrained"
-        )
+    hf_config = _model_config(model, overrides, pretrained)
     if attn_implementation is None:
-        attn_implementation = "sdpa" if supports_sdpa(hf_config) else "eager"
+        attn_implementation = default_attention(hf_config)
     if pretrained:
         causal_lm = _load_pretrained(model, hf_config, dict(config or {}), attn_implementation)
     else:
-        causal_lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+        causal_lm = AutoModelForCausalLM.from_config(
+            hf_config, attn_implementation=attn_implementation
+        )
     if pad_vocab_to_multiple_of:
         pad_vocab(causal_lm, pad_vocab_to_multiple_of)
     return causal_lm
+
+
+def _model_config(model: str, overrides: dict, pretrained: bool):
+    """The config of `model` (a model type's default, or a saved one) with `overrides` applied."""
+    is_path = Path(model).expanduser().is_dir()
+    if not is_path and model in CONFIG_MAPPING and not pretrained:
+        return AutoConfig.for_model(model, **overrides)
+    if is_path or "/" in model or pretrained:
+        if not is_path:
+            require_hub(
+                model,
+                "model.model",
+                "give a local directory saved with save_pretrained, or a transformers model type "
+                "(gpt2, llama, ...) for a fresh model",
+            )
+        try:
+            return AutoConfig.from_pretrained(model, **overrides)
+        except OSError as e:
+            raise ValueError(
+                f"cannot load a config for {model!r}: not a local directory, and the hub could not "
+                f"provide it ({e})"
+            ) from e
+    known = ", ".join(sorted(t for t in KNOWN_TYPES if t in CONFIG_MAPPING))
+    raise ValueError(
+        f"unknown model type {model!r}: give a transformers model type (e.g. {known}), "
+        "a hub model name, or a local directory saved with save_pretrained"
+    )
+
+
+def load_causal_lm(path: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)`, with `default_attention` unless
+    `kwargs` name an `attn_implementation`."""
+    if "attn_implementation" not in kwargs:
+        kwargs["attn_implementation"] = default_attention(AutoConfig.from_pretrained(path))
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def default_attention(hf_config) -> str:
+    """SDPA where the family has it (with the masks cascade gives, `cascade.model.attention`), else
+    eager."""
+    return "sdpa" if supports_sdpa(hf_config) else "eager"
 
 
 def supports_sdpa(hf_config) -> bool:
@@ -73,39 +104,53 @@ def supports_sdpa(hf_config) -> bool:
     return model_class is None or bool(getattr(model_class, "_supports_sdpa", False))
 
 
-def _load_pretrained(model: str, hf_config, overrides: dict, attn_implementation: str) -> PreTrainedModel:
-    """`from_pretrained`, with a clear error where `overrides` (model_config) reshaped the saved model."""
+def _load_pretrained(
+    model: str, hf_config, overrides: dict, attn_implementation: str
+) -> PreTrainedModel:
+    """`from_pretrained`, with a clear error where `overrides` (model_config) reshaped the saved
+    model."""
     saved = AutoConfig.from_pretrained(model) if overrides else None
-    changed = {k: (getattr(saved, k, None), v) for k, v in overrides.items() if getattr(saved, k, None) != v}
+    changed = {
+        k: (getattr(saved, k, None), v)
+        for k, v in overrides.items()
+        if getattr(saved, k, None) != v
+    }
     if not changed:
-        return AutoModelForCausalLM.from_pretrained(model, config=hf_config, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_pretrained(
+            model, config=hf_config, attn_implementation=attn_implementation
+        )
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # its load report would list every reshaped weight
     try:
-        return AutoModelForCausalLM.from_pretrained(model, config=hf_config, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_pretrained(
+            model, config=hf_config, attn_implementation=attn_implementation
+        )
     except (RuntimeError, ValueError) as e:
         listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ValueError(
-            f"model.model_config changes the saved config of {model} ({listed}), so its weights no longer fit the model "
-            f"({str(e).splitlines()[0][:200]}): drop those keys from model.model_config to load the pretrained weights, "
-            "or set model.pretrained false to train a fresh model of the new shape"
+            f"model.model_config changes the saved config of {model} ({listed}), so its weights no "
+            f"longer fit the model ({str(e).splitlines()[0][:200]}): drop those keys from "
+            "model.model_config to load the pretrained weights, or set model.pretrained false to "
+            "train a fresh model of the new shape"
         ) from None
     finally:
         transformers_logging.set_verbosity(verbosity)
 
 
 def pad_vocab(model: PreTrainedModel, multiple_of: int) -> None:
-    """Give the embedding and LM head rows up to a multiple of `multiple_of` (GPT-2's 50,257 -> 50,304),
-    so that the head's matrix product has tensor-core friendly shapes.
+    """Give the embedding and LM head rows up to a multiple of `multiple_of` (GPT-2's 50,257 ->
+    50,304), so that the head's matrix product has tensor-core friendly shapes.
 
     The real vocabulary size stays in the config as `unpadded_vocab_size` (saved with the model);
-    `LLM.vocab_size` reads it and `LLM.get_logits` cuts the padded columns off, so they are never predicted.
+    `LLM.vocab_size` reads it and `LLM.get_logits` cuts the padded columns off, so they are never
+    predicted.
     """
     if multiple_of < 1:
         raise ValueError(f"pad_vocab_to_multiple_of must be >= 1, got {multiple_of}")
     config = model.config.get_text_config()
     real = getattr(config, UNPADDED_VOCAB, None) or config.vocab_size
-    model.resize_token_embeddings(real, pad_to_multiple_of=multiple_of, mean_resizing=False)  # no copy if already padded
+    # no copy if already padded
+    model.resize_token_embeddings(real, pad_to_multiple_of=multiple_of, mean_resizing=False)
     if model.get_input_embeddings().weight.shape[0] != real:
         setattr(config, UNPADDED_VOCAB, real)
 

@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from cascade.model.attention import ATTENTION
 from cascade.data.packing import gather_index
 
+MOD_ROUTERS = "mod_routers.safetensors"  # beside the HF weights of a Mixture-of-Depths model
 _PER_TOKEN = ("attention_mask", "position_ids", "position_embeddings")  # layer inputs with a T axis that we gather
 
 
@@ -210,3 +213,18 @@ def _gather_input(layer: nn.Module, name: str, value, index: Tensor, valid: Tens
     if isinstance(value, Tensor):
         return _gather_tokens(value, index)
     return tuple(_gather_tokens(v, index) for v in value)  # rotary (cos, sin)
+
+
+def save_routers(mod: MixtureOfDepths, path: str | os.PathLike) -> None:
+    """Write the routers of `mod` into `path`, beside the model's HF weights."""
+    save_file(mod.state_dict(), os.path.join(path, MOD_ROUTERS))
+
+
+def load_routers(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The routers' state that `save_routers` wrote into `path`, for `MixtureOfDepths.load_state_dict`."""
+    routers = os.path.join(path, MOD_ROUTERS)
+    if not os.path.isfile(routers):
+        raise FileNotFoundError(
+            f"{path} is a Mixture-of-Depths model but lacks its routers ({MOD_ROUTERS}); save it again"
+        )
+    return load_file(routers)

@@ -4,13 +4,15 @@ perplexity a cascade reaches at each compute, by sweeping the hand-over fraction
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
 
 from cascade.model.flops import forward_flops_per_token
-from cascade.routing.scoring import TokenOutputs, run_llm
+from cascade.model.forward_settings import ForwardSettings
+from cascade.routing.scoring import HiddenSink, TokenOutputs, run_llm
 from cascade.routing.compaction import compact_hard_tokens
 from cascade.routing.threshold import quantile
 from cascade.sequence_data import SequenceData
@@ -41,22 +43,22 @@ def hard_by_loss(nll: Tensor) -> Tensor:
     return nll > nll.median()
 
 
-def routing_bound(out: TokenOutputs, data: SequenceData, next_llm: "LLM", count: int, batch_size: int,
-                  **run_options) -> dict:
+def routing_bound(out: TokenOutputs, data: SequenceData, next_llm: "LLM", count: int, batch_size: int, *,
+                  settings: ForwardSettings = ForwardSettings()) -> dict:
     """How far routing at LLM k is from the best possible at the same hand-over count, for the pair LLM k -> LLM k+1.
 
     `out` is LLM k's forward on `data` (the tokens reaching it) with `nll`, `hidden` and `exit_scores`; LLM k+1 runs
-    once on every one of those tokens (a forward of every token, hence behind a setting). A routing hands on `count`
-    tokens; the pair's perplexity counts LLM k's loss on the tokens that exit and LLM k+1's on those handed on (LLM k+1
-    seeing every token's context, an idealisation shared by every routing compared). The oracle hands on the tokens
-    where LLM k+1 gains most over LLM k, so no routing of `count` tokens scores below it; beside it, routing by each
-    exit score (lowest first) and by LLM k's own loss (highest first). Returns `hard_fraction` and `ppl`: {routing:
-    perplexity}, the oracle first. After the oracle of the cascade-vs-baselines measurements (issue 16).
+    once on every one of those tokens (a forward of every token, hence behind a setting), as `settings` say. A routing
+    hands over `count` tokens; the pair's perplexity counts LLM k's loss on the tokens that exit and LLM k+1's on those
+    handed over (LLM k+1 seeing every token's context, an idealisation shared by every routing compared). The oracle
+    hands over the tokens where LLM k+1 gains most over LLM k, so no routing of `count` tokens scores below it; beside
+    it, routing by each exit score (lowest first) and by LLM k's own loss (highest first). Returns `hard_fraction` and
+    `ppl`: {routing: perplexity}, the oracle first (the oracle column of `docs/cascade_quality.md`).
     """
     every = compact_hard_tokens(data, torch.ones(data.num_tokens, dtype=torch.bool), out.hidden)
-    nll_next = run_llm(next_llm, every, batch_size, nll=True, **run_options).nll.double()
+    nll_next = run_llm(next_llm, every, batch_size, settings=settings, nll=True).nll.double()
     nll = out.nll.double()
-    routes = {"oracle": nll_next - nll, "own_loss": -nll, **out.exit_scores}  # hand on the lowest
+    routes = {"oracle": nll_next - nll, "own_loss": -nll, **out.exit_scores}  # hand over the lowest
     ppl = {}
     for name, scores in routes.items():
         hard = torch.zeros(data.num_tokens, dtype=torch.bool)
@@ -66,23 +68,25 @@ def routing_bound(out: TokenOutputs, data: SequenceData, next_llm: "LLM", count:
 
 
 def sweep_compute(llms: Sequence["LLM"], data: SequenceData, batch_size: int, fractions: Sequence[float] = SWEEP_FRACTIONS,
-                  **run_options) -> list[dict]:
+                  *, settings: ForwardSettings = ForwardSettings()) -> list[dict]:
     """The perplexity-vs-compute curve of the cascade `llms` on `data` (stage-0 tokens): for each fraction q, every LLM but
-    the last hands on the q of the tokens reaching it that score lowest (q = 0: LLM 0 alone; q = 1: every token
+    the last hands over the q of the tokens reaching it that score lowest (q = 0: LLM 0 alone; q = 1: every token
     through every LLM), the later LLMs run on exactly those tokens (true early exit). Returns, per q, `hard_fraction`,
-    `ppl` and `compute_fraction` (forward FLOPs relative to every LLM on every token). LLM 0 runs once."""
+    `ppl` and `compute_fraction` (forward FLOPs relative to every LLM on every token). LLM 0 runs once. Each forward
+    runs as `settings` say; their row length defaults to the longest sequence of `data`."""
     total = data.num_tokens
     context = int(data.lengths.max())
-    run_options.setdefault("row_length", context)  # one batch shape at every fraction: compiled once per LLM
+    # one batch shape at every fraction: compiled once per LLM
+    settings = settings if settings.row_length is not None else replace(settings, row_length=context)
     flops = [forward_flops_per_token(llm.base_llm, context) for llm in llms]
     last = len(llms) - 1
-    first = run_llm(llms[0], data, batch_size, scores=last > 0, hidden=last > 0, nll=True, **run_options)
+    first = run_llm(llms[0], data, batch_size, settings=settings, scores=last > 0, nll=True, hidden=_host(last > 0))
     curve = []
     for q in fractions:
         nll_sum, spent, reaching, out = 0.0, 0.0, data, first
         for k, llm in enumerate(llms):
             if k > 0:
-                out = run_llm(llm, reaching, batch_size, scores=k < last, hidden=k < last, nll=True, **run_options)
+                out = run_llm(llm, reaching, batch_size, settings=settings, scores=k < last, nll=True, hidden=_host(k < last))
             spent += reaching.num_tokens * flops[k]
             if k == last:
                 nll_sum += out.nll.double().sum().item()
@@ -94,6 +98,11 @@ def sweep_compute(llms: Sequence["LLM"], data: SequenceData, batch_size: int, fr
                 break
         curve.append({"hard_fraction": q, "ppl": math.exp(nll_sum / total), "compute_fraction": spent / (total * sum(flops))})
     return curve
+
+
+def _host(keep: bool) -> HiddenSink:
+    """The hidden states in host memory if `keep`, else not computed."""
+    return "host" if keep else None
 
 
 def _lowest(scores: Tensor, q: float) -> Tensor:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from cascade.model.flops import forward_flops_per_token
+from cascade.model.forward_settings import ForwardSettings
 from cascade.routing.diagnostics import auroc, hard_by_loss, routing_bound
 from cascade.exit_fn import EXIT_FNS, LEARNED, learned_exit_fn
 from cascade.routing.scoring import run_llm
-from cascade.routing.route import route
+from cascade.routing.route import HiddenBudget, route
 from cascade.sequence_data import SequenceData
 
 if TYPE_CHECKING:
@@ -25,8 +27,8 @@ def compute_ppl(llm: "LLM", data: SequenceData, batch_size: int) -> float:
     return math.exp(nll.double().mean().item())
 
 
-def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool, next_llm: "LLM | None" = None,
-                 **run_options) -> tuple[SequenceData, dict]:
+def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool, next_llm: "LLM | None" = None, *,
+                 settings: ForwardSettings = ForwardSettings()) -> tuple[SequenceData, dict]:
     """Route `data` through `llm`: tokens scoring >= its threshold exit here (all of them if `is_last`).
 
     Returns the continuing tokens (compacted, with this LLM's output hidden states as inputs)
@@ -36,12 +38,12 @@ def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool,
     `mod_layer_fraction`, its share of every layer on every token) and, unless `is_last`, `exit_auroc`: {exit
     function: AUROC against the token loss above its median}.
     Given `next_llm` (and not `is_last`), also `routing_bound` (`cascade.routing.diagnostics.routing_bound`), which runs it on
-    every token in. `run_options` (`compile`, `forward_context`) go to `run_llm`.
+    every token in. Each forward runs as `settings` say.
     """
-    exit_fns = {} if is_last else {**EXIT_FNS, **({LEARNED: learned_exit_fn} if llm.exit_router is not None else {})}
+    exit_fns = {} if is_last else {**EXIT_FNS, **({LEARNED: learned_exit_fn} if llm.exit_classifier is not None else {})}
     # the routing bound reads every token's hidden state: kept in memory
-    budget = {"host_memory_bytes": None} if next_llm is not None and not is_last else {}
-    routed = route(llm, data, batch_size, is_last=is_last, nll=True, exit_fns=exit_fns, **budget, **run_options)
+    budget = HiddenBudget(host_memory_bytes=None) if next_llm is not None and not is_last else HiddenBudget()
+    routed = route(llm, data, batch_size, settings=settings, is_last=is_last, nll=True, exit_fns=exit_fns, budget=budget)
     out, exits = routed.outputs, ~routed.hard_mask
     exit_tokens = int(exits.sum())
     nll_sum = out.nll[exits].double().sum().item()
@@ -62,29 +64,30 @@ def evaluate_llm(llm: "LLM", data: SequenceData, batch_size: int, is_last: bool,
         hard = hard_by_loss(out.nll)
         stats["exit_auroc"] = {name: auroc(scores, hard) for name, scores in out.exit_scores.items()}
         if next_llm is not None:
-            stats["routing_bound"] = routing_bound(out, data, next_llm, data.num_tokens - exit_tokens, batch_size, **run_options)
+            count = data.num_tokens - exit_tokens
+            stats["routing_bound"] = routing_bound(out, data, next_llm, count, batch_size, settings=settings)
     return routed.hard, stats
 
 
 @torch.no_grad()
-def evaluate_ensemble(llms: Sequence["LLM"], data: SequenceData, batch_size: int, routing_bound: bool = False,
-                      **run_options) -> dict:
+def evaluate_ensemble(llms: Sequence["LLM"], data: SequenceData, batch_size: int, routing_bound: bool = False, *,
+                      settings: ForwardSettings = ForwardSettings()) -> dict:
     """True early exit of the cascade `llms` on `data` (stage-0 tokens): each token is predicted by the LLM it exits at.
 
     An LLM runs only on the tokens routed to it and is not called at all when none is.
     Returns `ppl` = exp(total NLL / total tokens), `accuracy`, `total_tokens`,
     `compute_fraction` (forward FLOPs spent / FLOPs of every LLM on every token),
     `wall_time_s` and `llm_stats`, one dict per LLM (`input_tokens`, `exit_tokens`,
-    `exit_fraction` of all tokens, `ppl` of its exiting tokens, `pad_tokens`, and for each LLM that hands on,
+    `exit_fraction` of all tokens, `ppl` of its exiting tokens, `pad_tokens`, and for each LLM that hands over,
     `exit_auroc` of every registered exit function), and `prefix_ppl`: the perplexity of the cascade cut after
-    each LLM (LLM 0 alone first). With `routing_bound`, each LLM that hands on also reports `routing_bound`: the
+    each LLM (LLM 0 alone first). With `routing_bound`, each LLM that hands over also reports `routing_bound`: the
     oracle's perplexity at its hand-over fraction beside each exit score's (`cascade.routing.diagnostics.routing_bound`;
-    one more forward of each later LLM on every token reaching the one before). Each LLM runs where it is;
-    `run_options` (`compile`, `forward_context`: the precision) go to `run_llm`.
+    one more forward of each later LLM on every token reaching the one before). Each LLM runs where it is, as
+    `settings` say; their row length defaults to the longest sequence of `data`.
     """
     total, context = data.num_tokens, int(data.lengths.max())
     # one row length for every LLM: the batches of each have one shape, so a compiled forward compiles once
-    run_options.setdefault("row_length", context)
+    settings = settings if settings.row_length is not None else replace(settings, row_length=context)
     start = time.perf_counter()
     llm_stats = []
     for k, llm in enumerate(llms):
@@ -94,7 +97,7 @@ def evaluate_ensemble(llms: Sequence["LLM"], data: SequenceData, batch_size: int
         else:
             is_last = k == len(llms) - 1
             next_llm = llms[k + 1] if routing_bound and not is_last else None
-            data, stats = evaluate_llm(llm, data, batch_size, is_last, next_llm, **run_options)
+            data, stats = evaluate_llm(llm, data, batch_size, is_last, next_llm, settings=settings)
         llm_stats.append({**stats, "exit_fraction": stats["exit_tokens"] / total})
     wall_time = time.perf_counter() - start
     assert sum(s["exit_tokens"] for s in llm_stats) == total, "every token exits exactly once"

@@ -1,4 +1,5 @@
-"""Confidence exit after one layer with true layer skipping (DESIGN rule 6), on the model's own layers.
+"""Confidence exit after one layer with true layer skipping (DESIGN.md, Semantics: layer exits), on the model's own
+layers.
 
 `run_until` runs layers 1..e of the model's layer loop (`cascade.model.layer_loop`); `run_from` runs layers e + 1..L on a
 residual stream after e, so the tokens that exited at e are never computed by the later layers.
@@ -7,13 +8,12 @@ residual stream after e, so the tokens that exited at e are never computed by th
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
 import torch
 from torch import Tensor
 
-from cascade.routing.scoring import autocast_for
+from cascade.model.forward_settings import ForwardSettings
 from cascade.training.layer_exits import check_exit_layer, layer_output
 from cascade.training.losses import next_token_loss, token_cross_entropy, vocab_logits
 from cascade.data.packing import gather_index
@@ -42,7 +42,8 @@ def routed_nll(llm: "LLM", batch: Batch, exit_layer: int, thresholds: Sequence[f
     (token-routed training): the routing decision itself carries no gradient.
 
     Layers 1..e run on every token; for each threshold the tokens below it are compacted within
-    their rows (order, positions and segments kept, rule 2) and only they run layers e + 1..L.
+    their rows (order, positions and segments kept: a token still attends only to the earlier tokens of its own
+    sequence) and only they run layers e + 1..L.
     """
     real = batch.token_index >= 0  # (B, T)
     h = run_until(llm, batch.inputs, batch.input_type, batch.model_position_ids(), batch.model_segment_ids(), exit_layer)
@@ -74,16 +75,17 @@ def threshold_sweep(
     forward_context: Callable[[], ContextManager] | None = None,
 ) -> list[dict]:
     """`evaluate_layer_exit` at each threshold (layers 1..e run once per batch for all of them): the
-    perplexity-vs-compute curve of a confidence exit after layer `exit_layer`. `forward_context`: see `run_llm`."""
+    perplexity-vs-compute curve of a confidence exit after layer `exit_layer`. `forward_context`: see
+    `ForwardSettings`."""
     check_exit_layer(exit_layer, llm.num_layers)
     L, device = llm.num_layers, llm.device
-    forward_context = forward_context or partial(autocast_for, device)
+    settings = ForwardSettings(forward_context=forward_context)
     nll_exit, confidence, routed = [], [], [[] for _ in thresholds]
     was_training = llm.training
     llm.eval()
     try:
         for batch in data.batches(batch_size):
-            with torch.no_grad(), forward_context():
+            with torch.no_grad(), settings.context(device):
                 exit_nll, conf, nlls = routed_nll(llm, batch.to(device), exit_layer, thresholds)
             nll_exit.append(exit_nll.cpu())
             confidence.append(conf.cpu())
@@ -118,9 +120,9 @@ def layer_perplexities(
     llm: "LLM", data: SequenceData, batch_size: int, forward_context: Callable[[], ContextManager] | None = None
 ) -> dict[int, float]:
     """Perplexity of every layer's logit lens on every token ({l: ppl}, l = 1..L): the quality of each possible exit.
-    `forward_context`: see `run_llm`."""
+    `forward_context`: see `ForwardSettings`."""
     L, device = llm.num_layers, llm.device
-    forward_context = forward_context or partial(autocast_for, device)
+    settings = ForwardSettings(forward_context=forward_context)
     total = torch.zeros(L + 1, dtype=torch.float64)
     was_training = llm.training
     llm.eval()
@@ -128,7 +130,7 @@ def layer_perplexities(
         for batch in data.batches(batch_size):
             b = batch.to(device)
             real = b.token_index >= 0
-            with forward_context():
+            with settings.context(device):
                 h_out, history = llm(b.inputs, data.input_type, b.model_position_ids(), b.model_segment_ids(), history=range(1, L))
                 for layer in range(1, L + 1):
                     h = layer_output(llm, layer, history, h_out)[real]

@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import Tensor
 
+from cascade.exit_fn import ExitFn
+from cascade.model.forward_settings import ForwardSettings
 from cascade.routing.compaction import compact_hard_tokens
 from cascade.routing.scoring import TokenOutputs, run_llm
 from cascade.routing.threshold import hard_mask
@@ -29,9 +32,19 @@ if TYPE_CHECKING:
 HOST_MEMORY_BYTES = 4 * 10**9  # default budget for the hidden states of every token, per process (4 GB)
 
 
+@dataclass(frozen=True)
+class HiddenBudget:
+    """Where every token's output hidden state may wait for the threshold: on the GPU (`gpu_memory`) if they take at
+    most half of its free memory, else in host memory up to `host_memory_bytes` (None: no limit), else in a temporary
+    file, so that host memory holds a few batches of them."""
+
+    gpu_memory: bool = True
+    host_memory_bytes: int | None = HOST_MEMORY_BYTES
+
+
 @dataclass
 class Routed:
-    """What `route` returns: the tokens handed on, the pass's per-token results, and the routing decision."""
+    """What `route` returns: the tokens handed over, the pass's per-token results, and the routing decision."""
 
     hard: SequenceData  # the tokens that go on, their output hidden states as inputs (compacted)
     outputs: TokenOutputs  # scores, nll, exit scores, and the hidden states where they waited in memory
@@ -39,59 +52,43 @@ class Routed:
     threshold: float | None  # None at the last LLM
 
 
-def route(
-    llm: "LLM",
-    data: SequenceData,
-    batch_size: int,
-    *,
-    path: str | os.PathLike | None = None,
-    is_last: bool = False,
-    nll: bool = False,
-    host_memory_bytes: int | None = HOST_MEMORY_BYTES,
-    gpu_memory: bool = True,
-    **run_options,
-) -> Routed:
+def route(llm: "LLM", data: SequenceData, batch_size: int, *, settings: ForwardSettings = ForwardSettings(),
+          is_last: bool = False, nll: bool = False, exit_fns: Mapping[str, ExitFn] | None = None,
+          path: str | os.PathLike | None = None, budget: HiddenBudget = HiddenBudget()) -> Routed:
     """Route `data` through `llm` by its `threshold`: a token exits iff its exit score is >= it; the others are handed
-    on, compacted (into memory, or into the SequenceData directory `path`). With `is_last` every token exits (no scores
-    or hidden states are computed). `path`, `host_memory_bytes` and `gpu_memory` say where the hidden states wait
-    (`score_tokens`); `nll` and `run_options` (`compile`, `forward_context`, `row_length`, `exit_fns`) go to `run_llm`.
+    over, compacted (into memory, or into the SequenceData directory `path`). With `is_last` every token exits (no
+    scores or hidden states are computed). `nll` and `exit_fns` are computed too (`run_llm`); `path` and `budget` say
+    where the hidden states wait (`score_tokens`).
     """
-    outputs = score_tokens(llm, data, batch_size, hand_on=not is_last, nll=nll, path=path,
-                           host_memory_bytes=host_memory_bytes, gpu_memory=gpu_memory, **run_options)
+    outputs = score_tokens(llm, data, batch_size, settings=settings, hand_over=not is_last, nll=nll, exit_fns=exit_fns,
+                           path=path, budget=budget)
     threshold = None if is_last else float(llm.threshold)
     hard = torch.zeros(data.num_tokens, dtype=torch.bool) if is_last else hard_mask(outputs.scores, threshold)
     return Routed(compact_scored(data, hard, outputs, path), outputs, hard, threshold)
 
 
-def score_tokens(
-    llm: "LLM",
-    data: SequenceData,
-    batch_size: int,
-    *,
-    hand_on: bool = True,
-    nll: bool = False,
-    path: str | os.PathLike | None = None,
-    host_memory_bytes: int | None = HOST_MEMORY_BYTES,
-    gpu_memory: bool = True,
-    **run_options,
-) -> TokenOutputs:
-    """Step 1 of routing: `run_llm` over `data`, keeping, if `hand_on`, every token's exit score and output hidden
-    state until the threshold is known. The hidden states wait on the GPU (`gpu_memory`) if they take at most half its
-    free memory, else in host memory up to `host_memory_bytes` (None: no limit), else in a temporary file beside
+def score_tokens(llm: "LLM", data: SequenceData, batch_size: int, *, settings: ForwardSettings = ForwardSettings(),
+                 hand_over: bool = True, nll: bool = False, exit_fns: Mapping[str, ExitFn] | None = None,
+                 path: str | os.PathLike | None = None, budget: HiddenBudget = HiddenBudget()) -> TokenOutputs:
+    """Step 1 of routing: `run_llm` over `data`, keeping, if `hand_over`, every token's exit score and output hidden
+    state until the threshold is known, where `budget` says: on the GPU, in host memory, or in a temporary file beside
     `path` (`TokenOutputs.hidden_file`, removed by `compact_scored`)."""
     if data.num_tokens == 0:  # a process with no tokens still hands over (0, D) hidden states
-        return TokenOutputs.allocate(0, llm.dim, scores=hand_on, hidden=hand_on, nll=nll)
-    run = dict(scores=hand_on, hidden=hand_on, nll=nll, **run_options)
+        return TokenOutputs.allocate(0, llm.dim, scores=hand_over, hidden=hand_over, nll=nll)
+    run = partial(run_llm, llm, data, batch_size, settings=settings, scores=hand_over, nll=nll, exit_fns=exit_fns)
+    if not hand_over:
+        return run()
     size = data.num_tokens * llm.dim * 2
-    on_device = gpu_memory and llm.device.type == "cuda" and size <= free_gpu_memory(llm.device) // 2
-    if not hand_on or on_device or host_memory_bytes is None or size <= host_memory_bytes:
-        return run_llm(llm, data, batch_size, hidden_on_device=hand_on and on_device, **run)
+    if budget.gpu_memory and llm.device.type == "cuda" and size <= free_gpu_memory(llm.device) // 2:
+        return run(hidden="device")
+    if budget.host_memory_bytes is None or size <= budget.host_memory_bytes:
+        return run(hidden="host")
     folder = Path(path).parent if path is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".hidden-", suffix=".bin", delete=False) as hidden_file:
         try:
-            outputs = run_llm(llm, data, batch_size, hidden_file=hidden_file, **run)
+            outputs = run(hidden=hidden_file)
         except BaseException:
             os.unlink(hidden_file.name)
             raise

@@ -1,20 +1,20 @@
-"""One batched, gradient-free pass of an LLM over a SequenceData, gathered back to per-token arrays."""
+"""Step 1 of routing, scoring: one batched, gradient-free pass of an LLM over a SequenceData, gathered back to
+per-token arrays (exit scores, output hidden states, token losses)."""
 
 from __future__ import annotations
 
 import os
 import threading
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
-from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Iterable, Mapping
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Literal, Mapping, Union
 
 import torch
 from torch import Tensor
 
 from cascade.exit_fn import ExitFn, history_indices
 from cascade.model.compile import apply_compile
+from cascade.model.forward_settings import ForwardSettings
 from cascade.training.losses import token_cross_entropy, vocab_logits
 from cascade.sequence_data import SequenceData
 from cascade.utils import eval_mode
@@ -58,11 +58,10 @@ class TokenOutputs:
             self.hidden_file = None
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on a GPU that supports it; full precision elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+HiddenSink = Union[Literal["host", "device"], BinaryIO, None]
+"""Where `run_llm` puts the hidden states: None, not computed; "host", a host tensor (`TokenOutputs.hidden`);
+"device", a tensor on the LLM's device (none is copied to the host); a writable binary file, raw bf16 rows in token
+order (host memory holds a few batches of them)."""
 
 
 @torch.no_grad()
@@ -71,47 +70,37 @@ def run_llm(
     data: SequenceData,
     batch_size: int,
     *,
+    settings: ForwardSettings = ForwardSettings(),
     scores: bool = False,
-    hidden: bool = False,
     nll: bool = False,
-    row_length: int | None = None,
-    hidden_file: BinaryIO | None = None,
-    hidden_on_device: bool = False,
-    compile: bool = False,
-    forward_context: Callable[[], ContextManager] | None = None,
     exit_fns: Mapping[str, ExitFn] | None = None,
+    hidden: HiddenSink = None,
     residual: bool | None = None,
 ) -> TokenOutputs:
-    """Run `llm` (in eval mode) over every token of `data` in packed batches of `batch_size` rows of `row_length`.
+    """Run `llm` (in eval mode) over every token of `data` in packed batches of `batch_size` rows, as `settings` say.
 
-    The hidden states are the final-norm outputs, or with `residual` (default `llm.hands_over_residual`: what the
-    LLM hands over) the residual stream before the final norm. With `hidden_file`, the output hidden states are not
-    kept but written there as raw bf16 rows in token order (batches come in token order), so host memory holds a few
-    batches of them. With `hidden_on_device`, they stay on the LLM's device (`hidden` is a device tensor): none is
-    copied to the host. With `compile`, the LLM's forward runs under `torch.compile` (one graph per batch shape; worth
-    it on a GPU for more than a few batches: eager HF modules launch many small kernels). Each batch's forward runs
-    in `forward_context()` (Lightning's `trainer.precision_plugin.forward_context`, so that a stage is scored in
-    the precision it trained in); default `autocast_for(device)`. `exit_fns` {name: function}: each one's exit scores
-    too, in `exit_scores` (for diagnostics: every registered exit function from the same forward).
-    On a GPU, each batch's results are copied to the host on a CUDA stream of their own, beside the
-    next batch's compute, and stored `STORES_BEHIND` batches later, once the GPU has the next
-    batches queued: the GPU does not wait for the copies or the stores.
+    What it computes: the exit `scores`, the next-token `nll` (and whether the argmax is right; with Mixture-of-Depths
+    the layers each token ran through), the exit scores of each of `exit_fns` {name: function} (`exit_scores`: for
+    diagnostics, every registered exit function from the same forward), and the hidden states into `hidden`
+    (`HiddenSink`): the final-norm outputs, or with `residual` (default `llm.hands_over_residual`: what the LLM hands
+    over) the residual stream before the final norm. The batches and their results come in token order (`_HostStore`).
     """
     if data.num_tokens == 0:
         raise ValueError("the data holds no tokens: nothing to run the LLM on")
+    if isinstance(hidden, str) and hidden not in ("host", "device"):
+        raise ValueError(f'hidden must be None, "host", "device" or a binary file, got {hidden!r}')
     device, exit_fns = llm.device, dict(exit_fns or {})
-    keep_hidden = hidden and hidden_file is None
-    out = TokenOutputs.allocate(data.num_tokens, llm.dim, scores, keep_hidden, nll,
-                                device if hidden_on_device else "cpu", exit_fns, layers=nll and llm.mod is not None)
-    forward_context = forward_context or partial(autocast_for, device)
-    residual = hidden and (llm.hands_over_residual if residual is None else residual)
+    hidden_file = None if hidden is None or isinstance(hidden, str) else hidden
+    out = TokenOutputs.allocate(data.num_tokens, llm.dim, scores, isinstance(hidden, str), nll,
+                                device if hidden == "device" else "cpu", exit_fns, layers=nll and llm.mod is not None)
+    residual = hidden is not None and (llm.hands_over_residual if residual is None else residual)
     with _HostStore(out, hidden_file, device) as store, eval_mode(llm):
-        step = _Step(llm, data.input_type, scores, residual, hidden, nll, exit_fns, compile)
+        step = _Step(llm, data.input_type, scores, residual, hidden is not None, nll, exit_fns, settings.compile)
         # one shape for every batch, the last one too: compiled, each other shape would be compiled again
-        for batch in data.batches(batch_size, row_length, fixed_length=True, pad_last_batch=compile):
+        for batch in data.batches(batch_size, settings.row_length, fixed_length=True, pad_last_batch=settings.compile):
             out.positions += batch.num_positions
             index, pick, on_device = _place(batch, device)
-            with forward_context():
+            with settings.context(device):
                 results = step(on_device, pick)
             store.push(index, results)
     return out

@@ -1,4 +1,4 @@
-"""The evaluation after a run's last stage (`cascade.fit`): true early exit of the saved ensemble, its table,
+"""The evaluation after a run's last stage (`cascade.run.stages`): true early exit of the saved ensemble, its table,
 `eval.json` and TensorBoard."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from cascade.routing.layer_skip import layer_perplexities, threshold_sweep
 from cascade.run.report import format_diagnostics, format_eval_table, format_layer_exit_table, plot_curve
 from cascade.run.state import read_done, stage_dir
 from cascade.model.compile import compiles
+from cascade.model.forward_settings import ForwardSettings
 
 SWEEP_THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01)  # 0: every token exits; 1.01: none does
 
@@ -31,12 +32,12 @@ def evaluate_run(
     precision: str,
     *,
     batch_size: int,
-    files: list[str] | None = None,
-    curve: bool = True,
-    routing_bound: bool = False,
-    compile: bool | None = None,
-    exit_layer: int | None = None,
-    routing_threshold: float | None = None,
+    files: list[str] | None,
+    curve: bool,
+    routing_bound: bool,
+    compile: bool | None,
+    exit_layer: int | None,
+    routing_threshold: float | None,
 ) -> dict:
     """True early exit of the first `num_llms` LLMs saved in `run_dir` on `text`'s validation split (or on `files`),
     on `device` with each forward in `forward_context()` (a Trainer's precision plugin's; `precision` names it), compiled
@@ -45,12 +46,12 @@ def evaluate_run(
     Prints the table; writes `eval.json` and the TensorBoard scalars; returns the statistics."""
     ensemble = Ensemble.from_pretrained(run_dir, num_llms=num_llms).to(device)
     start = time.perf_counter()
-    run = {"compile": compiles(compile, device), "forward_context": forward_context}
+    settings = ForwardSettings(compile=compiles(compile, device), forward_context=forward_context)
     text.setup()
     data = check_token_ids(text.file_data(files) if files else text.val_data, ensemble.vocab_size)
-    stats = evaluate_ensemble(ensemble.llms, data, batch_size, routing_bound=routing_bound, **run)
+    stats = evaluate_ensemble(ensemble.llms, data, batch_size, routing_bound=routing_bound, settings=settings)
     if curve and len(ensemble) > 1:
-        stats["curve"] = sweep_compute(ensemble.llms, data, batch_size, **run)
+        stats["curve"] = sweep_compute(ensemble.llms, data, batch_size, settings=settings)
     print(f"\nTrue early-exit evaluation of {run_dir} on {', '.join(files) if files else 'the validation split'} ({device}, {precision}):")
     print(format_eval_table(stats))
     print(format_diagnostics(stats))

@@ -1,5 +1,6 @@
-"""What every stage's Trainer gets, for the command (`cascade.fit`) and the Python API (`train_llm`) alike, what the
-command records of a stage once its fit ends, and the Trainer its evaluation runs under when no stage trained."""
+"""What every stage's Trainer gets, for the stage loop (`cascade.run.stages`) and the Python API (`train_llm`) alike,
+what the stage loop records of a stage once its fit ends, and the Trainer its evaluation runs under when no stage
+trained."""
 
 from __future__ import annotations
 
@@ -45,19 +46,19 @@ def stage_trainer_settings(settings: Mapping, run_dir: str | os.PathLike | None,
 
 
 def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing: dict, handover: dict | None,
-                 handed_over_only: bool, settings: dict | None = None) -> None:
+                 handover_only: bool, settings: dict) -> None:
     """After stage k's fit: print its phases, save its LLM and the run's tokenizer (`text`'s), and mark the stage done
     (`done.json`, with the files' checksums and the `settings` it trained with, `cascade.run.state.stage_settings`).
-    `handed_over_only`: the stage was trained before and only handed over now; it keeps its training's figures."""
+    `handover_only`: the stage was trained before and only handed over now; it keeps its training's figures."""
     stage_path = stage_dir(run_dir, k)
-    info = (read_done(stage_path) or {}) if handed_over_only else {"settings": settings}
+    info = (read_done(stage_path) or {}) if handover_only else {"settings": settings}
     if timing:
         info["train"] = timing
         rank_zero_info(format_training(k, timing))
-    if k == 0 and not handed_over_only:
+    if k == 0 and not handover_only:
         info["data"] = {"tokenize_s": text.prepare_seconds, "cached": text.cached, "train_tokens": text.train_data.num_tokens,
                         "val_tokens": text.val_data.num_tokens}
-    if not handed_over_only:
+    if not handover_only:
         info["global_step"] = trainer.global_step
     info.update(stage=k, handover=dict(handover) if handover is not None else None)
     if handover is not None:
@@ -70,11 +71,11 @@ def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing
     trainer.strategy.barrier()
 
 
-def evaluation_trainer(settings) -> Trainer:
+def evaluation_trainer(settings: Mapping) -> Trainer:
     """A Trainer of the run's device and precision settings (`--trainer.*`), for an evaluation with no stage trained."""
-    strategy = settings.strategy if isinstance(settings.strategy, str) else "auto"
+    strategy = settings["strategy"] if isinstance(settings["strategy"], str) else "auto"
     return Trainer(
-        accelerator=settings.accelerator, devices=settings.devices, strategy=strategy,
-        precision=settings.precision or default_precision(settings.accelerator),
+        accelerator=settings["accelerator"], devices=settings["devices"], strategy=strategy,
+        precision=settings["precision"] or default_precision(settings["accelerator"]),
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )

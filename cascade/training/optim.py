@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from cascade.training.layer_exits import parameters_by_layer
 
@@ -39,3 +43,36 @@ def param_groups(llm: "LLM", peak_lr: float, lr_scales: Mapping[int | str, float
                 group["params"] += members
                 group["name"].append(str(key))
     return [{**g, "name": ",".join(g["name"])} for g in groups.values()]
+
+
+def adamw_warmup_cosine(
+    llm: "LLM",
+    peak_lr: float,
+    lr_scales: Mapping[int | str, float],
+    weight_decay: float,
+    betas: tuple[float, float],
+    fused: bool,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float,
+) -> dict:
+    """AdamW over `param_groups` and its `warmup_cosine` schedule, stepped every step, as
+    `LightningModule.configure_optimizers` returns them."""
+    groups = param_groups(llm, peak_lr, lr_scales, weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=betas, fused=fused)
+    schedule = warmup_cosine(warmup_steps, total_steps, min_lr_ratio)
+    scheduler = {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}
+    return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def clip_gradients(
+    parameters: Iterable[nn.Parameter], clip_val: float | None, algorithm: str | None
+) -> None:
+    """Clip the gradients of `parameters` to `clip_val` by value (`algorithm` "value") or else by
+    their norm; no clipping where `clip_val` is 0 or None."""
+    if not clip_val:
+        return
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(parameters, clip_val)
+    else:
+        torch.nn.utils.clip_grad_norm_(parameters, clip_val)

@@ -1,0 +1,225 @@
+"""The stage loop of a run as plain functions: what each stage needs (skip, hand over only, or train), the training of
+one stage from its instantiated parts, the loop over the stages and the evaluation after the last. `cascade.fit`
+parses the settings and instantiates each stage's classes; everything else happens here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Mapping
+
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from callbacks.stage_handover import StageHandover
+from callbacks.timing import TrainingTimer
+from cascade.llm import LLM
+from cascade.model.hf_models import max_positions
+from cascade.run.checkpoint_io import remove_partial_checkpoints
+from cascade.run.evaluation import evaluate_run
+from cascade.run.stage_runner import evaluation_trainer, record_stage, stage_trainer_settings
+from cascade.run.state import (RunLock, changed_settings, check_stage_selection, latest_checkpoint, read_done,
+                               saved_tokenizer_problem, stage_dir, stage_problem, trained_without_handover)
+from cascade.training.warm_start import identity_start
+from datamodules.corpus import check_corpus_file
+from datamodules.sequence import SequenceDataModule
+from datamodules.text import TextDataModule
+from lightning_modules.stage import StageModule
+
+Plan = Literal["skip", "handover_only", "train"]
+
+
+def run_directory(runs_dir: str | os.PathLike, name: str) -> Path:
+    return Path(runs_dir) / name  # where a run writes everything
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run's own settings (the command's top-level arguments, declared with their defaults in `cascade.fit`)."""
+
+    name: str
+    runs_dir: str
+    num_stages: int
+    stage: int | None  # the one stage to train; None: every stage in turn
+    ckpt_path: str | None  # where the first stage trained resumes from
+    eval_batch_size: int | None
+    eval_files: list[str] | None
+    eval_curve: bool
+    eval_routing_bound: bool
+
+    @property
+    def run_dir(self) -> Path:
+        return run_directory(self.runs_dir, self.name)
+
+    @property
+    def stages(self) -> list[int]:
+        return list(range(self.num_stages)) if self.stage is None else [self.stage]
+
+
+@dataclass
+class StageParts:
+    """Stage k's objects, instantiated from the run's settings for that stage (its index, directories and seed)."""
+
+    model: StageModule
+    data: TextDataModule  # the run's corpus: stage 0 trains on it, stage k > 0 on the hand-over batched as it is
+    handover: StageHandover
+    trainer: Mapping  # Lightning `Trainer` arguments
+    callbacks: list[Callback]  # the stage's own besides its timer and hand-over (a checkpoint, a config saver)
+
+
+def hands_over(k: int, num_stages: int, after_last_stage: bool) -> bool:
+    """Every stage but the last hands its hard tokens to the next; the last one only if asked."""
+    return k < num_stages - 1 or after_last_stage
+
+
+class RunHold:
+    """The run directory's lock (`RunLock`), taken before the run's first write by the run's first process only (the
+    other processes are its own)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.lock = run_dir, None
+
+    def take(self) -> None:
+        if self.lock is None and rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+            self.lock = RunLock(self.run_dir)
+            if self.lock.previous:
+                rank_zero_info(f"{self.run_dir}: taking over from an earlier run that ended ({self.lock.previous})")
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def plan_stage(k: int, stage_path: Path, hands_over: bool, ckpt_path: str | None, settings: dict) -> Plan:
+    """What stage k needs, said on rank zero: "skip" (complete, its files checked against their checksums),
+    "handover_only" (trained as the last stage of an earlier run: its saved LLM only hands over), or "train" (from
+    `ckpt_path`, else from its newest complete checkpoint, else from the start). `settings`: the run's settings that
+    define a trained stage, compared with those it was trained with."""
+    problem = stage_problem(stage_path, hands_over) if ckpt_path is None else "resuming from --ckpt_path"
+    handover_only = problem is not None and ckpt_path is None and trained_without_handover(stage_path)
+    if (problem is None or handover_only) and (changed := changed_settings(stage_path, settings)):
+        rank_zero_info(f"stage {k} was trained with other settings ({changed}): kept as trained; to train with "
+                       "these, give the run a new --name")
+    if problem is None:
+        rank_zero_info(f"stage {k}: complete in {stage_path} (checked against its checksums), skipped")
+        return "skip"
+    if handover_only:
+        rank_zero_info(f"stage {k}: trained as the last stage of an earlier run; handing its tokens over to stage {k + 1}")
+        return "handover_only"
+    if read_done(stage_path) is not None and ckpt_path is None:
+        rank_zero_info(f"stage {k} was complete, but {problem}: training it again")
+    return "train"
+
+
+def stage_data(run_dir: Path, k: int, text: TextDataModule) -> TextDataModule | SequenceDataModule:
+    """Stage 0 reads the corpus (tokenized, or its cache checked, before anything is written); stage k > 0 the
+    hand-over of stage k - 1, with its own shuffle seed (its data order does not depend on stage 0's)."""
+    if k > 0:
+        return text.handover_data(stage_dir(run_dir, k - 1) / "handover", k)
+    text.prepare_data()
+    return text
+
+
+def resume_checkpoint(trainer: Trainer, checkpoints: Path, k: int, ckpt_path: str | None,
+                      handover_only: bool) -> str | None:
+    """`ckpt_path`, else (unless the stage only hands over) its newest complete checkpoint; partial ones of a killed
+    write removed first."""
+    if trainer.is_global_zero:
+        for partial in remove_partial_checkpoints(checkpoints):
+            rank_zero_info(f"stage {k}: removed {partial}, a checkpoint whose writing was cut short")
+    if not handover_only and ckpt_path is None:
+        if (resume := latest_checkpoint(checkpoints, warn=rank_zero_info)) is not None:
+            rank_zero_info(f"stage {k}: resuming from {resume}")
+            return str(resume)
+    return ckpt_path
+
+
+def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, handover_only: bool,
+                ckpt_path: str | None, settings: dict, hold: Callable[[], None]) -> Trainer:
+    """Train stage k with its fresh `parts` under a fresh Trainer (resuming from `ckpt_path` or its newest checkpoint),
+    hand its hard tokens over if it `hands_over`, save its LLM and mark it done with the `settings` that define it;
+    `handover_only`: its saved LLM (loaded by `parts.model`) trains no step and only hands over. `hold` takes the run
+    directory before the first write. Returns the stage's Trainer."""
+    model, text, handover = parts.model, parts.data, parts.handover
+    limit = max_positions(model.llm.config)
+    if limit is not None and text.seq_len > limit:
+        raise ValueError(f"data.seq_len {text.seq_len} exceeds the model's {limit} positions; lower it or enlarge the model")
+    datamodule = stage_data(run_dir, k, text)
+    if k > 0 and model.hparams.warm_start and not handover_only:  # a resumed stage's checkpoint then overwrites it
+        identity_start(model.llm, LLM.from_pretrained(stage_dir(run_dir, k - 1) / "llm"))
+        rank_zero_info(f"stage {k}: LLM {k} starts predicting exactly what LLM {k - 1} does (warm_start)")
+    timer = TrainingTimer()
+    callbacks = [timer, *([handover] if hands_over else []), *parts.callbacks]
+    trainer_settings = stage_trainer_settings(parts.trainer, run_dir, k, callbacks)
+    hold()  # every setting is checked; from here on the run writes
+    trainer = Trainer(**trainer_settings)
+    ckpt_path = resume_checkpoint(trainer, stage_dir(run_dir, k) / "checkpoints", k, ckpt_path, handover_only)
+    processes = trainer.world_size
+    rank_zero_info(f"stage {k}: {'handing over' if handover_only else 'training'} on {trainer.strategy.root_device}"
+                   f"{f' and {processes - 1} more devices' if processes > 1 else ''}, precision {trainer.precision}")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    record_stage(run_dir, k, trainer, model.llm, text, timer.stats, handover.stats if hands_over else None,
+                 handover_only, settings)
+    return trainer
+
+
+def train_stages(run: RunSettings, build_stage: Callable[[int, bool], StageParts], *, after_last_stage: bool,
+                 settings: dict, hold: Callable[[], None]) -> tuple[Trainer | None, TextDataModule | None]:
+    """Train (or hand over from) each of the run's stages that is not complete, stage k's parts from
+    `build_stage(k, handover_only)`. Returns the last stage's Trainer and stage 0's data module, None where none ran."""
+    ckpt_path, trainer, text = run.ckpt_path, None, None
+    for k in run.stages:
+        stage_path, hands_over_k = stage_dir(run.run_dir, k), hands_over(k, run.num_stages, after_last_stage)
+        plan = plan_stage(k, stage_path, hands_over_k, ckpt_path, settings)
+        if plan == "skip":
+            continue
+        handover_only = plan == "handover_only"
+        parts = build_stage(k, handover_only)
+        if k == 0:
+            text = parts.data
+        trainer = train_stage(run.run_dir, k, parts, hands_over=hands_over_k, handover_only=handover_only,
+                              ckpt_path=None if handover_only else ckpt_path, settings=settings, hold=hold)
+        ckpt_path = None
+    return trainer, text
+
+
+def evaluate_cascade(run: RunSettings, text: TextDataModule, num_llms: int, trainer: Trainer, *, compile: bool | None,
+                     exit_layer: int | None, routing_threshold: float | None) -> dict:
+    """True early exit of the run's first `num_llms` LLMs (`cascade.run.evaluation`) on `trainer`'s device, in its
+    precision; `compile`, `exit_layer` and `routing_threshold` are the run's model settings (`StageModule`'s)."""
+    return evaluate_run(
+        run.run_dir, text, num_llms, trainer.strategy.root_device, trainer.precision_plugin.forward_context,
+        str(trainer.precision), batch_size=run.eval_batch_size or text.batch_size, files=run.eval_files,
+        curve=run.eval_curve, routing_bound=run.eval_routing_bound, compile=compile, exit_layer=exit_layer,
+        routing_threshold=routing_threshold,
+    )
+
+
+def run_cascade(run: RunSettings, build_stage: Callable[[int, bool], StageParts], *, after_last_stage: bool,
+                settings: dict, data_settings: Mapping, trainer_settings: Mapping, compile: bool | None,
+                exit_layer: int | None, routing_threshold: float | None) -> dict | None:
+    """Train the stages not complete yet (`train_stages`), then evaluate the cascade on rank zero (None elsewhere).
+    `data_settings`, `trainer_settings`: the run's `TextDataModule` and `Trainer` arguments, for the evaluation when
+    stage 0 or every stage was complete already; the others as in `train_stages` and `evaluate_cascade`. The run
+    directory is held from the first write until this returns."""
+    hold = RunHold(run.run_dir)
+    try:
+        check_stage_selection(run.run_dir, run.stage, run.num_stages)
+        for f in run.eval_files or []:  # before any training, not after it
+            check_corpus_file(Path(f).expanduser(), "eval_files", read=False)
+        last, text = train_stages(run, build_stage, after_last_stage=after_last_stage, settings=settings, hold=hold.take)
+        if rank_zero_only.rank != 0:
+            return None
+        text = text if text is not None else TextDataModule(**data_settings)
+        hold.take()
+        num_llms = run.stages[-1] + 1
+        if problem := saved_tokenizer_problem(run.run_dir, num_llms):
+            rank_zero_info(f"{problem}: saving the tokenizer again")  # nothing needs training again
+            text.save_tokenizer(run.run_dir / "tokenizer")
+        last = last if last is not None else evaluation_trainer(trainer_settings)
+        return evaluate_cascade(run, text, num_llms, last, compile=compile, exit_layer=exit_layer,
+                                routing_threshold=routing_threshold)
+    finally:
+        hold.release()

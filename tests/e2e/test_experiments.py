@@ -1,0 +1,47 @@
+"""The layer-exit comparison script runs end to end (smoke mode) and its numbers hang together."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "compare_layer_exits.py"
+
+
+@pytest.mark.slow
+def test_compare_layer_exits_smoke(tmp_path):
+    methods = ["standard", "asymmetric (0.7/0.3)"]
+    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--methods", *methods],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in report["results"]] == methods
+    for r in report["results"]:
+        sweep = {p["threshold"]: p for p in r["sweep"]}
+        assert sweep[0.0]["compute_fraction"] == pytest.approx(1 / 3) and sweep[0.0]["exit_fraction"] == 1.0
+        assert sweep[0.0]["routed_ppl"] == pytest.approx(r["layer_ppl"]["1"], rel=1e-4)  # everyone exits at layer 1
+        assert sweep[1.01]["compute_fraction"] == 1.0
+        assert sweep[1.01]["routed_ppl"] == pytest.approx(r["layer_ppl"]["3"], rel=1e-4)  # nobody exits
+        computes = [sweep[t]["compute_fraction"] for t in sorted(sweep)]
+        assert computes == sorted(computes)  # a higher threshold lets fewer tokens exit
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in methods)
+
+
+@pytest.mark.slow
+def test_compare_cascade_smoke(tmp_path):
+    script = SCRIPT.parent / "compare_cascade.py"
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--steps", "4",
+                             "--regimes", "equal_steps"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["equal_steps"]
+    assert not [r for results in rows.values() for r in results if "error" in r]
+    assert rows["LLM 0 alone"][0]["flops"] == pytest.approx(1.0)
+    assert 1.5 < rows["twice as deep, the cascade's training FLOPs"][0]["flops"] < 2.0, "the head is not doubled"
+    for name, (row,) in rows.items():
+        if name.startswith("cascade"):
+            assert 1.0 < row["flops"] < 2.0 and row["llm0_ppl"] == pytest.approx(rows["LLM 0 alone"][0]["ppl"], rel=1e-3)
+            assert row["bound"]["oracle"] == min(row["bound"].values())
+    assert "| cascade, cosine, identity start |" in (tmp_path / "results.md").read_text()
