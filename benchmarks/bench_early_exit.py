@@ -6,7 +6,7 @@ of its exit scores on the evaluation data, so that fraction of the tokens goes o
   ones compacted and packed; LLM 1 only on them), timed from the call to its return;
 - baseline: every LLM on every token in a plain loop over the same batches: LLM 0's forward and
   NLL, LLM 1's forward on LLM 0's hidden states and NLL (bf16 autocast, no gradients).
-The FLOP ratio is 1 / `compute_fraction` (DESIGN.md, Semantics: compute accounting); the goal is a speedup of at least 0.8 times it.
+The FLOP ratio is 1 / `compute_fraction`; the goal is a speedup of at least 0.8 times it.
 
     python benchmarks/bench_early_exit.py                 # GPT-2 124M x 2, 1M tokens, on the GPU
     python benchmarks/bench_early_exit.py --smoke         # CPU, tiny (CI)

@@ -1,4 +1,5 @@
-"""Compute accounting (DESIGN.md, semantics 7): forward FLOPs per token of a CausalLM, from its modules and config."""
+"""Compute accounting: forward FLOPs per token of a CausalLM, from its modules and config. A cascade's cost is the sum,
+over its LLMs, of the tokens reaching each times its FLOPs per token."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """How a gradient-free pass of an LLM over a SequenceData runs: its rows, whether it is compiled, its precision.
 
 What a pass computes, and where its hidden states go, are the pass's own arguments (`cascade.routing.scoring.run_llm`);
-these settings say only how it runs, so that the hand-over after a stage runs as the stage trained (DESIGN.md,
-Semantics: the hand-over) and an evaluation runs every LLM alike.
+these settings say only how it runs, so that the hand-over after a stage runs as the stage trained (same device,
+precision and compile setting) and an evaluation runs every LLM alike.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The model's own decoder layers called one at a time (DESIGN: allowed), for layer skipping and Mixture-of-Depths.
+"""The model's own decoder layers called one at a time (calling them is not re-implementing them), for layer skipping and Mixture-of-Depths.
 
 What each layer receives besides its hidden states (attention mask, rotary embeddings, position ids, ...) is what the
 model's own backbone computes before its layer loop. `LayerLoop` gets it from the backbone itself: a second, static

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 
 class HandOver(NamedTuple):
-    hard: SequenceData  # the hard tokens, their output hidden states as inputs
-    scores: Tensor  # (N,) every process's exit scores, which the threshold was computed from
+    hard: SequenceData  # the hard tokens, what the LLM hands over (`LLM.hands_over_residual`) as their inputs
+    scores: Tensor  # (N,) the exit scores of every process's tokens, which the threshold was computed from
 
 
 def collect_hard_tokens(
@@ -44,14 +44,14 @@ def collect_hard_tokens(
     check_hard_ratio(hard_ratio)
     scored = score_tokens(llm, data, batch_size, settings=settings, path=path, budget=budget)
     try:
-        scores = scored.scores if all_gather is None else all_gather(scored.scores)
-        threshold = calibrate_threshold(scores, hard_ratio)
+        all_scores = scored.scores if all_gather is None else all_gather(scored.scores)
+        threshold = calibrate_threshold(all_scores, hard_ratio)
     except BaseException:
         scored.drop_hidden_file()
         raise
     llm.threshold.fill_(threshold)
-    hard = compact_scored(data, hard_mask(scored.scores, threshold), scored, path)
-    return HandOver(hard, scores)
+    hard = compact_scored(data, hard_mask(scored.scores, threshold), scored, path)  # this process's tokens
+    return HandOver(hard, all_scores)
 
 
 def transform_data(llm: "LLM", data: SequenceData, batch_size: int) -> SequenceData:

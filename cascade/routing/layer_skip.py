@@ -1,5 +1,5 @@
-"""Confidence exit after one layer with true layer skipping (DESIGN.md, Semantics: layer exits), on the model's own
-layers.
+"""Confidence exit after one layer with true layer skipping, on the model's own layers: a token confident enough at
+the exit layer is predicted there, and the later layers run on the other tokens only.
 
 `run_until` runs layers 1..e of the model's layer loop (`cascade.model.layer_loop`); `run_from` runs layers e + 1..L on a
 residual stream after e, so the tokens that exited at e are never computed by the later layers.

@@ -1,10 +1,11 @@
-"""Step 4 of routing, written once: run an LLM over the tokens reaching it, score them, threshold, compact the hard ones.
+"""Step 4 of routing: steps 1 to 3 with a threshold already set. `route` runs an LLM over the tokens reaching it,
+scores them and compacts those below the LLM's stored threshold: evaluation, and the hand-over of the validation split.
+The hand-over of the training split (`cascade.routing.handover`) runs the same `score_tokens` and `compact_scored`,
+setting the threshold in between.
 
-`route` is the one path of the hand-over after a stage (which calibrates the threshold) and of evaluation (which
-reads it). Every token's output hidden state waits for the threshold (an exact quantile over every token's exit
-score) in GPU memory where they take at most half of what is free there (only the hard ones then ever cross to the
-host), else in host memory up to a budget, else in a temporary file, written as they are computed. The hard tokens
-are then compacted (`cascade.routing.compaction`).
+While the threshold is not known, every token's hidden state (what the LLM hands over) waits for it in GPU memory
+where they take at most half of what is free there (only the hard ones then ever cross to the host), else in host
+memory up to a budget, else in a temporary file, written as they are computed (`score_tokens`).
 """
 
 from __future__ import annotations

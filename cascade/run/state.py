@@ -74,9 +74,6 @@ def stage_problem(stage_path: str | os.PathLike, hands_over: bool = True) -> str
     return None
 
 
-def stage_is_done(stage_path: str | os.PathLike, hands_over: bool = True) -> bool:
-    return stage_problem(stage_path, hands_over) is None
-
 
 def trained_without_handover(stage_path: str | os.PathLike) -> bool:
     """The stage finished as the last one of its run and handed nothing over (its model is complete)."""

@@ -1,4 +1,4 @@
-"""Layer exits inside one LLM (DESIGN.md, Semantics 6): the logit lens of any layer and the layer-weighted loss."""
+"""Layer exits inside one LLM: the logit lens of any layer and the layer-weighted loss."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Layer exits inside one LLM: the layer-weighted loss, its schedules and learning rates, token-routed training
-(DESIGN rule 6). The logit lens and routing without training: tests/unit/test_layer_exit_routing.py."""
+"""Layer exits inside one LLM: the layer-weighted loss, its schedules and learning rates, token-routed training.
+The logit lens and routing without training: tests/unit/test_layer_exit_routing.py."""
 
 import copy
 

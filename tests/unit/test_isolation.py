@@ -1,4 +1,4 @@
-"""DESIGN rule 2 at stage 1: a token sees only earlier tokens of its own original sequence."""
+"""Packed rows at stage 1: a token sees only earlier tokens of its own original sequence."""
 
 import pytest
 import torch

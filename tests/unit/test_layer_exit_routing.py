@@ -1,5 +1,5 @@
 """Layer exits inside one LLM, without training: the logit lens, and tokens that exit after a layer skip the later
-ones (DESIGN rule 6). The layer-weighted loss and its training: tests/system/test_layer_exits.py."""
+ones. The layer-weighted loss and its training: tests/system/test_layer_exits.py."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The layers of `cascade/` as folders, imports pointing one way (DESIGN.md, Layout): read from the source with `ast`,
+"""The layers of `cascade/` as folders, imports pointing one way: read from the source with `ast`,
 type-hint imports and imports inside functions included."""
 
 import ast

@@ -66,7 +66,7 @@ def test_hidden_state_input_with_the_models_own_embedding_matches_token_ids(arch
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_packed_rows_give_each_sequence_what_it_gets_alone(arch, attn):
-    """DESIGN rule 2: packed sequences with original (gapped) positions do not see each other."""
+    """Packed sequences with original (gapped) positions do not see each other."""
     llm = LLM(tiny_model(arch, attn=attn))
     g = torch.Generator().manual_seed(1)
     lengths = torch.tensor([5, 3, 7, 2, 6])
