@@ -14,7 +14,8 @@ from typing import Iterator, Sequence
 from torch import Tensor, nn
 
 
-def _first(output):
+def first_output(output):
+    """A decoder layer's hidden states: its output, or the first of the tuple some families return."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -51,7 +52,7 @@ def capture(
         else:
 
             def grab_output(module, args, output, i=i):
-                captured[i] = _first(output)
+                captured[i] = first_output(output)
 
             handles.append(layers[i - 1].register_forward_hook(grab_output))
     try:

@@ -15,9 +15,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from cascade.model.hidden_history import first_output
 
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class _Recorder(nn.Module):
@@ -78,7 +77,7 @@ class LayerLoop:
         for number in range(start + 1, stop + 1):
             layer, (args, kwargs) = self.layers[number - 1], calls[number - 1]
             out = layer_fn(number, layer, h, args, kwargs) if layer_fn is not None else None
-            h = _first(layer(h, *args, **kwargs)) if out is None else out
+            h = first_output(layer(h, *args, **kwargs)) if out is None else out
             if history is not None:
                 history[number] = h
         return h

@@ -33,13 +33,11 @@ from torch import Tensor, nn
 
 from cascade.model.attention import ATTENTION
 from cascade.data.packing import gather_index
+from cascade.model.hidden_history import first_output
 
 MOD_ROUTERS = "mod_routers.safetensors"  # beside the HF weights of a Mixture-of-Depths model
 _PER_TOKEN = ("attention_mask", "position_ids", "position_embeddings")  # layer inputs with a T axis that we gather
 
-
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def kept_count(length: int, capacity: float) -> int:
@@ -183,7 +181,7 @@ class MixtureOfDepths(nn.Module):
             return x
         gathered = {name: _gather_input(layer, name, value, index, valid) for name, value in inputs.items()}
         x_kept = _gather_tokens(x, index)  # (B, K, D)
-        y = _first(layer(x_kept, **gathered))
+        y = first_output(layer(x_kept, **gathered))
         # gate * y + (1 - gate) * x is y bit for bit when gate == 1; x + gate * (y - x) would round.
         log_gate = F.logsigmoid(logits.gather(1, index))[..., None]
         gate = torch.exp(log_gate - log_gate.detach())
