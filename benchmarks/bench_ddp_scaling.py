@@ -141,7 +141,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     thresholds = [json.loads((workdir / r / "bench" / "stage_0" / "llm" / "config.json").read_text())["exit_threshold"] for r in ("one", "again")]
     a = load_parts(workdir / "one" / "bench" / "stage_0" / "handover" / "train")
     b = load_parts(workdir / "again" / "bench" / "stage_0" / "handover" / "train")
-    same_set = a.num_tokens == b.num_tokens and torch.equal(a.sequence_ids, b.sequence_ids) and torch.equal(a.positions, b.positions)
+    same_set = a.num_tokens == b.num_tokens and torch.equal(a.sequence_ids, b.sequence_ids) and torch.equal(a.positions[:], b.positions[:])
     handovers = [json.loads((workdir / r / "bench" / "stage_0" / "done.json").read_text())["handover"] for r in ("one", "again")]
     print(f"hand-over of {handovers[0]['scored_tokens']:,} tokens: 1 process {handovers[0]['seconds']:.2f} s, "
           f"2 processes {handovers[1]['seconds']:.2f} s")

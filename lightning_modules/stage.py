@@ -256,6 +256,8 @@ class StageModule(LightningModule):
             layers[self.hparams.exit_layer] = 1.0
         _, per_layer = self.layer_losses(batch, layers)
         metrics, tokens = self.val_metrics, batch.num_tokens
+        if tokens == 0:  # a streamed batch whose windows handed nothing on: run (every process runs alike), not counted
+            return
         metrics.nll.update(per_layer[last], weight=tokens)
         if self.llm.mod is not None:  # eval mode: the causal routing
             metrics.mod_compute.update(self.llm.mod.compute_fraction(), weight=tokens)

@@ -173,3 +173,36 @@ def patterned_batches(num_batches, batch_size=8, seq_len=32, vocab=64, seed=0):
         t = (start + stride * torch.arange(seq_len + 1)) % vocab
         batches.append((t[:, :-1], t[:, 1:]))
     return batches
+
+
+def run_processes(fns):
+    """Run `fns[r](reduce)` for each rank r in a thread of its own, `reduce` (`cascade.routing.threshold.Reduce`)
+    combining every thread's tensor as `torch.distributed.all_reduce` would; returns their results in rank order."""
+    import threading
+
+    barrier, slots, results, errors = threading.Barrier(len(fns)), [None] * len(fns), [None] * len(fns), []
+    combine = {"sum": lambda ts: torch.stack(ts).sum(0), "min": lambda ts: torch.stack(ts).min(0).values,
+               "max": lambda ts: torch.stack(ts).max(0).values}
+
+    def run(rank):
+        def reduce(t, op):
+            slots[rank] = t.clone()
+            barrier.wait()
+            out = combine[op](slots)
+            barrier.wait()  # every thread has read the slots
+            return out
+
+        try:
+            results[rank] = fns[rank](reduce)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

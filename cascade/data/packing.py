@@ -171,3 +171,25 @@ def gather_index(selected: Tensor, count: int | None = None) -> tuple[Tensor, Te
     counts = selected.sum(1)
     fewest, K = torch.stack([counts.min(), counts.max()]).tolist()
     return index[:, :K], None if fewest == K else positions[:K] < counts[:, None]
+
+
+def first_fit_rows(lengths: list[int], num_rows: int, row_length: int) -> tuple[list[int], list[int], list[int]]:
+    """Place sequences of `lengths`, oldest first, each into the first of `num_rows` rows of `row_length` tokens with
+    room for it (first fit); those that fit nowhere wait. Returns the placed sequences grouped by row, the index in
+    that list where each row starts (with the end, `num_rows + 1` entries), and the waiting ones in their order.
+    Every length must lie in [1, row_length], so the oldest waiting sequence is placed in the next batch."""
+    rows: list[list[int]] = [[] for _ in range(num_rows)]
+    room = [row_length] * num_rows
+    waiting = []
+    for i, need in enumerate(lengths):
+        row = next((r for r in range(num_rows) if room[r] >= need), None)
+        if row is None:
+            waiting.append(i)
+        else:
+            rows[row].append(i)
+            room[row] -= need
+    placed = [i for row in rows for i in row]
+    bounds = [0]
+    for row in rows:
+        bounds.append(bounds[-1] + len(row))
+    return placed, bounds, waiting

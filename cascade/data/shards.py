@@ -2,19 +2,19 @@
 
 Process r of w writes `part-<r>-of-<w>` (atomically, with its own manifest); a reader takes
 the parts in order once all w are present, so one process and several give the same data.
+The parts are read where they lie, memory-mapped, never merged or copied.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
-from cascade.sequence_data import SequenceData, manifest_meta
-from cascade.data.storage import TensorDirWriter, read_manifest
+from cascade.data.concat_rows import ConcatRows
+from cascade.sequence_data import SequenceData
 
 _PART = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 
@@ -50,40 +50,22 @@ def _complete_parts(path: Path) -> list[Path]:
 
 
 def load_parts(path: str | os.PathLike, verify: bool = True) -> SequenceData:
-    """All parts of `path`, in order; a single part stays memory-mapped."""
+    """All parts of `path`, in order, read in place: the per-token arrays (inputs, targets,
+    positions) stay memory-mapped in their parts, several parts read as one (`ConcatRows`);
+    only the per-sequence offsets (S + 1,) and sequence_ids (S,) are joined in memory."""
     parts = [SequenceData.load(p, verify=verify) for p in _complete_parts(Path(path))]
-    return parts[0] if len(parts) == 1 else SequenceData.concat(parts)
+    if len(parts) == 1:
+        return parts[0]
+    starts = torch.cumsum(torch.tensor([0] + [p.num_tokens for p in parts]), 0)
+    offsets = [p.offsets[:-1] + start for p, start in zip(parts, starts)] + [starts[-1:]]
+    return SequenceData(
+        ConcatRows([p.inputs for p in parts]), ConcatRows([p.targets for p in parts]),
+        ConcatRows([p.positions for p in parts]),  # always stored on disk
+        torch.cat(offsets), torch.cat([p.sequence_ids for p in parts]),
+    )
 
 
 def verify_parts(path: str | os.PathLike) -> None:
     """Check every part of `path` against its manifest (sizes and checksums) without keeping it."""
     for part in _complete_parts(Path(path)):
         SequenceData.load(part, verify=True)
-
-
-def merge_parts(path: str | os.PathLike) -> None:
-    """Replace the complete parts of `path` by one part holding them all, copying files chunk by chunk.
-
-    The merged part is written under a temporary name and renamed into place before the old
-    parts are removed; a reader sees the old parts or the merged one (a kill in between leaves
-    both, which `load_parts` reports).
-    """
-    path = Path(path)
-    parts = _complete_parts(path)
-    if len(parts) == 1:
-        return
-    manifests = [read_manifest(p) for p in parts]
-    writer = TensorDirWriter(path / part_name(0, 1))
-    for name in ("inputs", "targets", "positions", "sequence_ids"):
-        for part, manifest in zip(parts, manifests):
-            writer.append_stored(name, part, manifest["arrays"][name])
-    offsets = [torch.zeros(1, dtype=torch.long)]
-    for part in parts:
-        part_offsets = SequenceData.load(part, verify=False).offsets
-        offsets.append(part_offsets[1:] + offsets[-1][-1])
-    writer.append("offsets", torch.cat(offsets))
-    tokens = sum(m["num_tokens"] for m in manifests)
-    sequences = sum(m["num_sequences"] for m in manifests)
-    writer.commit(manifest_meta(tokens, sequences, manifests[0]["input_type"]))
-    for part in parts:
-        shutil.rmtree(part)

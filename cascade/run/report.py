@@ -83,8 +83,15 @@ def format_training(k: int, train: dict) -> str:
 
 
 def format_handover(k: int, handover: dict) -> str:
-    """`stage 0: hand-over: 7.9M tokens scored in 6.1 s, threshold 0.936, 2.4M hard tokens written`."""
+    """`stage 0: hand-over on cuda:0: 7.9M tokens scored in 6.1 s (...), threshold 0.936, 2.4M hard tokens written`;
+    streamed: `... threshold 0.936 from 10.0M tokens (29.9% hard); stage 1 streams its tokens, nothing written`."""
     compiling = f", after {handover['compile_s']:.1f} s compiling" if handover.get("compile_s") else ""
+    if handover.get("mode") == "stream":
+        return (
+            f"stage {k}: hand-over on {handover.get('device', '?')}: threshold {handover['threshold']:.6g} calibrated on "
+            f"{human(handover['calibration_tokens'])} tokens ({handover['hard_fraction']:.1%} of them hard) in "
+            f"{handover['seconds']:.1f} s; stage {k + 1} streams its tokens through the frozen LLMs, nothing is written"
+        )
     return (
         f"stage {k}: hand-over on {handover.get('device', '?')}: {human(handover['scored_tokens'])} tokens scored in "
         f"{handover['seconds']:.1f} s "

@@ -19,7 +19,7 @@ from callbacks.progress import default_progress_bar
 from cascade.llm import LLM
 from cascade.run.report import format_handover, format_training
 from cascade.run.state import checksums, mark_stage_done, read_done, stage_dir
-from cascade.utils import default_precision
+from cascade.utils import default_precision, human
 
 TRAINER_DEFAULTS = {"gradient_clip_val": 1.0}  # Lightning Trainer settings a stage starts from
 
@@ -46,10 +46,11 @@ def stage_trainer_settings(settings: Mapping, run_dir: str | os.PathLike | None,
 
 
 def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing: dict, handover: dict | None,
-                 handover_only: bool, settings: dict) -> None:
+                 handover_only: bool, settings: dict, stream: dict | None = None) -> None:
     """After stage k's fit: print its phases, save its LLM and the run's tokenizer (`text`'s), and mark the stage done
     (`done.json`, with the files' checksums and the `settings` it trained with, `cascade.run.state.stage_settings`).
-    `handover_only`: the stage was trained before and only handed over now; it keeps its training's figures."""
+    `handover_only`: the stage was trained before and only handed over now; it keeps its training's figures. `stream`:
+    what a streamed stage's stream read and handed on (rank 0's counts)."""
     stage_path = stage_dir(run_dir, k)
     info = (read_done(stage_path) or {}) if handover_only else {"settings": settings}
     if timing:
@@ -61,6 +62,11 @@ def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing
     if not handover_only:
         info["global_step"] = trainer.global_step
     info.update(stage=k, handover=dict(handover) if handover is not None else None)
+    if stream is not None:
+        info["stream"] = stream
+        if stream["hard_fraction"] is not None:
+            rank_zero_info(f"stage {k}: streamed {human(stream['tokens_hard'])} hard tokens from {human(stream['tokens_in'])} "
+                           f"windows' tokens ({stream['hard_fraction']:.1%}, rank 0)")
     if handover is not None:
         rank_zero_info(format_handover(k, handover))
     if trainer.is_global_zero:

@@ -4,6 +4,7 @@ parses the settings and instantiates each stage's classes; everything else happe
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from cascade.run.state import (RunLock, changed_settings, check_stage_selection,
 from cascade.training.warm_start import identity_start
 from datamodules.corpus import check_corpus_file
 from datamodules.sequence import SequenceDataModule
+from datamodules.stream import StreamDataModule
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
 
@@ -113,13 +115,22 @@ def plan_stage(k: int, stage_path: Path, hands_over: bool, ckpt_path: str | None
     return "train"
 
 
-def stage_data(run_dir: Path, k: int, text: TextDataModule) -> TextDataModule | SequenceDataModule:
+def stage_data(run_dir: Path, k: int, text: TextDataModule,
+               compile: bool | None) -> TextDataModule | SequenceDataModule | StreamDataModule:
     """Stage 0 reads the corpus (tokenized, or its cache checked, before anything is written); stage k > 0 the
-    hand-over of stage k - 1, with its own shuffle seed (its data order does not depend on stage 0's)."""
-    if k > 0:
+    hand-over of stage k - 1, with its own shuffle seed (its data order does not depend on stage 0's): read from disk,
+    or where stage k - 1 streamed, the corpus streamed through the frozen LLMs 0..k-1 (run as the stage's model,
+    `compile`)."""
+    if k == 0:
+        text.prepare_data()
+        return text
+    handovers = [(read_done(stage_dir(run_dir, j)) or {}).get("handover") or {} for j in range(k)]
+    if handovers[-1].get("mode") != "stream":
         return text.handover_data(stage_dir(run_dir, k - 1) / "handover", k)
     text.prepare_data()
-    return text
+    llms = [stage_dir(run_dir, j) / "llm" for j in range(k)]
+    reaching = math.prod(h["hard_fraction"] for h in handovers)
+    return StreamDataModule(text, llms, reaching, seed=text.seed + k, compile=compile)
 
 
 def resume_checkpoint(trainer: Trainer, checkpoints: Path, k: int, ckpt_path: str | None,
@@ -146,7 +157,7 @@ def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, h
     limit = max_positions(model.llm.config)
     if limit is not None and text.seq_len > limit:
         raise ValueError(f"data.seq_len {text.seq_len} exceeds the model's {limit} positions; lower it or enlarge the model")
-    datamodule = stage_data(run_dir, k, text)
+    datamodule = stage_data(run_dir, k, text, model.hparams.compile)
     if k > 0 and model.hparams.warm_start and not handover_only:  # a resumed stage's checkpoint then overwrites it
         identity_start(model.llm, LLM.from_pretrained(stage_dir(run_dir, k - 1) / "llm"))
         rank_zero_info(f"stage {k}: LLM {k} starts predicting exactly what LLM {k - 1} does (warm_start)")
@@ -160,8 +171,9 @@ def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, h
     rank_zero_info(f"stage {k}: {'handing over' if handover_only else 'training'} on {trainer.strategy.root_device}"
                    f"{f' and {processes - 1} more devices' if processes > 1 else ''}, precision {trainer.precision}")
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    stream = datamodule.stream_stats() if isinstance(datamodule, StreamDataModule) else None
     record_stage(run_dir, k, trainer, model.llm, text, timer.stats, handover.stats if hands_over else None,
-                 handover_only, settings)
+                 handover_only, settings, stream)
     return trainer
 
 

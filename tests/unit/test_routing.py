@@ -5,7 +5,7 @@ from torch.testing import assert_close
 from cascade import LLM, SequenceData, create_sequence_data, Ensemble
 from cascade.routing.compaction import compact_hard_tokens
 from cascade.routing.threshold import hard_mask, quantile
-from conftest import token_batches, tiny_model
+from conftest import run_processes, token_batches, tiny_model
 
 
 @pytest.mark.parametrize("q", [0.01, 0.3, 0.5, 0.77, 0.99])
@@ -127,21 +127,19 @@ def test_hand_over_streamed_to_disk_equals_the_in_memory_one(tmp_path, monkeypat
 
 
 def test_a_process_with_no_tokens_hands_over_an_empty_part_of_hidden_states(tmp_path):
-    """Under data parallelism a process may get no sequence; its part must still be hidden states of the LLM's width,
-    so that the parts merge."""
+    """Under data parallelism a process may get no sequence; it still takes part in the threshold, and its part is
+    hidden states of the LLM's width, so that the next stage reads every part alike."""
     from cascade.routing.handover import collect_hard_tokens
+    from cascade.routing.threshold import calibrate_threshold
 
     llm = LLM(tiny_model("gpt2"))
     data = create_sequence_data(Ensemble([llm]), token_batches(1))
     nothing = data.select(torch.arange(0))
-    seen = []
-    others = torch.tensor([0.2, 0.4, 0.6, 0.8])  # the other processes' scores
-
-    def all_gather(scores):
-        seen.append(scores.numel())
-        return torch.cat([scores, others])
-
-    handed = collect_hard_tokens(llm, nothing, 0.3, 4, all_gather, path=tmp_path / "part").hard
-    assert seen == [0], "the process still takes part in the threshold"
+    others = torch.tensor([0.2, 0.4, 0.6, 0.8])  # the other process's scores
+    handed, threshold = run_processes([
+        lambda reduce: collect_hard_tokens(llm, nothing, 0.3, 4, reduce, path=tmp_path / "part").hard,
+        lambda reduce: calibrate_threshold(others, 0.3, reduce),
+    ])
+    assert float(llm.threshold) == threshold == pytest.approx(quantile(others, 0.3))
     assert handed.num_tokens == 0 and handed.input_type == "hidden_states" and tuple(handed.inputs.shape) == (0, llm.dim)
     assert handed.inputs.dtype == torch.bfloat16
