@@ -1,4 +1,6 @@
-"""The main command timed as users run it: `python -m cascade.fit` in a subprocess, phase by phase.
+"""The main command timed as users run it: `python -m cascade.fit` in a subprocess, phase by phase, in each hand-over
+mode (`--modes`, default materialize then stream): stage 1's tokens/s, the bytes each run wrote and left on disk, and
+its peak host memory (`process_stats.py`), with the FLOP-bound prediction of streamed against materialized.
 
 One call, on one GPU (with --smoke: the CPU, tiny models):
   1. `python -m cascade.fit --config configs/gpt2_small_wikitext2.yaml` (GPT-2 124M shaped LLMs, bf16, seq_len 1024,
@@ -58,12 +60,16 @@ def smoke_corpus(workdir: Path) -> tuple[Path, Path]:
     return workdir / "train.txt", workdir / "val.txt"
 
 
-def run_command(args, workdir: Path, train: Path, val: Path) -> tuple[float, Path]:
-    """`python -m cascade.fit` as a user runs it, its output into `args.log`; returns its wall clock and run directory."""
+def run_command(args, workdir: Path, train: Path, val: Path, mode: str = "auto", name: str = "bench",
+                extra: tuple[str, ...] = ()) -> tuple[float, Path, dict]:
+    """`python -m cascade.fit` as a user runs it (`--handover.mode mode`, `extra` settings), its output into
+    `args.log`; returns its wall clock, run directory and what the process took (`process_stats.py`)."""
     model_config = json.loads(args.model_config) | {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    stats_file = workdir / f"{name}-process.json"
     command = [
-        sys.executable, "-m", "cascade.fit", "--config", str(ROOT / "configs" / "gpt2_small_wikitext2.yaml"),
-        "--name", "bench", "--runs_dir", str(workdir / "runs"), "--num_stages", "2",
+        sys.executable, str(ROOT / "benchmarks" / "process_stats.py"), str(stats_file), "cascade.fit",
+        "--config", str(ROOT / "configs" / "gpt2_small_wikitext2.yaml"),
+        "--name", name, "--runs_dir", str(workdir / "runs"), "--num_stages", "2", "--handover.mode", mode,
         "--model.model_config", json.dumps(model_config),
         "--data.dataset", "null", "--data.train_files", json.dumps([str(train)]), "--data.val_files", json.dumps([str(val)]),
         "--data.cache_dir", str(workdir / "cache"), "--data.seq_len", str(args.seq_len), "--data.batch_size", str(args.batch_size),
@@ -75,13 +81,16 @@ def run_command(args, workdir: Path, train: Path, val: Path) -> tuple[float, Pat
                     "--trainer.val_check_interval", "10", "--checkpoint.every_n_train_steps", "10"]
     else:
         command += ["--data.tokenizer", str(args.data / "gpt2-tokenizer")]
-    with open(args.log, "w") as log:  # written as it runs: a run cut short still says where it was
+    command += list(extra)
+    with open(args.log, "a") as log:  # written as it runs: a run cut short still says where it was
+        log.write(" ".join(command) + "\n")
+        log.flush()
         start = time.perf_counter()
         returncode = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - start
     if returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{args.log.read_text()[-6000:]}")
-    return wall, workdir / "runs" / "bench"
+    return wall, workdir / "runs" / name, json.loads(stats_file.read_text())
 
 
 def phases(run: Path) -> tuple[list[tuple[str, float, int | None, bool]], dict]:
@@ -154,6 +163,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="where the corpus, the run and its caches go (default: a new temporary folder)")
     parser.add_argument("--log", type=Path, help="the command's output (default: WORKDIR/command_output.txt)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, a small corpus (CI)")
+    parser.add_argument("--modes", nargs="+", default=["materialize", "stream"], choices=["auto", "materialize", "stream"],
+                        help="--handover.mode of each run of the command")
+    parser.add_argument("--stage0-layers", type=int, help="LLM 0's layers (default: as LLM 1's); stage 0 and 1 then run as two commands")
+    parser.add_argument("--baselines", action="store_true", help="also time the hand-over and training baselines in this process")
+    parser.add_argument("--json", type=Path, help="write the modes' figures here")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_fit_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -169,13 +183,79 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    wall, run = run_command(args, workdir, train, val)
-    rows, stage0 = phases(run)
-    base = baselines(args, device, stage0["handover"]["scored_tokens"], workdir)
-
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
-    print(f"python -m cascade.fit: 2 stages of {args.steps} steps, batch {args.batch_size} x {args.seq_len}; {name}; "
-          f"torch {torch.__version__}; its output in {args.log}")
+    results = []
+    for mode in args.modes:
+        wall, run, process = run_mode(args, workdir, train, val, mode)
+        print(f"== --handover.mode {mode}: python -m cascade.fit, 2 stages of {args.steps} steps, batch {args.batch_size} x "
+              f"{args.seq_len}; {name}; torch {torch.__version__}; its output in {args.log}")
+        rows, stage0 = phases(run)
+        print_phases(rows, wall)
+        results.append(mode_figures(args, mode, run, wall, process))
+        if args.baselines:
+            print_baselines(args, device, stage0, workdir)
+    print_modes(results)
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "modes": results}, indent=1))
+
+
+def run_mode(args, workdir: Path, train: Path, val: Path, mode: str) -> tuple[float, Path, dict]:
+    """The command in `mode`: once, or with `--stage0-layers` stage 0 (LLM 0 that many layers) then stage 1, each
+    process's figures summed (bytes) or maxed (memory)."""
+    if not args.stage0_layers:
+        return run_command(args, workdir, train, val, mode, f"bench-{mode}")
+    small = json.dumps(json.loads(args.model_config) | {"n_layer": args.stage0_layers})
+    first = run_command(args, workdir, train, val, mode, f"bench-{mode}", ("--stage", "0", "--model.model_config", small))
+    second = run_command(args, workdir, train, val, mode, f"bench-{mode}", ("--stage", "1"))
+    process = {k: first[2][k] + second[2][k] if k == "write_bytes" else max(first[2][k], second[2][k]) for k in first[2]}
+    return first[0] + second[0], second[1], process
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def forward_flops(llm_dir: Path, context: int, head: bool) -> float:
+    """Forward FLOPs per token of the saved LLM (`cascade.model.flops`), with or without its LM head."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cascade.model.flops import forward_flops_per_token
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm_dir))
+    head_flops = 2.0 * model.get_output_embeddings().weight.numel()
+    return forward_flops_per_token(model, context) - (0.0 if head else head_flops)
+
+
+def mode_figures(args, mode: str, run: Path, wall: float, process: dict) -> dict:
+    """Stage 1's tokens/s, what the run left on disk, what its process wrote and held, and the FLOP-bound prediction
+    of a streamed stage 1 against a materialized one: 3 F1 / (3 F1 + F0 / f), F1 LLM 1's forward FLOPs per token
+    (training: 3x), F0 LLM 0's without its LM head (the exit score reads no logits), f the hard fraction."""
+    done = [json.loads((run / f"stage_{k}" / "done.json").read_text()) for k in (0, 1)]
+    f = (done[1].get("stream") or {}).get("hard_fraction") or done[0]["handover"]["hard_fraction"]
+    f1 = forward_flops(run / "stage_1" / "llm", args.seq_len, head=True)
+    f0 = forward_flops(run / "stage_0" / "llm", args.seq_len, head=False)
+    return {"mode": mode, "wall_s": wall, "stage1_tokens_per_s": done[1]["train"]["tokens_per_s"],
+            "hard_fraction": f, "run_dir_bytes": disk_bytes(run), "handover_bytes": disk_bytes(run / "stage_0" / "handover"),
+            "handover_s": done[0]["handover"]["seconds"], "predicted_stream_ratio": 3 * f1 / (3 * f1 + f0 / f), **process}
+
+
+def print_modes(results: list[dict]) -> None:
+    print(f"{'mode':<12}{'stage-1 tokens/s':>18}{'hard frac':>10}{'hand-over s':>12}{'written GB':>12}{'on disk GB':>12}"
+          f"{'peak RSS GB':>13}{'peak anon GB':>14}")
+    for r in results:
+        print(f"{r['mode']:<12}{r['stage1_tokens_per_s']:>18,.0f}{r['hard_fraction']:>10.3f}{r['handover_s']:>12.1f}"
+              f"{r['write_bytes'] / 1e9:>12.3f}{r['run_dir_bytes'] / 1e9:>12.3f}{r['peak_rss_bytes'] / 1e9:>13.2f}"
+              f"{r['peak_anon_bytes'] / 1e9:>14.2f}")
+    by_mode = {r["mode"]: r for r in results}
+    if {"stream", "materialize"} <= by_mode.keys():
+        ratio = by_mode["stream"]["stage1_tokens_per_s"] / by_mode["materialize"]["stage1_tokens_per_s"]
+        predicted = by_mode["stream"]["predicted_stream_ratio"]
+        print(f"streamed / materialized stage-1 tokens/s {ratio:.3f}; FLOP-bound prediction {predicted:.3f}; "
+              f"reached {ratio / predicted:.3f} of it")
+
+
+def print_phases(rows, wall: float) -> None:
     print(f"{'phase':<54}{'seconds':>10}{'tokens':>14}{'tokens/s':>12}{'share':>8}")
     for label, seconds, tokens, _ in rows:
         count = f"{tokens:>14,}" if tokens else f"{'':>14}"
@@ -187,6 +267,10 @@ def main() -> None:
     print(f"{'the command, wall clock':<54}{wall:>10.2f}{'':>26}{1:>8.1%}")
     print(f"compiling (the rows so marked): {compiling:.1f} s, {compiling / wall:.1%} of the wall clock; "
           f"not in any phase or compiling: {(wall - accounted) / wall:.1%}")
+
+
+def print_baselines(args, device: torch.device, stage0: dict, workdir: Path) -> None:
+    base = baselines(args, device, stage0["handover"]["scored_tokens"], workdir)
     handover = stage0["handover"]["tokens_per_s"]
     training = stage0["train"]["tokens_per_s"]
     print(f"{'stage-0 hand-over / bench_handover compiled hand-over':<72}{handover / base['handover']:>8.3f}")
@@ -194,7 +278,6 @@ def main() -> None:
     print(f"{'stage-0 training / bench_stage_training framework stage 0':<72}{training / base['training']:>8.3f}")
     print(f"baselines, tokens/s: compiled hand-over {base['handover']:,.0f}, eager plain forward {base['forward']:,.0f}, "
           f"framework training {base['training']:,.0f}")
-
 
 if __name__ == "__main__":
     main()
