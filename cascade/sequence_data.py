@@ -136,7 +136,7 @@ class SequenceData:
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
         positions = None if self.positions is None else self.positions.index_select(0, token)
         return SequenceData(
-            self.inputs.index_select(0, token), self.targets.index_select(0, token), positions,
+            self.inputs.index_select(0, token.to(self.inputs.device)), self.targets.index_select(0, token), positions,
             offsets, self.sequence_ids[seqs],
         )
 

@@ -42,7 +42,7 @@ class Batch:
     def pin_memory(self) -> "Batch":
         """Page-locked copies (DataLoader's `pin_memory` calls this): the copy to the GPU then runs
         asynchronously instead of waiting for the GPU to finish the previous step."""
-        return self._map(Tensor.pin_memory)
+        return self._map(lambda t: t.pin_memory() if t.device.type == "cpu" else t)  # a GPU's stay
 
     @property
     def input_type(self) -> str:
@@ -106,7 +106,7 @@ def make_batch(
     pad = torch.ones(rows * T, dtype=torch.bool)
     pad[row * T + col] = False
     pad = pad.view(rows, T)
-    row_inputs = inputs.index_select(0, source).view(rows, T, *inputs.shape[1:])
+    row_inputs = inputs.index_select(0, source.to(inputs.device)).view(rows, T, *inputs.shape[1:])  # where they are
     if row_inputs.dim() == 2:
         row_inputs = row_inputs.long()  # token ids may be stored narrower
     row_targets = targets.index_select(0, source).long().view(rows, T)

@@ -24,14 +24,16 @@ def compacted_offsets(offsets: Tensor, hard: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def compact_hard_tokens(
-    data: SequenceData, hard: Tensor, inputs: Tensor | str | None = None, path: str | os.PathLike | None = None
+    data: SequenceData, hard: Tensor, inputs: Tensor | str | None = None, path: str | os.PathLike | None = None,
+    on_device: bool = False,
 ) -> SequenceData:
     """Keep, for each sequence, only its hard tokens, in order, with their targets and positions.
 
     `hard` is (N,) bool over `data`'s tokens. `inputs` (N, D) replaces `data.inputs` (at a hand-over: the LLM's output
     hidden states, in GPU or host memory, or the path of a file of their raw bf16 rows). A sequence with no hard token
     disappears. With `path`, the result is written there (a SequenceData directory, atomically, a chunk of tokens at a
-    time) and returned memory-mapped; else it is returned in host memory.
+    time) and returned memory-mapped; else it is returned in host memory, or with `on_device` its inputs where they
+    were (the GPU: a streamed hand-over's never cross to the host).
     """
     assert hard.shape == (data.num_tokens,), "one hard flag per token"
     if inputs is None:
@@ -44,7 +46,7 @@ def compact_hard_tokens(
     chunk = max(1, data.num_tokens) if path is None else CHUNK_TOKENS
     for begin in range(0, max(1, data.num_tokens), chunk):
         keep = hard[begin : begin + chunk].nonzero().squeeze(1)
-        sink.append("inputs", _rows(inputs, begin, begin + chunk, keep))
+        sink.append("inputs", _rows(inputs, begin, begin + chunk, keep, on_device and path is None))
         sink.append("targets", data.targets[begin : begin + chunk].long().index_select(0, keep))
         sink.append("positions", data.positions_at(begin + keep))
     offsets, survives = compacted_offsets(data.offsets, hard)
@@ -55,11 +57,13 @@ def compact_hard_tokens(
     return sink.data if path is None else SequenceData.load(path, verify=False)  # checksummed as written; its reader verifies
 
 
-def _rows(inputs: Tensor | np.ndarray, begin: int, end: int, keep: Tensor) -> Tensor:
-    """The rows `begin + keep` of `inputs[begin:end]`, in host memory (bf16 from a file's raw 16 bits)."""
+def _rows(inputs: Tensor | np.ndarray, begin: int, end: int, keep: Tensor, on_device: bool = False) -> Tensor:
+    """The rows `begin + keep` of `inputs[begin:end]`, in host memory (bf16 from a file's raw 16 bits), or with
+    `on_device` where `inputs` are."""
     if isinstance(inputs, np.ndarray):
         return torch.from_numpy(inputs[begin + keep.numpy()]).view(torch.bfloat16)
-    return inputs[begin:end].index_select(0, keep.to(inputs.device)).cpu()
+    rows = inputs[begin:end].index_select(0, keep.to(inputs.device))
+    return rows if on_device else rows.cpu()
 
 
 class _Memory:

@@ -55,17 +55,18 @@ class Routed:
 
 def route(llm: "LLM", data: SequenceData, batch_size: int, *, settings: ForwardSettings = ForwardSettings(),
           is_last: bool = False, nll: bool = False, exit_fns: Mapping[str, ExitFn] | None = None,
-          path: str | os.PathLike | None = None, budget: HiddenBudget = HiddenBudget()) -> Routed:
+          path: str | os.PathLike | None = None, budget: HiddenBudget = HiddenBudget(), on_device: bool = False) -> Routed:
     """Route `data` through `llm` by its `threshold`: a token exits iff its exit score is >= it; the others are handed
     over, compacted (into memory, or into the SequenceData directory `path`). With `is_last` every token exits (no
     scores or hidden states are computed). `nll` and `exit_fns` are computed too (`run_llm`); `path` and `budget` say
-    where the hidden states wait (`score_tokens`).
+    where the hidden states wait (`score_tokens`); with `on_device`, the hard tokens' hidden states stay on the GPU
+    where they waited there.
     """
     outputs = score_tokens(llm, data, batch_size, settings=settings, hand_over=not is_last, nll=nll, exit_fns=exit_fns,
                            path=path, budget=budget)
     threshold = None if is_last else float(llm.threshold)
     hard = torch.zeros(data.num_tokens, dtype=torch.bool) if is_last else hard_mask(outputs.scores, threshold)
-    return Routed(compact_scored(data, hard, outputs, path), outputs, hard, threshold)
+    return Routed(compact_scored(data, hard, outputs, path, on_device), outputs, hard, threshold)
 
 
 def score_tokens(llm: "LLM", data: SequenceData, batch_size: int, *, settings: ForwardSettings = ForwardSettings(),
@@ -97,12 +98,13 @@ def score_tokens(llm: "LLM", data: SequenceData, batch_size: int, *, settings: F
     return outputs
 
 
-def compact_scored(data: SequenceData, hard: Tensor, outputs: TokenOutputs, path: str | os.PathLike | None) -> SequenceData:
+def compact_scored(data: SequenceData, hard: Tensor, outputs: TokenOutputs, path: str | os.PathLike | None,
+                   on_device: bool = False) -> SequenceData:
     """`compact_hard_tokens` with the scored hidden states as the inputs (wherever they waited), then their temporary
     file removed."""
     inputs = outputs.hidden if outputs.hidden is not None else outputs.hidden_file
     try:
-        return compact_hard_tokens(data, hard, inputs, path)
+        return compact_hard_tokens(data, hard, inputs, path, on_device)
     finally:
         outputs.drop_hidden_file()
 

@@ -27,17 +27,18 @@ if TYPE_CHECKING:
     from cascade.llm import LLM
 
 IN_MEMORY = HiddenBudget(host_memory_bytes=None)  # a chunk's hidden states wait in GPU, else host, memory
+CHUNK_BATCHES = 4  # batches of windows routed at a time: the GPU waits for the host once per chunk
 
 
 def route_through(llms: Sequence["LLM"], data: SequenceData, batch_size: int,
                   settings: ForwardSettings = ForwardSettings()) -> SequenceData:
     """The tokens of `data` hard for every LLM of `llms` in turn (each routing the previous one's hard tokens by its
-    threshold), compacted per sequence, with the last LLM's output hidden states (bf16, host memory) as inputs;
-    `data` itself where `llms` is empty."""
+    threshold), compacted per sequence, with the last LLM's output hidden states (bf16; on the GPU where they fit in
+    half its free memory, else in host memory) as inputs; `data` itself where `llms` is empty."""
     for llm in llms:
         if data.num_tokens == 0:
             break
-        data = route(llm, data, batch_size, settings=settings, budget=IN_MEMORY).hard
+        data = route(llm, data, batch_size, settings=settings, budget=IN_MEMORY, on_device=True).hard
     return data
 
 
@@ -51,8 +52,8 @@ def window_order(num_windows: int, rank: int, world_size: int, seed: int | None)
 def calibration_scores(before: Sequence["LLM"], llm: "LLM", windows: SequenceData, batch_size: int, *,
                        settings: ForwardSettings = ForwardSettings(), chunk_windows: int | None = None) -> Tensor:
     """(N,) float32 exit scores of `llm` on the tokens of `windows` that reach it (hard for every LLM of `before`), a
-    chunk of windows at a time: 4 bytes a token are kept, no hidden state."""
-    chunk = chunk_windows or batch_size
+    chunk of windows at a time (`CHUNK_BATCHES` batches): 4 bytes a token are kept, no hidden state."""
+    chunk = chunk_windows or CHUNK_BATCHES * batch_size
     scores = [torch.zeros(0)]
     for begin in range(0, windows.num_sequences, chunk):
         reaching = route_through(before, windows.select(torch.arange(begin, min(begin + chunk, windows.num_sequences))),
@@ -67,7 +68,7 @@ class HardTokenStream:
     `llms`, from this process's share of `windows` (`window_order`), pass after pass (a new order each pass, drawn from
     `seed + pass`; `passes` passes, None: without end; `seed` None: in order, no shuffle).
 
-    A chunk of `chunk_windows` windows at a time is routed through the LLMs (`route_through`) into a buffer; each batch
+    A chunk of `chunk_windows` windows (default `CHUNK_BATCHES` batches of them) at a time is routed through the LLMs (`route_through`) into a buffer; each batch
     takes the buffer's sequences, oldest first, by first fit (`first_fit_rows`); the ones that fit nowhere wait for the
     next batch. A sequence is never split. `state_dict` (the pass, the position in it, the waiting sequences) restores
     the stream exactly where it was. `tokens_in` and `tokens_hard` count the windows' tokens read and those handed on.
@@ -78,7 +79,7 @@ class HardTokenStream:
                  settings: ForwardSettings = ForwardSettings(), chunk_windows: int | None = None):
         self.llms, self.windows, self.batch_size, self.row_length = list(llms), windows, batch_size, row_length
         self.rank, self.world_size, self.seed, self.passes = rank, world_size, seed, passes
-        self.settings, self.chunk_windows = settings, chunk_windows or batch_size
+        self.settings, self.chunk_windows = settings, chunk_windows or CHUNK_BATCHES * batch_size
         self.pass_index, self.position, self.buffer = 0, 0, None
         self.tokens_in = self.tokens_hard = 0
         self._share = None
