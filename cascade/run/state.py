@@ -168,7 +168,8 @@ def check_stage_selection(run_dir: str | os.PathLike, stage: int | None, num_sta
     if not 0 <= stage < num_stages:
         raise ValueError(f"stage {stage} is not one of the {num_stages} stages (0..{num_stages - 1})")
     previous = stage_dir(run_dir, stage - 1)
-    if stage > 0 and not is_complete(previous / "handover" / "train"):
+    streamed = ((read_done(previous) or {}).get("handover") or {}).get("mode") == "stream"  # stage k streams its data
+    if stage > 0 and not streamed and not is_complete(previous / "handover" / "train"):
         hint = (
             "it was trained as the last stage and handed nothing over: run the whole cascade (without --stage) "
             "to hand it over" if trained_without_handover(previous) else f"train stage {stage - 1} first"
