@@ -85,10 +85,10 @@ class StreamDataModule(LightningDataModule):
         if "stream" in resume:
             self.stream.load_state_dict(resume["stream"])
         self.epochs = _Epochs(self.stream, self.steps_per_epoch, resume.get("batches_trained_in_epoch", 0))
-        return DataLoader(self.epochs, batch_size=None, num_workers=0)
+        return _loader(self.epochs, self.seed)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(_ValidationWindows(self), batch_size=None, num_workers=0)
+        return _loader(_ValidationWindows(self), self.seed)
 
     def state_dict(self) -> dict:
         if self.trainer is None or self.stream is None:
@@ -104,6 +104,12 @@ class StreamDataModule(LightningDataModule):
         """This process's counts so far: windows' tokens read, tokens handed on, and their ratio."""
         tokens_in, hard = (self.stream.tokens_in, self.stream.tokens_hard) if self.stream else (0, 0)
         return {"tokens_in": tokens_in, "tokens_hard": hard, "hard_fraction": hard / tokens_in if tokens_in else None}
+
+
+def _loader(dataset: IterableDataset, seed: int) -> DataLoader:
+    """Items are whole batches, made in this process (the frozen LLMs run on its device). The loader gets a generator
+    of its own: by default each new iterator draws from the global one, which would shift dropout after a resume."""
+    return DataLoader(dataset, batch_size=None, num_workers=0, generator=torch.Generator().manual_seed(seed))
 
 
 class _Epochs(IterableDataset):

@@ -73,9 +73,9 @@ def write_corpus(path: Path, paragraphs: int = 400) -> Path:
 
 def __getattr__(name: str):
     """`conftest.TokenCounter`, built on first use (a CLI test names it as a callback's class path)."""
-    if name == "TokenCounter":
-        globals()[name] = token_counter = _token_counter_class()
-        return token_counter
+    if name in ("TokenCounter", "BatchShapes"):
+        globals()[name] = probe = {"TokenCounter": _token_counter_class, "BatchShapes": _batch_shapes_class}[name]()
+        return probe
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -99,6 +99,30 @@ def _token_counter_class() -> type:
 
     TokenCounter.__qualname__ = "TokenCounter"
     return TokenCounter
+
+
+def _batch_shapes_class() -> type:
+    from lightning.pytorch import Callback
+
+    class BatchShapes(Callback):
+        """Records, per process, every training step's batch shape and real tokens; appends {"stage", "rank", "shapes",
+        "tokens", "global_step"} to `path` at fit end."""
+
+        def __init__(self, path: str):
+            self.path, self.shapes, self.tokens = path, [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.shapes.append(list(batch.inputs.shape))
+            self.tokens.append(batch.num_tokens)
+
+        def on_fit_end(self, trainer, pl_module):
+            record = {"stage": pl_module.hparams.stage, "rank": trainer.global_rank, "shapes": self.shapes,
+                      "tokens": self.tokens, "global_step": trainer.global_step}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    BatchShapes.__qualname__ = "BatchShapes"
+    return BatchShapes
 
 
 # -- helpers of tests in more than one tier --------------------------------------------------------------------------
