@@ -54,13 +54,15 @@ def calibration_scores(before: Sequence["LLM"], llm: "LLM", windows: SequenceDat
     """(N,) float32 exit scores of `llm` on the tokens of `windows` that reach it (hard for every LLM of `before`), a
     chunk of windows at a time (`CHUNK_BATCHES` batches): 4 bytes a token are kept, no hidden state."""
     chunk = chunk_windows or CHUNK_BATCHES * batch_size
-    scores = [torch.zeros(0)]
+    scores, filled = torch.empty(windows.num_tokens), 0  # at most every token reaches it; one allocation, not many
     for begin in range(0, windows.num_sequences, chunk):
         reaching = route_through(before, windows.select(torch.arange(begin, min(begin + chunk, windows.num_sequences))),
                                  batch_size, settings)
         if reaching.num_tokens:
-            scores.append(run_llm(llm, reaching, batch_size, settings=settings, scores=True).scores)
-    return torch.cat(scores)
+            scores[filled : filled + reaching.num_tokens] = run_llm(llm, reaching, batch_size, settings=settings,
+                                                                    scores=True).scores
+            filled += reaching.num_tokens
+    return scores[:filled].clone()
 
 
 class HardTokenStream:
