@@ -49,15 +49,18 @@ def window_order(num_windows: int, rank: int, world_size: int, seed: int | None)
     return order[rank::world_size]
 
 
-def calibration_scores(before: Sequence["LLM"], llm: "LLM", windows: SequenceData, batch_size: int, *,
-                       settings: ForwardSettings = ForwardSettings(), chunk_windows: int | None = None) -> Tensor:
-    """(N,) float32 exit scores of `llm` on the tokens of `windows` that reach it (hard for every LLM of `before`), a
-    chunk of windows at a time (`CHUNK_BATCHES` batches): 4 bytes a token are kept, no hidden state."""
+def calibration_scores(before: Sequence["LLM"], llm: "LLM", windows: SequenceData, batch_size: int,
+                       indices: Tensor | None = None, *, settings: ForwardSettings = ForwardSettings(),
+                       chunk_windows: int | None = None) -> Tensor:
+    """(N,) float32 exit scores of `llm` on the tokens of the windows `indices` (default all) of `windows` that reach
+    it (hard for every LLM of `before`), a chunk of windows at a time (`CHUNK_BATCHES` batches): 4 bytes a token are
+    kept, no hidden state."""
     chunk = chunk_windows or CHUNK_BATCHES * batch_size
-    scores, filled = torch.empty(windows.num_tokens), 0  # at most every token reaches it; one allocation, not many
-    for begin in range(0, windows.num_sequences, chunk):
-        reaching = route_through(before, windows.select(torch.arange(begin, min(begin + chunk, windows.num_sequences))),
-                                 batch_size, settings)
+    indices = torch.arange(windows.num_sequences) if indices is None else indices
+    # at most every token reaches it: one allocation, not one a chunk (those fragment the heap as it grows)
+    scores, filled = torch.empty(int(windows.lengths[indices].sum())), 0
+    for begin in range(0, indices.numel(), chunk):
+        reaching = route_through(before, windows.select(indices[begin : begin + chunk]), batch_size, settings)
         if reaching.num_tokens:
             scores[filled : filled + reaching.num_tokens] = run_llm(llm, reaching, batch_size, settings=settings,
                                                                     scores=True).scores
@@ -204,12 +207,12 @@ def calibrate_streamed(before: Sequence["LLM"], llm: "LLM", windows: SequenceDat
     the calibration windows' tokens that reach it (`calibration_windows` of `tokens`, this process scoring every
     `world_size`-th, `calibration_scores`; every process calls it). Returns the figures (the threshold, the tokens
     scored, the fraction of them hard) and this process's scores."""
-    sample = calibration_windows(windows.num_sequences, int(windows.lengths.max()), tokens, seed)
-    share = windows.select(sample[rank::world_size])
-    scores = calibration_scores(before, llm, share, batch_size, settings=settings)
+    share = calibration_windows(windows.num_sequences, int(windows.lengths.max()), tokens, seed)[rank::world_size]
+    scores = calibration_scores(before, llm, windows, batch_size, share, settings=settings)
     threshold = calibrate_threshold(scores, hard_ratio, reduce)
     llm.threshold.fill_(threshold)
-    counts = reduce(torch.tensor([share.num_tokens, scores.numel(), int(hard_mask(scores, threshold).sum())]), "sum")
+    share_tokens = int(windows.lengths[share].sum())
+    counts = reduce(torch.tensor([share_tokens, scores.numel(), int(hard_mask(scores, threshold).sum())]), "sum")
     windows_tokens, scored, hard = counts.tolist()
     return {"threshold": threshold, "hard_fraction": hard / scored, "hard_tokens": hard, "calibration_tokens": scored,
             "scored_tokens": windows_tokens}, scores
