@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -109,6 +110,8 @@ class StreamDataModule(LightningDataModule):
 def _loader(dataset: IterableDataset, seed: int) -> DataLoader:
     """Items are whole batches, made in this process (the frozen LLMs run on its device). The loader gets a generator
     of its own: by default each new iterator draws from the global one, which would shift dropout after a resume."""
+    # Lightning warns that a sized IterableDataset may be miscounted by several workers; it has none
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     return DataLoader(dataset, batch_size=None, num_workers=0, generator=torch.Generator().manual_seed(seed))
 
 

@@ -96,13 +96,14 @@ def measured(tmp_path: Path, copies: int, mode: str) -> dict:
     another process (the token cache is the corpus, not the hand-over)."""
     folder = tmp_path / f"{mode}-{copies}"
     folder.mkdir()
-    corpus(folder, copies, paragraphs=1000)
+    corpus(folder, copies, paragraphs=500)
     tokenize = ("from datamodules.text import TextDataModule; TextDataModule(train_files=['corpus.txt'], "
                 "val_files=['val.txt'], vocab_size=300, seq_len=32, cache_dir='cache').prepare_data()")
     subprocess.run([sys.executable, "-c", tokenize], cwd=folder, check=True, capture_output=True, timeout=600)
     stats = folder / "process.json"
     result = run(folder, "runs", "--handover.mode", mode, "--trainer.max_steps", "30", "--model.model_config",
                  '{"n_embd": 256, "n_layer": 2, "n_head": 2, "n_positions": 64}', "--handover.host_memory_gb", "100",
+                 "--handover.calibration_tokens", "50000",
                  stats=stats)
     assert "from the cache" in result.stderr + result.stdout
     figures = json.loads(stats.read_text())
