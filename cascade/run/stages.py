@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.stage_handover import StageHandover
+from callbacks.stream_monitor import StreamMonitor
 from callbacks.timing import TrainingTimer
 from cascade.llm import LLM
 from cascade.model.hf_models import max_positions
@@ -162,7 +163,8 @@ def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, h
         identity_start(model.llm, LLM.from_pretrained(stage_dir(run_dir, k - 1) / "llm"))
         rank_zero_info(f"stage {k}: LLM {k} starts predicting exactly what LLM {k - 1} does (warm_start)")
     timer = TrainingTimer()
-    callbacks = [timer, *([handover] if hands_over else []), *parts.callbacks]
+    monitor = [StreamMonitor()] if isinstance(datamodule, StreamDataModule) else []
+    callbacks = [timer, *monitor, *([handover] if hands_over else []), *parts.callbacks]
     trainer_settings = stage_trainer_settings(parts.trainer, run_dir, k, callbacks)
     hold()  # every setting is checked; from here on the run writes
     trainer = Trainer(**trainer_settings)
