@@ -42,9 +42,12 @@ def test_packing_waste_script_reports_best_fit_below_next_fit(tmp_path):
 @pytest.mark.slow
 def test_bench_fit_smoke_accounts_for_the_command_phase_by_phase():
     """The main command's phases, read back from its run directory, and the wall clock they leave unaccounted."""
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fit.py"), "--smoke"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fit.py"), "--smoke", "--baselines"], capture_output=True,
+                            text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {m[0].strip(): m for m in re.findall(r"^(\S.{53})\s*([\d.]+)\s+([\d,]*)\s+([\d,]*)\s+([\d.]+)%$", result.stdout, flags=re.M)}
+    materialized, streamed = result.stdout.split("== --handover.mode stream")
+    assert materialized.startswith("== --handover.mode materialize")
+    rows = {m[0].strip(): m for m in re.findall(r"^(\S.{53})\s*([\d.]+)\s+([\d,]*)\s+([\d,]*)\s+([\d.]+)%$", materialized, flags=re.M)}
     steps = 24  # --smoke: 2 stages of 24 steps, batch 4 x 64
     assert int(rows["stage 0: training, steps 2..24"][2].replace(",", "")) == (steps - 1) * 4 * 64
     tokenized = int(rows["data: tokenizing the corpus"][2].replace(",", ""))
@@ -53,8 +56,12 @@ def test_bench_fit_smoke_accounts_for_the_command_phase_by_phase():
     wall = float(rows["the command, wall clock"][1])
     parts = [float(m[1]) for label, m in rows.items() if label != "the command, wall clock"]
     assert sum(parts) == pytest.approx(wall, abs=0.01 * len(parts)) and all(p >= 0 for p in parts)
-    ratios = [float(r) for r in re.findall(r"/ .*\s(\d+\.\d+)$", result.stdout, flags=re.M)]
+    ratios = [float(r) for r in re.findall(r"/ .*\s(\d+\.\d+)$", materialized, flags=re.M)]
     assert len(ratios) == 3 and all(r > 0 for r in ratios), result.stdout
+    # the modes side by side: both stage-1 rates, and the streamed one against its FLOP bound
+    modes = dict(re.findall(r"^(materialize|stream)\s+([\d,]+)\s", streamed, flags=re.M))
+    assert set(modes) == {"materialize", "stream"} and all(int(v.replace(",", "")) > 0 for v in modes.values())
+    assert re.search(r"^streamed / materialized stage-1 tokens/s \d\.\d+; FLOP-bound prediction 0\.\d+", streamed, flags=re.M)
 
 
 @pytest.mark.slow

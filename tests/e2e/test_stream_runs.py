@@ -83,7 +83,8 @@ def test_streamed_stage_killed_and_resumed_ends_with_the_uninterrupted_weights(t
     process.wait()
     assert not (tmp_path / "killed" / "tiny" / "stage_1" / "done.json").exists(), "killed before stage 1 finished"
     resumed = run(tmp_path, "killed")
-    assert "stage 1: resuming from" in resumed.stderr + resumed.stdout
+    said = resumed.stderr + resumed.stdout
+    assert "stage 1: resuming from" in said and "stage 0: complete" in said, "stage 0 is kept, stage 1 resumes"
     straight = load_file(str(tmp_path / "straight" / "tiny" / "stage_1" / "llm" / "model.safetensors"))
     killed = load_file(str(tmp_path / "killed" / "tiny" / "stage_1" / "llm" / "model.safetensors"))
     assert straight.keys() == killed.keys()
