@@ -10,18 +10,22 @@ ensemble is evaluated with true early exit on the validation split and the table
 
 from __future__ import annotations
 
+import errno
+import shutil
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from callbacks.stage_handover import StageHandover
 from cascade.run import stages
 from cascade.run.stage_runner import TRAINER_DEFAULTS
-from cascade.run.stages import RunSettings, StageParts, run_cascade
+from cascade.run.stages import RunSettings, RunStopped, StageParts, run_cascade
 from cascade.run.state import RunDirectoryInUse, stage_dir, stage_settings
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
@@ -163,7 +167,9 @@ class CascadeCLI(LightningCLI):
         return config
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, RunDirectoryInUse)  # what settings and data cause
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, RunDirectoryInUse, FloatingPointError,
+               MisconfigurationException)  # what settings and data cause (a diverged run included)
+DISK_ERRORS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
 
 
 def main(args=None) -> dict | None:
@@ -171,17 +177,37 @@ def main(args=None) -> dict | None:
 
 
 def command_line() -> int:
-    """`python -m cascade.fit`: an error that the settings or the data cause is one line on stderr (exit status 1);
-    its traceback only with `--debug true`."""
+    """`python -m cascade.fit`: exit status 0 once the run is complete. An error that the settings or the data cause,
+    or a full disk, is one line on stderr (exit status 1; its traceback only with `--debug true`); a run stopped by
+    SIGTERM says where it stopped (exit status 143)."""
     cli = CascadeCLI()
     try:
         cli.run()
-    except USER_ERRORS as e:
-        if cli.config.debug:
+    except RunStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    except (*USER_ERRORS, OSError) as e:
+        disk = isinstance(e, OSError) and e.errno in DISK_ERRORS
+        if cli.config.debug or not (disk or isinstance(e, USER_ERRORS)):
             raise
-        print(f"error: {e}\n(run again with --debug true for the traceback)", file=sys.stderr)
+        print(f"error: {disk_error(e, cli.run_settings()) if disk else e}\n(run again with --debug true for the traceback)",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def disk_error(e: OSError, run: RunSettings) -> str:
+    """One line for a disk that refused a write: the file, and the free space where the run writes."""
+    where = e.filename or run.run_dir
+    free = shutil.disk_usage(existing_parent(Path(where))).free / 1e9
+    return (f"{DISK_ERRORS[e.errno]} writing {where} ({free:.3g} GB free there): free space there, or give --runs_dir "
+            "(and --data.cache_dir) on another disk; re-running the same command resumes where it stopped")
+
+
+def existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 if __name__ == "__main__":

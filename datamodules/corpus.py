@@ -9,6 +9,8 @@ import sysconfig
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from cascade.model.hub import require_hub
 
@@ -101,6 +103,22 @@ def load_files(splits: dict[str, tuple[list[str], str]]) -> datasets.DatasetDict
     return corpus
 
 
+def check_text(split: datasets.Dataset, text_column: str, named: tuple[list[str] | None, str]) -> None:
+    """ValueError naming the file (or the setting) and the row of the first value of `text_column` that is not text,
+    or saying that the split holds no text at all. `named`: (the files of the split, the setting naming them)."""
+    files, setting = named
+    where = f"{setting} {files[0]}" if files and len(files) == 1 else f"{setting} {files or ''}".rstrip()
+    column = split.with_format("arrow")[text_column]
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise ValueError(f"{where}: the {text_column!r} values are {column.type}, not text")
+    if column.null_count:
+        row = pc.index(pc.is_null(column), True).as_py()
+        across = " (counting across the files, in order)" if files and len(files) > 1 else ""
+        raise ValueError(f"{where}: row {row}{across} has no {text_column!r} text (null); remove the row or give it text")
+    if not pc.any(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)).as_py():
+        raise ValueError(f"{where} holds no text (only whitespace): give a corpus with text in it")
+
+
 def load_corpus(
     dataset: str | None,
     dataset_config: str | None,
@@ -131,6 +149,8 @@ def load_corpus(
         raise ValueError(f"no corpus: give data.dataset (a HF dataset name, or {PYTHON_STDLIB!r}) or data.train_files")
     if text_column not in corpus["train"].column_names:
         raise ValueError(f"the corpus has no column {text_column!r}; its columns are {corpus['train'].column_names}")
+    for split in corpus:
+        check_text(corpus[split], text_column, files.get(split) if train_files else (None, source))
     if "validation" not in corpus:
         if len(corpus["train"]) < 2:
             raise ValueError(

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from cascade.data.storage import remove_leftovers
 from cascade.utils import human
 from cascade.sequence_data import SequenceData
 from datamodules.base import PackedDataModule
@@ -126,6 +127,9 @@ class TextDataModule(PackedDataModule):
         if self.cached or self.prepare_seconds:  # done by this object already (the runner, then Lightning, then setup)
             return
         with cache_lock(self.token_dir):
+            for folder in (self.cache_dir, self.token_dir):
+                for path in remove_leftovers(folder):
+                    rank_zero_info(f"removed {path}, left by an interrupted write")
             self._prepare()
 
     def _prepare(self) -> None:
@@ -179,6 +183,10 @@ class TextDataModule(PackedDataModule):
                 )
             splits[split] = windows(tokens, self.seq_len, split)
         self.train_data, self.val_data = splits["train"], splits["validation"]
+        count = self.train_data.num_sequences
+        if self.batch_size > count:
+            raise ValueError(f"data.batch_size {self.batch_size} is more than the {count} windows of {self.seq_len} tokens "
+                             f"the training split holds: give data.batch_size {count} or less (or a larger corpus)")
 
     def handover_data(self, path: str | Path, stage: int) -> SequenceDataModule:
         """Stage `stage`'s data: the hard tokens handed over in `path`, batched as this corpus is (its batch size,

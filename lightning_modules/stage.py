@@ -234,7 +234,9 @@ class StageModule(LightningModule):
             aux = self.llm.mod.aux_loss()
             metrics["train/mod_aux_loss"] = aux.detach()
             loss = loss + self.hparams.mod_aux_weight * aux
-        self.monitor.check_finite(loss, self.global_step, self.hparams.stage)
+        schedule = self.lr_schedulers() if self._trainer is not None else None
+        lr = schedule.get_last_lr()[0] if schedule is not None else self.peak_lr
+        self.monitor.check_finite(loss, self.global_step, self.hparams.stage, lr)
         self.monitor.tokens += batch.num_tokens
         # Only on the logger's steps: `self.log` costs CPU time, and reading a GPU value makes the
         # CPU wait for the GPU

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import re
+
 import os
 from pathlib import Path
 
@@ -57,9 +60,41 @@ def build_causal_lm(
     return causal_lm
 
 
+SIZES = re.compile(r"^(n_|num_)|(_size|_dim|_embd|_layers?|_heads?|_positions)$")  # config keys that count things
+
+
+def looks_like_path(model: str) -> bool:
+    """A local path rather than a model type or an `owner/name` on the hub."""
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+
+
+def check_overrides(model: str, defaults, overrides: dict) -> None:
+    """ValueError for a `model_config` key that `model`'s config does not have (with the close match) or a size that
+    is not positive: before anything is built or written."""
+    known = set(defaults.to_dict()) | set(getattr(defaults, "attribute_map", {}))
+    for key, value in overrides.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"model.model_config: {model}'s config has no key {key!r}{hint}")
+        if SIZES.search(key) and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"model.model_config: {key} must be >= 1, got {value}")
+
+
 def _model_config(model: str, overrides: dict, pretrained: bool):
     """The config of `model` (a model type's default, or a saved one) with `overrides` applied."""
     is_path = Path(model).expanduser().is_dir()
+    if not is_path and looks_like_path(model):
+        raise ValueError(f"model.model {model!r}: no such directory (a local model is a directory written by "
+                         "save_pretrained)")
+    defaults = None
+    if not is_path and model in CONFIG_MAPPING and not pretrained:
+        defaults = AutoConfig.for_model(model)
+    elif is_path:
+        defaults = AutoConfig.from_pretrained(model)
+    if defaults is not None:
+        user = {k: v for k, v in overrides.items() if k not in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+        check_overrides(model, defaults, user)
     if not is_path and model in CONFIG_MAPPING and not pretrained:
         return AutoConfig.for_model(model, **overrides)
     if is_path or "/" in model or pretrained:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -15,6 +14,7 @@ from cascade.routing.diagnostics import sweep_compute
 from cascade.ensemble import Ensemble, check_token_ids
 from cascade.routing.evaluation import evaluate_ensemble
 from cascade.routing.layer_skip import layer_perplexities, threshold_sweep
+from cascade.data.storage import write_json_atomic
 from cascade.run.report import format_diagnostics, format_eval_table, format_layer_exit_table, plot_curve
 from cascade.run.state import read_done, stage_dir
 from cascade.model.compile import compiles
@@ -68,7 +68,7 @@ def evaluate_run(
     stats["eval_s"] = time.perf_counter() - start
     stats["eval_data"] = files or "validation"
     stats["stages"] = [read_done(stage_dir(run_dir, k)) for k in range(num_llms)]
-    (run_dir / "eval.json").write_text(json.dumps(stats, indent=2))
+    write_json_atomic(run_dir / "eval.json", stats)  # a later run reads it whole or not at all
     log_scalars(run_dir, stats)
     print(f"written to {run_dir / 'eval.json'}; dashboards: tensorboard --logdir {run_dir}")
     return stats

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from cascade.data.storage import remove_leftovers, write_directory
 from cascade.run.checkpoint_io import AtomicCheckpointIO
 from callbacks.progress import default_progress_bar
 from cascade.llm import LLM
@@ -70,11 +71,20 @@ def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing
     if handover is not None:
         rank_zero_info(format_handover(k, handover))
     if trainer.is_global_zero:
-        llm.save_pretrained(stage_path / "llm")
-        text.save_tokenizer(run_dir / "tokenizer")
+        write_directory(stage_path / "llm", llm.save_pretrained)  # nothing half-written is ever recorded
+        write_directory(run_dir / "tokenizer", text.save_tokenizer)
         info["files"] = {"llm": checksums(stage_path / "llm"), "tokenizer": checksums(run_dir / "tokenizer")}
         mark_stage_done(stage_path, info)
     trainer.strategy.barrier()
+
+
+def remove_interrupted_writes(run_dir: Path) -> None:
+    """Remove, and say, what interrupted writes of earlier processes left in the run directory and its stages."""
+    stages = sorted(run_dir.glob("stage_*"))
+    folders = [run_dir, *stages, *(s / "handover" for s in stages), *(s / "handover" / x for s in stages for x in ("train", "val"))]
+    for folder in folders:
+        for path in remove_leftovers(folder):
+            rank_zero_info(f"removed {path}, left by an interrupted write")
 
 
 def evaluation_trainer(settings: Mapping) -> Trainer:

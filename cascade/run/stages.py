@@ -12,7 +12,9 @@ from typing import Callable, Literal, Mapping
 
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.preemption import PreemptionCheckpoint
 from callbacks.stage_handover import StageHandover
 from callbacks.stream_monitor import StreamMonitor
 from callbacks.timing import TrainingTimer
@@ -20,8 +22,8 @@ from cascade.llm import LLM
 from cascade.model.hf_models import max_positions
 from cascade.run.checkpoint_io import remove_partial_checkpoints
 from cascade.run.evaluation import evaluate_run
-from cascade.run.stage_runner import evaluation_trainer, record_stage, stage_trainer_settings
-from cascade.run.state import (RunLock, changed_settings, check_stage_selection, latest_checkpoint, read_done,
+from cascade.run.stage_runner import evaluation_trainer, record_stage, remove_interrupted_writes, stage_trainer_settings
+from cascade.run.state import (RunLock, changed_settings, check_run_directory, checkpoint_problem, check_stage_selection, latest_checkpoint, read_done,
                                saved_tokenizer_problem, stage_dir, stage_problem, trained_without_handover)
 from cascade.training.warm_start import identity_start
 from datamodules.corpus import check_corpus_file
@@ -31,6 +33,12 @@ from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
 
 Plan = Literal["skip", "handover_only", "train"]
+
+
+class RunStopped(RuntimeError):
+    """The run stopped before it finished, on a signal: `exit_code` is the shell's 128 + the signal's number."""
+
+    exit_code = 143  # SIGTERM
 
 
 def run_directory(runs_dir: str | os.PathLike, name: str) -> Path:
@@ -124,6 +132,7 @@ def stage_data(run_dir: Path, k: int, text: TextDataModule,
     `compile`)."""
     if k == 0:
         text.prepare_data()
+        text.setup()  # its windows checked against the settings before the run writes
         return text
     handovers = [(read_done(stage_dir(run_dir, j)) or {}).get("handover") or {} for j in range(k)]
     if handovers[-1].get("mode") != "stream":
@@ -162,17 +171,24 @@ def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, h
     if k > 0 and model.hparams.warm_start and not handover_only:  # a resumed stage's checkpoint then overwrites it
         identity_start(model.llm, LLM.from_pretrained(stage_dir(run_dir, k - 1) / "llm"))
         rank_zero_info(f"stage {k}: LLM {k} starts predicting exactly what LLM {k - 1} does (warm_start)")
-    timer = TrainingTimer()
+    timer, preemption = TrainingTimer(), PreemptionCheckpoint(stage_dir(run_dir, k) / "checkpoints")
     monitor = [StreamMonitor()] if isinstance(datamodule, StreamDataModule) else []
-    callbacks = [timer, *monitor, *([handover] if hands_over else []), *parts.callbacks]
+    callbacks = [timer, preemption, *monitor, *([handover] if hands_over else []), *parts.callbacks]
     trainer_settings = stage_trainer_settings(parts.trainer, run_dir, k, callbacks)
+    trainer = Trainer(**trainer_settings)  # refuses an accelerator this machine lacks, before anything is written
     hold()  # every setting is checked; from here on the run writes
-    trainer = Trainer(**trainer_settings)
+    if trainer.is_global_zero:
+        remove_interrupted_writes(run_dir)
     ckpt_path = resume_checkpoint(trainer, stage_dir(run_dir, k) / "checkpoints", k, ckpt_path, handover_only)
     processes = trainer.world_size
     rank_zero_info(f"stage {k}: {'handing over' if handover_only else 'training'} on {trainer.strategy.root_device}"
                    f"{f' and {processes - 1} more devices' if processes > 1 else ''}, precision {trainer.precision}")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        saved = f", after writing {preemption.saved}" if preemption.saved else ""
+        raise RunStopped(f"stage {k} stopped at step {trainer.global_step} on SIGTERM{saved}; re-running the same "
+                         "command resumes from its newest checkpoint") from None
     stream = datamodule.stream_stats() if isinstance(datamodule, StreamDataModule) else None
     record_stage(run_dir, k, trainer, model.llm, text, timer.stats, handover.stats if hands_over else None,
                  handover_only, settings, stream)
@@ -220,7 +236,10 @@ def run_cascade(run: RunSettings, build_stage: Callable[[int, bool], StageParts]
     directory is held from the first write until this returns."""
     hold = RunHold(run.run_dir)
     try:
+        check_run_directory(run.runs_dir, run.name)
         check_stage_selection(run.run_dir, run.stage, run.num_stages)
+        if run.ckpt_path not in (None, "last") and (problem := checkpoint_problem(Path(run.ckpt_path))):
+            raise ValueError(f"--ckpt_path: {problem}")
         for f in run.eval_files or []:  # before any training, not after it
             check_corpus_file(Path(f).expanduser(), "eval_files", read=False)
         last, text = train_stages(run, build_stage, after_last_stage=after_last_stage, settings=settings, hold=hold.take)

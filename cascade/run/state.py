@@ -11,6 +11,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import torch
+
 from cascade.data.shards import is_complete, verify_parts
 from cascade.ensemble import stage_dir
 from cascade.data.storage import file_checksum, write_json_atomic
@@ -102,13 +104,25 @@ def changed_settings(stage_path: str | os.PathLike, now: dict) -> str | None:
 
 
 def checkpoint_problem(file: Path) -> str | None:
-    """Why `file` cannot be resumed from (a cut-short write, an entry failing its CRC), in words; None if it can."""
+    """Why `file` cannot be resumed from (not a checkpoint, a cut-short write, an entry failing its CRC, weights that
+    are not finite), in words; None if it can. Nothing in it is executed (`weights_only`)."""
     try:
         with zipfile.ZipFile(file) as archive:  # torch.save writes a zip with a CRC-32 per entry
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         return f"{file} is not a complete checkpoint ({e})"
-    return f"{file}: its entry {bad} fails its CRC check (corrupted)" if bad else None
+    if bad:
+        return f"{file}: its entry {bad} fails its CRC check (corrupted)"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True).get("state_dict")
+    except Exception as e:  # noqa: BLE001 (whatever the unpickler refuses is a file we cannot resume from)
+        return f"{file} is not a checkpoint of this program ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if not isinstance(state, dict):
+        return f"{file} is not a Lightning checkpoint (it holds no state_dict)"
+    for name, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"{file} holds weights that are not finite ({name}): the stage diverged before it was written"
+    return None
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike, warn=print) -> Path | None:
@@ -159,6 +173,20 @@ class RunLock:
         self._file.flush()
         fcntl.flock(self._file, fcntl.LOCK_UN)
         self._file.close()
+
+
+def check_run_directory(runs_dir: str | os.PathLike, name: str) -> None:
+    """ValueError unless `name` is a name (or relative path) under `runs_dir` and nothing the run writes into is a
+    symbolic link it did not make."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or parts in ((), (".",)):
+        raise ValueError(f"--name {name!r} must name a directory under --runs_dir ({runs_dir}): no absolute path and no "
+                         "'..'; give --runs_dir for another place")
+    run_dir = Path(runs_dir) / name
+    for path in (run_dir, *(run_dir.glob("stage_*")), *(run_dir.glob("stage_*/*"))):
+        if path.is_symlink():
+            raise ValueError(f"{path} is a symbolic link: the run writes and deletes under it; remove the link, or give "
+                             "another --name")
 
 
 def check_stage_selection(run_dir: str | os.PathLike, stage: int | None, num_stages: int) -> None:

@@ -1,0 +1,92 @@
+"""What a scheduler and a user see through the command: exit codes, one line per error, nothing written on bad input,
+and a run stopped by SIGTERM that resumes to the uninterrupted run's weights."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_corpus
+
+TINY = '{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}'
+
+
+def command(runs_dir, *extra):
+    return [
+        sys.executable, "-m", "cascade.fit", "--name", "tiny", "--runs_dir", str(runs_dir), "--num_stages", "1",
+        "--model.model_config", TINY, "--model.lr", "3e-3", "--model.warmup_steps", "5",
+        "--data.train_files", "[corpus.txt]", "--data.vocab_size", "300", "--data.seq_len", "32",
+        "--data.batch_size", "8", "--data.cache_dir", "cache", "--trainer.max_steps", "80",
+        "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "25", "--trainer.check_val_every_n_epoch",
+        "null", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--checkpoint.every_n_train_steps", "10", "--eval_curve", "false", *extra,
+    ]
+
+
+def run(cwd, runs_dir, *extra):
+    return subprocess.run(command(runs_dir, *extra), cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def one_error_line(result) -> str:
+    """The one line a user error prints (with the hint about --debug), and no traceback."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_sigterm_exits_non_zero_saying_where_and_the_rerun_ends_as_an_uninterrupted_run(tmp_path):
+    write_corpus(tmp_path / "corpus.txt", 200)
+    assert run(tmp_path, "straight").returncode == 0
+    process = subprocess.Popen(command("stopped"), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "stopped" / "tiny" / "stage_0" / "checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("*step=30.ckpt")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1 and "stage 0 stopped at step" in stopped[0] and "sigterm.ckpt" in stopped[0]
+    assert "re-running the same command resumes" in stopped[0]
+    run_dir = tmp_path / "stopped" / "tiny"
+    assert not (run_dir / "eval.json").exists() and not (run_dir / "stage_0" / "done.json").exists()
+    again = run(tmp_path, "stopped")
+    assert again.returncode == 0 and "sigterm.ckpt" in again.stderr + again.stdout, again.stderr[-3000:]
+    straight = load_file(str(tmp_path / "straight" / "tiny" / "stage_0" / "llm" / "model.safetensors"))
+    resumed = load_file(str(run_dir / "stage_0" / "llm" / "model.safetensors"))
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+@pytest.mark.slow
+def test_a_diverged_run_stops_at_once_with_one_line(tmp_path):
+    write_corpus(tmp_path / "corpus.txt", 200)
+    result = run(tmp_path, "runs", "--model.lr", "1e4", "--trainer.gradient_clip_val", "null", "--model.warmup_steps", "0")
+    line = one_error_line(result)
+    assert "stage 0 diverged: the loss was" in line and "at step" in line and "learning rate" in line
+    assert not list((tmp_path / "runs" / "tiny" / "stage_0").glob("done.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, said", [
+    (("--model.model_config", '{"n_layers": 3}'), "has no key 'n_layers' (did you mean 'n_layer'?)"),
+    (("--name", "../outside"), "must name a directory under --runs_dir"),
+    (("--data.batch_size", "100000"), "data.batch_size 100000 is more than the"),
+    (("--trainer.accelerator", "gpu"), "gpu"),
+    (("--ckpt_path", "corpus.txt"), "--ckpt_path: corpus.txt is not a complete checkpoint"),
+    (("--data.train_files", "[rows.jsonl]"), "rows.jsonl: row 1 has no 'text' text"),
+])
+def test_bad_input_is_one_line_and_writes_nothing_in_the_run(tmp_path, extra, said):
+    write_corpus(tmp_path / "corpus.txt", 200)
+    (tmp_path / "rows.jsonl").write_text('{"text": "some words"}\n{"text": null}\n')
+    line = one_error_line(run(tmp_path, "runs", *extra))
+    assert said in line, line
+    assert not (tmp_path / "runs" / "tiny").exists() and not (tmp_path / "outside").exists()
