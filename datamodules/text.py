@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from cascade.data.storage import remove_leftovers
+from cascade.data.atomic import remove_leftovers
 from cascade.utils import human
 from cascade.sequence_data import SequenceData
 from datamodules.base import PackedDataModule

@@ -19,7 +19,8 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from cascade.model.hub import require_hub
-from cascade.data.storage import TensorDirWriter, load_tensors, write_json_atomic
+from cascade.data.atomic import write_json_atomic
+from cascade.data.storage import TensorDirWriter, load_tensors
 
 DOCUMENT_SEPARATOR = "<|endoftext|>"
 VERIFIED = "verified.json"  # the token cache's file stamps when its checksums last matched

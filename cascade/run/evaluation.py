@@ -14,7 +14,7 @@ from cascade.routing.diagnostics import sweep_compute
 from cascade.ensemble import Ensemble, check_token_ids
 from cascade.routing.evaluation import evaluate_ensemble
 from cascade.routing.layer_skip import layer_perplexities, threshold_sweep
-from cascade.data.storage import write_json_atomic
+from cascade.data.atomic import write_json_atomic
 from cascade.run.report import format_diagnostics, format_eval_table, format_layer_exit_table, plot_curve
 from cascade.run.state import read_done, stage_dir
 from cascade.model.compile import compiles

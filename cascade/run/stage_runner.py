@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from cascade.data.storage import remove_leftovers, write_directory
+from cascade.data.atomic import remove_leftovers, write_directory
 from cascade.run.checkpoint_io import AtomicCheckpointIO
 from callbacks.progress import default_progress_bar
 from cascade.llm import LLM

@@ -15,7 +15,8 @@ import torch
 
 from cascade.data.shards import is_complete, verify_parts
 from cascade.ensemble import stage_dir
-from cascade.data.storage import file_checksum, write_json_atomic
+from cascade.data.atomic import write_json_atomic
+from cascade.data.storage import file_checksum
 
 DONE = "done.json"
 LOCK = ".lock"

@@ -1,7 +1,6 @@
 """What a scheduler and a user see through the command: exit codes, one line per error, nothing written on bad input,
 and a run stopped by SIGTERM that resumes to the uninterrupted run's weights."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -46,16 +46,16 @@ def test_a_checkpoint_write_that_fails_leaves_no_file(tmp_path):
 
     target = tmp_path / "checkpoints" / "epoch=0-step=8.ckpt"
     with pytest.raises(OSError, match="No space left"):
-        FullDisk().save_checkpoint({"state": torch.zeros(10)}, target)
+        FullDisk().save_checkpoint({"state_dict": {"w": torch.zeros(10)}}, target)
     assert list((tmp_path / "checkpoints").iterdir()) == [], "neither the checkpoint nor a temporary file is left"
-    AtomicCheckpointIO().save_checkpoint({"state": torch.ones(10)}, target)  # a later write works
-    assert torch.equal(torch.load(target)["state"], torch.ones(10))
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(10)}}, target)  # a later write works
+    assert torch.equal(torch.load(target)["state_dict"]["w"], torch.ones(10))
     assert latest_checkpoint(tmp_path / "checkpoints") == target.resolve()
 
 
 def test_partial_checkpoints_of_a_killed_write_are_removed_and_never_resumed(tmp_path):
     (tmp_path / ".epoch=0-step=20.ckpt.tmp-4242").write_bytes(b"PK\x03\x04 half")
-    AtomicCheckpointIO().save_checkpoint({"step": 10}, tmp_path / "epoch=0-step=10.ckpt")
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "step": 10}, tmp_path / "epoch=0-step=10.ckpt")
     assert latest_checkpoint(tmp_path) == (tmp_path / "epoch=0-step=10.ckpt").resolve()
     assert [p.name for p in remove_partial_checkpoints(tmp_path)] == [".epoch=0-step=20.ckpt.tmp-4242"]
 

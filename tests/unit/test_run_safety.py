@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from cascade.data.storage import remove_leftovers, write_directory
+from cascade.data.atomic import remove_leftovers, write_directory
 from cascade.model.hf_models import build_causal_lm
 from cascade.run.state import check_run_directory, checkpoint_problem
 
