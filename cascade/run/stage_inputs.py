@@ -10,6 +10,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from cascade.run.checkpoint_io import remove_partial_checkpoints
+from cascade.run.provenance import changes, checkpoint_fingerprint, refusal
 from cascade.run.state import latest_checkpoint, read_done, stage_dir
 from datamodules.sequence import SequenceDataModule
 from datamodules.stream import StreamDataModule
@@ -35,15 +36,31 @@ def stage_data(run_dir: Path, k: int, text: TextDataModule,
     return StreamDataModule(text, llms, reaching, seed=text.seed + k, compile=compile)
 
 
-def resume_checkpoint(trainer: Trainer, checkpoints: Path, k: int, ckpt_path: str | None,
-                      handover_only: bool) -> str | None:
-    """`ckpt_path`, else (unless the stage only hands over) its newest complete checkpoint; partial ones of a killed
-    write removed first."""
+def resume_checkpoint(trainer: Trainer, checkpoints: Path, k: int, ckpt_path: str | None, handover_only: bool,
+                      fingerprint: dict, fresh: bool = False) -> str | None:
+    """`ckpt_path`, else (unless the stage only hands over) its newest complete checkpoint, if it was written with
+    `fingerprint` (`cascade.run.provenance`); partial ones of a killed write removed first. A checkpoint trained after
+    another LLM k-1, or every one with `fresh`, is removed (the stage trains from the start); one written with other
+    settings or data, or with no record of them, is refused (ValueError saying what differs)."""
     if trainer.is_global_zero:
         for partial in remove_partial_checkpoints(checkpoints):
             rank_zero_info(f"stage {k}: removed {partial}, a checkpoint whose writing was cut short")
-    if not handover_only and ckpt_path is None:
-        if (resume := latest_checkpoint(checkpoints, warn=rank_zero_info)) is not None:
-            rank_zero_info(f"stage {k}: resuming from {resume}")
-            return str(resume)
-    return ckpt_path
+    if handover_only or ckpt_path is not None:
+        return ckpt_path
+    resume = None if fresh else latest_checkpoint(checkpoints, warn=rank_zero_info)
+    recorded = checkpoint_fingerprint(resume) if resume is not None else None
+    if resume is not None and recorded is None:
+        raise ValueError(f"{resume} holds no record of the run that wrote it: remove it to train stage {k} from the "
+                         "start, or give the run a new --name")
+    differences, after_other = changes(recorded, fingerprint) if recorded is not None else (None, fresh)
+    if after_other:
+        if trainer.is_global_zero:  # another process that looks after this finds none: it starts afresh as well
+            for old in checkpoints.glob("*.ckpt"):
+                old.unlink()
+        rank_zero_info(f"stage {k}: its checkpoints were trained after another LLM {k - 1}: removed, training from the start")
+        return None
+    if differences:
+        raise ValueError(refusal(k, f"checkpoint {resume}", differences))
+    if resume is not None:
+        rank_zero_info(f"stage {k}: resuming from {resume}")
+    return None if resume is None else str(resume)

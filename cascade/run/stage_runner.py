@@ -47,13 +47,14 @@ def stage_trainer_settings(settings: Mapping, run_dir: str | os.PathLike | None,
 
 
 def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing: dict, handover: dict | None,
-                 handover_only: bool, settings: dict, stream: dict | None = None) -> None:
+                 handover_only: bool, fingerprint: dict, stream: dict | None = None) -> None:
     """After stage k's fit: print its phases, save its LLM and the run's tokenizer (`text`'s), and mark the stage done
-    (`done.json`, with the files' checksums and the `settings` it trained with, `cascade.run.state.stage_settings`).
+    (`done.json`, with the files' checksums and the `fingerprint` it trained with, `cascade.run.provenance`: its
+    `settings`, its data, and the LLM before it).
     `handover_only`: the stage was trained before and only handed over now; it keeps its training's figures. `stream`:
     what a streamed stage's stream read and handed on (rank 0's counts)."""
     stage_path = stage_dir(run_dir, k)
-    info = (read_done(stage_path) or {}) if handover_only else {"settings": settings}
+    info = (read_done(stage_path) or {}) if handover_only else {"settings": fingerprint["settings"], "fingerprint": fingerprint}
     if timing:
         info["train"] = timing
         rank_zero_info(format_training(k, timing))

@@ -14,15 +14,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.preemption import PreemptionCheckpoint
+from callbacks.provenance import ProvenanceStamp
 from callbacks.stage_handover import StageHandover
 from callbacks.stream_monitor import StreamMonitor
 from callbacks.timing import TrainingTimer
 from cascade.llm import LLM
 from cascade.model.hf_models import max_positions
 from cascade.run.evaluation import evaluate_run
+from cascade.run.provenance import changes, refusal, stage_fingerprint
 from cascade.run.stage_inputs import resume_checkpoint, stage_data
 from cascade.run.stage_runner import evaluation_trainer, record_stage, remove_interrupted_writes, stage_trainer_settings
-from cascade.run.state import (RunLock, changed_settings, check_run_directory, checkpoint_problem, check_stage_selection, read_done,
+from cascade.run.state import (RunHold, check_run_directory, checkpoint_problem, check_stage_selection, read_done,
                                saved_tokenizer_problem, stage_dir, stage_problem, trained_without_handover)
 from cascade.training.warm_start import identity_start
 from datamodules.corpus import check_corpus_file
@@ -30,7 +32,7 @@ from datamodules.stream import StreamDataModule
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
 
-Plan = Literal["skip", "handover_only", "train"]
+Plan = Literal["skip", "handover_only", "retrain", "train"]
 
 
 class RunStopped(RuntimeError):
@@ -82,35 +84,24 @@ def hands_over(k: int, num_stages: int, after_last_stage: bool) -> bool:
     return k < num_stages - 1 or after_last_stage
 
 
-class RunHold:
-    """The run directory's lock (`RunLock`), taken before the run's first write by the run's first process only (the
-    other processes are its own)."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir, self.lock = run_dir, None
-
-    def take(self) -> None:
-        if self.lock is None and rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
-            self.lock = RunLock(self.run_dir)
-            if self.lock.previous:
-                rank_zero_info(f"{self.run_dir}: taking over from an earlier run that ended ({self.lock.previous})")
-
-    def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-
-
-def plan_stage(k: int, stage_path: Path, hands_over: bool, ckpt_path: str | None, settings: dict) -> Plan:
+def plan_stage(k: int, stage_path: Path, hands_over: bool, ckpt_path: str | None, fingerprint: dict) -> Plan:
     """What stage k needs, said on rank zero: "skip" (complete, its files checked against their checksums),
-    "handover_only" (trained as the last stage of an earlier run: its saved LLM only hands over), or "train" (from
-    `ckpt_path`, else from its newest complete checkpoint, else from the start). `settings`: the run's settings that
-    define a trained stage, compared with those it was trained with."""
+    "handover_only" (trained as the last stage of an earlier run: its saved LLM only hands over), "retrain" (trained
+    after another LLM k-1 than the one there now: from the start) or "train" (from `ckpt_path`, else from its newest
+    complete checkpoint, else from the start). `fingerprint`: what defines the stage now (`cascade.run.provenance`);
+    a complete stage recorded with other settings or data is refused (ValueError saying what differs)."""
     problem = stage_problem(stage_path, hands_over) if ckpt_path is None else "resuming from --ckpt_path"
     handover_only = problem is not None and ckpt_path is None and trained_without_handover(stage_path)
-    if (problem is None or handover_only) and (changed := changed_settings(stage_path, settings)):
-        rank_zero_info(f"stage {k} was trained with other settings ({changed}): kept as trained; to train with "
-                       "these, give the run a new --name")
+    if problem is None or handover_only:
+        done = read_done(stage_path)
+        differences, after_other = changes(done.get("fingerprint") or {"settings": done.get("settings"),
+                                                                      "after": fingerprint["after"]}, fingerprint)
+        if after_other:
+            rank_zero_info(f"stage {k} was trained after another LLM {k - 1} than the one there now: training it again "
+                           "from the start")
+            return "retrain"
+        if differences:
+            raise ValueError(refusal(k, f"model in {stage_path}", differences))
     if problem is None:
         rank_zero_info(f"stage {k}: complete in {stage_path} (checked against its checksums), skipped")
         return "skip"
@@ -123,11 +114,12 @@ def plan_stage(k: int, stage_path: Path, hands_over: bool, ckpt_path: str | None
 
 
 def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, handover_only: bool,
-                ckpt_path: str | None, settings: dict, hold: Callable[[], None]) -> Trainer:
-    """Train stage k with its fresh `parts` under a fresh Trainer (resuming from `ckpt_path` or its newest checkpoint),
-    hand its hard tokens over if it `hands_over`, save its LLM and mark it done with the `settings` that define it;
-    `handover_only`: its saved LLM (loaded by `parts.model`) trains no step and only hands over. `hold` takes the run
-    directory before the first write. Returns the stage's Trainer."""
+                ckpt_path: str | None, fingerprint: dict, hold: Callable[[], None], fresh: bool = False) -> Trainer:
+    """Train stage k with its fresh `parts` under a fresh Trainer (resuming from `ckpt_path` or its newest checkpoint
+    recorded with the same `fingerprint`; with `fresh`, from the start, its old checkpoints removed), hand its hard
+    tokens over if it `hands_over`, save its LLM and mark it done with the `fingerprint` that defines it (checkpoints
+    carry it too); `handover_only`: its saved LLM (loaded by `parts.model`) trains no step and only hands over. `hold`
+    takes the run directory before the first write. Returns the stage's Trainer."""
     model, text, handover = parts.model, parts.data, parts.handover
     limit = max_positions(model.llm.config)
     if limit is not None and text.seq_len > limit:
@@ -138,13 +130,15 @@ def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, h
         rank_zero_info(f"stage {k}: LLM {k} starts predicting exactly what LLM {k - 1} does (warm_start)")
     timer, preemption = TrainingTimer(), PreemptionCheckpoint(stage_dir(run_dir, k) / "checkpoints")
     monitor = [StreamMonitor()] if isinstance(datamodule, StreamDataModule) else []
-    callbacks = [timer, preemption, *monitor, *([handover] if hands_over else []), *parts.callbacks]
+    callbacks = [timer, preemption, ProvenanceStamp(fingerprint), *monitor, *([handover] if hands_over else []),
+                 *parts.callbacks]
     trainer_settings = stage_trainer_settings(parts.trainer, run_dir, k, callbacks)
     trainer = Trainer(**trainer_settings)  # refuses an accelerator this machine lacks, before anything is written
     hold()  # every setting is checked; from here on the run writes
     if trainer.is_global_zero:
         remove_interrupted_writes(run_dir)
-    ckpt_path = resume_checkpoint(trainer, stage_dir(run_dir, k) / "checkpoints", k, ckpt_path, handover_only)
+    ckpt_path = resume_checkpoint(trainer, stage_dir(run_dir, k) / "checkpoints", k, ckpt_path, handover_only,
+                                  fingerprint, fresh)
     processes = trainer.world_size
     rank_zero_info(f"stage {k}: {'handing over' if handover_only else 'training'} on {trainer.strategy.root_device}"
                    f"{f' and {processes - 1} more devices' if processes > 1 else ''}, precision {trainer.precision}")
@@ -156,18 +150,20 @@ def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, h
                          "command resumes from its newest checkpoint") from None
     stream = datamodule.stream_stats() if isinstance(datamodule, StreamDataModule) else None
     record_stage(run_dir, k, trainer, model.llm, text, timer.stats, handover.stats if hands_over else None,
-                 handover_only, settings, stream)
+                 handover_only, fingerprint, stream)
     return trainer
 
 
 def train_stages(run: RunSettings, build_stage: Callable[[int, bool], StageParts], *, after_last_stage: bool,
-                 settings: dict, hold: Callable[[], None]) -> tuple[Trainer | None, TextDataModule | None]:
+                 settings: dict, data: str, hold: Callable[[], None]) -> tuple[Trainer | None, TextDataModule | None]:
     """Train (or hand over from) each of the run's stages that is not complete, stage k's parts from
-    `build_stage(k, handover_only)`. Returns the last stage's Trainer and stage 0's data module, None where none ran."""
+    `build_stage(k, handover_only)`; `settings` and `data` (the token cache's name) define each stage with the LLM
+    before it (`stage_fingerprint`). Returns the last stage's Trainer and stage 0's data module, None where none ran."""
     ckpt_path, trainer, text = run.ckpt_path, None, None
     for k in run.stages:
         stage_path, hands_over_k = stage_dir(run.run_dir, k), hands_over(k, run.num_stages, after_last_stage)
-        plan = plan_stage(k, stage_path, hands_over_k, ckpt_path, settings)
+        fingerprint = stage_fingerprint(run.run_dir, k, settings, data)  # after LLM k-1 as it is now
+        plan = plan_stage(k, stage_path, hands_over_k, ckpt_path, fingerprint)
         if plan == "skip":
             continue
         handover_only = plan == "handover_only"
@@ -175,7 +171,8 @@ def train_stages(run: RunSettings, build_stage: Callable[[int, bool], StageParts
         if k == 0:
             text = parts.data
         trainer = train_stage(run.run_dir, k, parts, hands_over=hands_over_k, handover_only=handover_only,
-                              ckpt_path=None if handover_only else ckpt_path, settings=settings, hold=hold)
+                              ckpt_path=None if handover_only else ckpt_path, fingerprint=fingerprint, hold=hold,
+                              fresh=plan == "retrain")
         ckpt_path = None
     return trainer, text
 
@@ -207,10 +204,12 @@ def run_cascade(run: RunSettings, build_stage: Callable[[int, bool], StageParts]
             raise ValueError(f"--ckpt_path: {problem}")
         for f in run.eval_files or []:  # before any training, not after it
             check_corpus_file(Path(f).expanduser(), "eval_files", read=False)
-        last, text = train_stages(run, build_stage, after_last_stage=after_last_stage, settings=settings, hold=hold.take)
+        corpus = TextDataModule(**data_settings)  # its token cache's name fingerprints the corpus and the tokenizer
+        last, text = train_stages(run, build_stage, after_last_stage=after_last_stage, settings=settings,
+                                  data=corpus.token_dir.name, hold=hold.take)
         if rank_zero_only.rank != 0:
             return None
-        text = text if text is not None else TextDataModule(**data_settings)
+        text = text if text is not None else corpus  # the corpus and tokenizer the stages were trained on (checked)
         hold.take()
         num_llms = run.stages[-1] + 1
         if problem := saved_tokenizer_problem(run.run_dir, num_llms):

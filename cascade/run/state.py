@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from cascade.data.shards import is_complete, verify_parts
 from cascade.ensemble import stage_dir
@@ -30,11 +31,23 @@ def mark_stage_done(stage_path: str | os.PathLike, info: dict) -> None:
 
 
 def read_done(stage_path: str | os.PathLike) -> dict | None:
-    """The stage's `done.json`, or None where it is missing or unreadable."""
+    """The stage's `done.json`, or None where it is missing or malformed (`done_problem` says which)."""
+    return None if done_problem(stage_path) else json.loads((Path(stage_path) / DONE).read_text())
+
+
+def done_problem(stage_path: str | os.PathLike) -> str | None:
+    """Why the stage's `done.json` is not a record to trust, in words: missing, not JSON, or without the fields every
+    record has; None if it is one."""
+    file = Path(stage_path) / DONE
     try:
-        return json.loads((Path(stage_path) / DONE).read_text())
-    except (OSError, ValueError):
-        return None
+        done = json.loads(file.read_text())
+    except FileNotFoundError:
+        return f"{file} is missing: the stage did not finish"
+    except (OSError, ValueError) as e:
+        return f"{file} is malformed ({e}): not trusted"
+    if not isinstance(done, dict) or not isinstance(done.get("files"), dict) or "handover" not in done:
+        return f"{file} is malformed (not a stage record: no files or handover): not trusted"
+    return None
 
 
 def checksums(directory: str | os.PathLike) -> dict[str, str]:
@@ -58,9 +71,9 @@ def stage_problem(stage_path: str | os.PathLike, hands_over: bool = True) -> str
     """Why the stage is not complete, in words; None when it is: its marker, its model (every file matching the
     checksum recorded in `done.json`) and, if it hands over, every part of its hand-over (matching its manifest)."""
     stage_path = Path(stage_path)
+    if problem := done_problem(stage_path):
+        return problem
     done = read_done(stage_path)
-    if done is None:
-        return f"{stage_path / DONE} is missing: the stage did not finish"
     if not (stage_path / "llm" / "config.json").is_file():
         return f"{stage_path / 'llm' / 'config.json'} is missing"
     if problem := changed_files(stage_path / "llm", done.get("files", {}).get("llm", {})):
@@ -215,3 +228,21 @@ def saved_tokenizer_problem(run_dir: str | os.PathLike, num_llms: int) -> str | 
             return changed_files(Path(run_dir) / "tokenizer", recorded)
     return None
 
+
+class RunHold:
+    """The run directory's lock (`RunLock`), taken before the run's first write by the run's first process only (the
+    other processes are its own)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.lock = run_dir, None
+
+    def take(self) -> None:
+        if self.lock is None and rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+            self.lock = RunLock(self.run_dir)
+            if self.lock.previous:
+                rank_zero_info(f"{self.run_dir}: taking over from an earlier run that ended ({self.lock.previous})")
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None

@@ -78,9 +78,14 @@ def test_rerun_skips_complete_stages_and_redoes_partial_ones(tmp_path):
     assert "stage 0: complete" in again.stderr + again.stdout
     assert "other settings" not in again.stderr + again.stdout
     assert part.stat().st_mtime_ns == written, "a complete stage is not redone"
-    changed = run(tmp_path, "runs", "--trainer.max_steps", "20", "--model.lr", "1e-3", "--data.num_workers", "1")
-    assert "stage 0 was trained with other settings (model.lr 0.003, now 0.001): kept as trained" in changed.stderr
-    assert "stage 0: complete" in changed.stderr and part.stat().st_mtime_ns == written
+    changed = subprocess.run(command("runs", "--trainer.max_steps", "20", "--model.lr", "1e-3", "--data.num_workers", "1"),
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 1, "a complete stage recorded with other settings is refused, not kept or redone"
+    assert "was trained with other settings or data (model.lr 0.003, now 0.001): give those again to keep it, or give " \
+           "the run a new --name" in changed.stderr
+    assert part.stat().st_mtime_ns == written
+    workers = run(tmp_path, "runs", "--trainer.max_steps", "20", "--data.num_workers", "1")  # how fast: not a setting
+    assert "stage 0: complete" in workers.stderr + workers.stdout and part.stat().st_mtime_ns == written
 
     raw = bytearray(part.read_bytes())
     raw[0] ^= 0xFF

@@ -89,3 +89,22 @@ def test_bad_input_is_one_line_and_writes_nothing_in_the_run(tmp_path, extra, sa
     line = one_error_line(run(tmp_path, "runs", *extra))
     assert said in line, line
     assert not (tmp_path / "runs" / "tiny").exists() and not (tmp_path / "outside").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_or_skip_with_other_settings_or_data_is_refused_with_one_line(tmp_path):
+    write_corpus(tmp_path / "corpus.txt", 200)
+    process = subprocess.Popen(command("runs"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "runs" / "tiny" / "stage_0" / "checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("*step=20.ckpt")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    line = one_error_line(run(tmp_path, "runs", "--model.lr", "1e-3"))
+    assert "checkpoint" in line and "(model.lr 0.003, now 0.001): give those again" in line and "new --name" in line
+    assert run(tmp_path, "runs").returncode == 0, "the old settings resume it"
+    with open(tmp_path / "corpus.txt", "a") as f:
+        f.write("\n\nan edited corpus")
+    line = one_error_line(run(tmp_path, "runs"))
+    assert "the corpus or its tokenizer (token cache" in line and "new --name" in line
