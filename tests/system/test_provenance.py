@@ -2,6 +2,7 @@
 data is refused naming what differs; a stage trained after another LLM k-1 than the one there now is trained again."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -56,6 +57,7 @@ def test_a_checkpoint_resumes_only_with_its_own_record(tmp_path):
         resume_checkpoint(trainer, checkpoints, 0, None, False, {**fingerprint, "settings": {**SETTINGS, "model.lr": 1.0}})
     foreign = checkpoints / "epoch=0-step=20.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}}, foreign)
+    os.utime(foreign, (own.stat().st_mtime + 10, own.stat().st_mtime + 10))  # the newest, whatever the clock's grain
     with pytest.raises(ValueError, match="holds no record of the run that wrote it"):
         resume_checkpoint(trainer, checkpoints, 0, None, False, fingerprint)
     foreign.unlink()
