@@ -91,3 +91,20 @@ def test_a_missing_eval_file_fails_before_any_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="eval_files: corpus files not found"):
         main(tiny_args(tmp_path, corpus, "--eval_files", f"[{tmp_path / 'absent.txt'}]"))
     assert not (tmp_path / "runs" / "tiny" / "stage_0").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_way_on(monkeypatch, capsys, tmp_path):
+    import errno
+
+    import cascade.fit as fit
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / "x" / "stage_0" / "llm"))
+
+    monkeypatch.setattr(fit, "run_cascade", full)
+    monkeypatch.setattr("sys.argv", ["cascade.fit", "--runs_dir", str(tmp_path / "runs"), "--name", "x"])
+    assert fit.command_line() == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no space left writing {tmp_path / 'runs' / 'x' / 'stage_0' / 'llm'} (")
+    assert "GB free there): free space there, or give --runs_dir" in err and "re-running the same command resumes" in err
+    assert "Traceback" not in err
