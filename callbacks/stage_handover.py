@@ -93,6 +93,8 @@ class StageHandover(Callback):
         for name, value in (("host_memory_gb", host_memory_gb), ("materialize_gb", materialize_gb)):
             if value < 0:
                 raise ValueError(f"handover.{name} must be >= 0, got {value}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"handover.batch_size must be >= 1 or null (the data's batch size), got {batch_size}")
         if calibration_tokens is not None and calibration_tokens < 1:
             raise ValueError(f"handover.calibration_tokens must be >= 1 or null (every token), got {calibration_tokens}")
         self.hard_ratio, self.output_dir, self.batch_size = hard_ratio, output_dir, batch_size

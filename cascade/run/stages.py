@@ -199,6 +199,8 @@ def run_cascade(run: RunSettings, build_stage: Callable[[int, bool], StageParts]
     hold = RunHold(run.run_dir)
     try:
         check_run_directory(run.runs_dir, run.name)
+        if run.eval_batch_size is not None and run.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1 or null (the data's batch size), got {run.eval_batch_size}")
         check_stage_selection(run.run_dir, run.stage, run.num_stages)
         if run.ckpt_path not in (None, "last") and (problem := checkpoint_problem(Path(run.ckpt_path))):
             raise ValueError(f"--ckpt_path: {problem}")

@@ -82,6 +82,9 @@ def test_a_diverged_run_stops_at_once_with_one_line(tmp_path):
     (("--trainer.accelerator", "gpu"), "gpu"),
     (("--ckpt_path", "corpus.txt"), "--ckpt_path: corpus.txt is not a complete checkpoint"),
     (("--data.train_files", "[rows.jsonl]"), "rows.jsonl: row 1 has no 'text' text"),
+    (("--eval_batch_size", "0"), "eval_batch_size must be >= 1"),  # not read as "unset"
+    (("--handover.batch_size", "0"), "handover.batch_size must be >= 1"),
+    (("--model.model", "./no-such-model", "--model.pretrained", "true"), "no such directory"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing_in_the_run(tmp_path, extra, said):
     write_corpus(tmp_path / "corpus.txt", 200)
