@@ -30,6 +30,7 @@ from cascade.training.warm_start import identity_start
 from datamodules.corpus import check_corpus_file
 from datamodules.stream import StreamDataModule
 from datamodules.text import TextDataModule
+from datamodules.tokens import load_tokenizer
 from lightning_modules.stage import StageModule
 
 Plan = Literal["skip", "handover_only", "retrain", "train"]
@@ -211,7 +212,10 @@ def run_cascade(run: RunSettings, build_stage: Callable[[int, bool], StageParts]
                                   data=corpus.token_dir.name, hold=hold.take)
         if rank_zero_only.rank != 0:
             return None
-        text = text if text is not None else corpus  # the corpus and tokenizer the stages were trained on (checked)
+        own = run.run_dir / "tokenizer"
+        if text is None and own.is_dir() and saved_tokenizer_problem(run.run_dir, run.stages[-1] + 1) is None:
+            corpus.tokenizer = load_tokenizer(str(own))  # the run's own: no BPE trained again
+        text = text if text is not None else corpus  # the corpus the stages were trained on (their records checked)
         hold.take()
         num_llms = run.stages[-1] + 1
         if problem := saved_tokenizer_problem(run.run_dir, num_llms):
