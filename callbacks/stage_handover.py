@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -19,7 +19,7 @@ from cascade.routing.handover import collect_hard_tokens
 from cascade.routing.learned_exit import fit_exit_classifier
 from cascade.routing.stream import calibrate_streamed, choose_mode, handover_bytes, route_through
 from cascade.routing.threshold import check_hard_ratio
-from cascade.routing.route import HOST_MEMORY_BYTES, HiddenBudget, route
+from cascade.routing.route import HOST_MEMORY_BYTES, HiddenBudget, free_gpu_memory, route
 from cascade.sequence_data import SequenceData
 from cascade.data.shards import part_name
 from callbacks.trainer_support import compile_scoring, existing, on_device, strategy_reduce
@@ -62,7 +62,8 @@ class StageHandover(Callback):
             stage from the corpus), or auto: materialize while the hand-over (and the temporary file its hidden
             states wait in) takes at most `materialize_gb` and half the free disk, else stream.
         materialize_gb: The most disk, in GB, that `mode: auto` lets a materialized hand-over take.
-        calibration_tokens: How many training tokens a streamed hand-over's threshold is calibrated on (null: all).
+        calibration_tokens: How many training tokens a streamed hand-over's threshold is calibrated on, whole windows
+            drawn by the data's seed (null: all); a materialized hand-over scores every token.
         host_memory_gb: The most host memory, in GB, that this process's hidden states may take while they wait
             for the threshold, when they do not fit in half the GPU's free memory; beyond it they wait in a
             temporary file beside `output_dir`.
@@ -78,7 +79,7 @@ class StageHandover(Callback):
         hard_ratio: float = 0.3,
         output_dir: str | None = None,
         batch_size: int | None = None,
-        mode: str = "auto",
+        mode: Literal["auto", "materialize", "stream"] = "auto",
         materialize_gb: float = 10.0,
         calibration_tokens: int | None = CALIBRATION_TOKENS,
         host_memory_gb: float = HOST_MEMORY_BYTES / 1e9,
@@ -116,11 +117,14 @@ class StageHandover(Callback):
         elif self.mode == "auto" and self.output_dir is None:
             self.streams, why = False, "no output directory: into memory (the Python API)"
         else:
-            need = handover_bytes(data.train_data.num_tokens, pl_module.llm.dim, self.hard_ratio, self.budget.host_memory_bytes)
+            device = trainer.strategy.root_device
+            gpu = free_gpu_memory(device) // 2 if device.type == "cuda" and self.budget.gpu_memory else 0
+            need = handover_bytes(data.train_data.num_tokens, pl_module.llm.dim, self.hard_ratio,
+                                  self.budget.host_memory_bytes, trainer.world_size, gpu)
             free = shutil.disk_usage(existing(Path(self.output_dir or "."))).free
             self.streams, why = choose_mode(self.mode, need, self.materialize_gb * 1e9, free)
         self.streams, why = trainer.strategy.broadcast((self.streams, why), src=0)
-        rank_zero_info(f"stage {k}: hand-over {'streamed' if self.streams else 'materialized'}: {why}")
+        rank_zero_info(f"stage {k}: its hand-over will {'stream' if self.streams else 'be materialized'}: {why}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         data, llm = trainer.datamodule, pl_module.llm

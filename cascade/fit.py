@@ -3,7 +3,8 @@
 Every `--trainer.*`, `--model.*` (StageModule), `--data.*` (TextDataModule) and `--handover.*` (StageHandover)
 setting can be given in the YAML or overridden on the command line. A run writes everything under
 `<runs_dir>/<name>/`: per stage `stage_k/` with TensorBoard logs, checkpoints, the model in Hugging Face format
-(`llm/`, threshold in its config.json) and the hard tokens handed to the next stage (`handover/`); at the end the
+(`llm/`, threshold in its config.json) and, where the hand-over is materialized (`--handover.mode`), the hard tokens
+handed to the next stage (`handover/`; streamed, the next stage recomputes them from the corpus); at the end the
 ensemble is evaluated with true early exit on the validation split and the table is written to `eval.json` (with
 `--model.exit_layer`, also each layer's exit perplexity and a threshold sweep of LLM 0).
 """
@@ -49,7 +50,9 @@ def run_directory(runs_dir: str, name: str) -> str:
 
 def trained_settings(c) -> dict:
     """What defines a trained stage among a run's settings `c` (recorded in its `done.json`)."""
-    trainer = {k: c.trainer[k] for k in ("max_steps", "max_epochs", "accumulate_grad_batches", "gradient_clip_val")}
+    shaping = ("max_steps", "max_epochs", "accumulate_grad_batches", "gradient_clip_val", "precision", "devices", "num_nodes",
+               "limit_train_batches")  # the global batch and the numbers, not where or how fast
+    trainer = {k: c.trainer[k] for k in shaping}
     return stage_settings({"model": c.model.as_dict(), "data": c.data.as_dict(), "handover": c.handover.as_dict(),
                            "trainer": trainer, "": {"seed_everything": c.seed_everything}})
 

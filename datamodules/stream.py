@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -83,8 +84,11 @@ class StreamDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         resume, self._resume = self._resume, {}
-        if "stream" in resume:
-            self.stream.load_state_dict(resume["stream"])
+        if "streams" in resume:  # every process's own stream, as it was at the checkpoint
+            if len(resume["streams"]) != self.world_size:
+                raise ValueError(f"this streamed stage was checkpointed by {len(resume['streams'])} processes: resume it "
+                                 f"with as many (--trainer.devices), not {self.world_size}")
+            self.stream.load_state_dict(resume["streams"][self.rank])
         self.epochs = _Epochs(self.stream, self.steps_per_epoch, resume.get("batches_trained_in_epoch", 0))
         return _loader(self.epochs, self.seed)
 
@@ -92,19 +96,39 @@ class StreamDataModule(LightningDataModule):
         return _loader(_ValidationWindows(self), self.seed)
 
     def state_dict(self) -> dict:
+        """Every process's stream (gathered: Lightning writes rank 0's checkpoint only) as it was after the batches
+        trained, and how many of the epoch's batches were trained (0 at an epoch's end: the next one starts whole).
+        Every process calls it (Lightning dumps a checkpoint on each)."""
         if self.trainer is None or self.stream is None:
             return {}
         trained = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         state = self.epochs.snapshots.get(trained) if self.epochs is not None else None
-        return {"batches_trained_in_epoch": trained, "stream": state if state is not None else self.stream.state_dict()}
+        state = _to_host(state if state is not None else self.stream.state_dict())
+        streams = [state]
+        if self.world_size > 1 and dist.is_initialized():
+            streams = [None] * self.world_size
+            dist.all_gather_object(streams, state)
+        return {"batches_trained_in_epoch": trained % self.steps_per_epoch, "streams": streams}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = dict(state_dict)
+
+    def release(self) -> None:
+        """Drop the frozen LLMs (their GPU memory is freed once nothing else holds them)."""
+        self.frozen_llms = []
+        if self.stream is not None:
+            self.stream.llms = []
 
     def stream_stats(self) -> dict:
         """This process's counts so far: windows' tokens read, tokens handed on, and their ratio."""
         tokens_in, hard = (self.stream.tokens_in, self.stream.tokens_hard) if self.stream else (0, 0)
         return {"tokens_in": tokens_in, "tokens_hard": hard, "hard_fraction": hard / tokens_in if tokens_in else None}
+
+
+def _to_host(state: dict) -> dict:
+    """A stream's state with its waiting tokens in host memory (a checkpoint is loaded on every process's device)."""
+    buffer = state["buffer"]
+    return {**state, "buffer": None if buffer is None else {k: v.cpu() for k, v in buffer.items()}}
 
 
 def _loader(dataset: IterableDataset, seed: int) -> DataLoader:

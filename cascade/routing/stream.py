@@ -86,7 +86,7 @@ class HardTokenStream:
         self.rank, self.world_size, self.seed, self.passes = rank, world_size, seed, passes
         self.settings, self.chunk_windows = settings, chunk_windows or CHUNK_BATCHES * batch_size
         self.pass_index, self.position, self.buffer = 0, 0, None
-        self.tokens_in = self.tokens_hard = 0
+        self.tokens_in = self.tokens_hard = self._hard_before_pass = 0
         self._share = None
 
     def share(self) -> Tensor:
@@ -101,7 +101,11 @@ class HardTokenStream:
         if self.position >= self.share().numel():
             if self.passes is not None and self.pass_index + 1 >= self.passes:
                 return False
-            self.pass_index, self.position = self.pass_index + 1, 0
+            if self.tokens_hard == self._hard_before_pass:
+                raise ValueError(f"a whole pass over this process's {self.share().numel()} windows handed no token on: "
+                                 "the frozen LLMs' thresholds let every token exit; hand over again with a larger "
+                                 "hard_ratio")
+            self.pass_index, self.position, self._hard_before_pass = self.pass_index + 1, 0, self.tokens_hard
         chunk = self.share()[self.position : self.position + self.chunk_windows]
         self.position += chunk.numel()
         windows = self.windows.select(chunk)
@@ -131,15 +135,20 @@ class HardTokenStream:
             yield batch
 
     def state_dict(self) -> dict:
-        """Where the stream is: its pass, its position in the pass, the waiting sequences (host tensors) and counts."""
+        """Where the stream is: its pass, its position in the pass, the waiting sequences (where they are: on the GPU
+        a stream computes them) and counts."""
         buffer = None if self.buffer is None else {k: getattr(self.buffer, k) for k in SEQUENCE_FIELDS}
         return {"pass": self.pass_index, "position": self.position, "buffer": buffer,
                 "tokens_in": self.tokens_in, "tokens_hard": self.tokens_hard}
 
     def load_state_dict(self, state: dict) -> None:
         self.pass_index, self.position = state["pass"], state["position"]
-        self.buffer = None if state["buffer"] is None else SequenceData(**state["buffer"])
+        buffer = state["buffer"]
+        if buffer is not None and self.llms:  # the waiting hidden states go back where the LLMs compute them
+            buffer = {**buffer, "inputs": buffer["inputs"].to(self.llms[-1].device)}
+        self.buffer = None if buffer is None else SequenceData(**buffer)
         self.tokens_in, self.tokens_hard = state["tokens_in"], state["tokens_hard"]
+        self._hard_before_pass = -1  # the pass under way began before the checkpoint: not checked
 
 
 SEQUENCE_FIELDS = ("inputs", "targets", "positions", "offsets", "sequence_ids")
@@ -178,12 +187,15 @@ def calibration_windows(num_windows: int, window_tokens: int, tokens: int | None
     return torch.randperm(num_windows, generator=torch.Generator().manual_seed(seed))[:count].sort().values
 
 
-def handover_bytes(tokens: int, dim: int, hard_ratio: float, host_memory_bytes: int | None) -> int:
+def handover_bytes(tokens: int, dim: int, hard_ratio: float, host_memory_bytes: int | None, world_size: int = 1,
+                   gpu_bytes: int = 0) -> int:
     """Disk that a materialized hand-over of `tokens` training tokens takes: the hard tokens' bf16 hidden states with
-    their targets, positions and offsets (about 24 bytes), and the temporary file that every token's hidden state
-    waits in where they exceed `host_memory_bytes` (assuming the GPU holds none of them)."""
+    their targets, positions and offsets (about 24 bytes), and the temporary files that every token's hidden state
+    waits in where a process's share exceeds both `gpu_bytes` (half its GPU's free memory) and `host_memory_bytes`."""
     every = tokens * dim * 2
-    temporary = every if host_memory_bytes is not None and every > host_memory_bytes else 0
+    share = every // world_size
+    waits_on_disk = host_memory_bytes is not None and share > max(host_memory_bytes, gpu_bytes)
+    temporary = every if waits_on_disk else 0
     return int(tokens * hard_ratio * (dim * 2 + 24)) + temporary
 
 

@@ -32,6 +32,9 @@ def stage_data(run_dir: Path, k: int, text: TextDataModule,
         return text.handover_data(stage_dir(run_dir, k - 1) / "handover", k)
     text.prepare_data()
     llms = [stage_dir(run_dir, j) / "llm" for j in range(k)]
+    if any("hard_fraction" not in h for h in handovers):
+        raise ValueError(f"stage {k} streams after stages 0..{k - 1}, but one of their done.json lacks its hand-over's "
+                         "hard_fraction: train those stages again (give the run a new --name)")
     reaching = math.prod(h["hard_fraction"] for h in handovers)
     return StreamDataModule(text, llms, reaching, seed=text.seed + k, compile=compile)
 
@@ -40,7 +43,7 @@ def resume_checkpoint(trainer: Trainer, checkpoints: Path, k: int, ckpt_path: st
                       fingerprint: dict, fresh: bool = False) -> str | None:
     """`ckpt_path`, else (unless the stage only hands over) its newest complete checkpoint, if it was written with
     `fingerprint` (`cascade.run.provenance`); partial ones of a killed write removed first. A checkpoint trained after
-    another LLM k-1, or every one with `fresh`, is removed (the stage trains from the start); one written with other
+    another LLM k-1, or any with `fresh`, is not resumed (the stage trains from the start); one written with other
     settings or data, or with no record of them, is refused (ValueError saying what differs)."""
     if trainer.is_global_zero:
         for partial in remove_partial_checkpoints(checkpoints):
@@ -53,11 +56,9 @@ def resume_checkpoint(trainer: Trainer, checkpoints: Path, k: int, ckpt_path: st
         raise ValueError(f"{resume} holds no record of the run that wrote it: remove it to train stage {k} from the "
                          "start, or give the run a new --name")
     differences, after_other = changes(recorded, fingerprint) if recorded is not None else (None, fresh)
-    if after_other:
-        if trainer.is_global_zero:  # another process that looks after this finds none: it starts afresh as well
-            for old in checkpoints.glob("*.ckpt"):
-                old.unlink()
-        rank_zero_info(f"stage {k}: its checkpoints were trained after another LLM {k - 1}: removed, training from the start")
+    if after_other:  # left in place (another process may be reading them); newer ones will supersede them
+        rank_zero_info(f"stage {k}: its checkpoints were trained after another LLM {k - 1}: not resumed, training from "
+                       "the start")
         return None
     if differences:
         raise ValueError(refusal(k, f"checkpoint {resume}", differences))

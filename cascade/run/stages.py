@@ -149,7 +149,10 @@ def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, h
         saved = f", after writing {preemption.saved}" if preemption.saved else ""
         raise RunStopped(f"stage {k} stopped at step {trainer.global_step} on SIGTERM{saved}; re-running the same "
                          "command resumes from its newest checkpoint") from None
-    stream = datamodule.stream_stats() if isinstance(datamodule, StreamDataModule) else None
+    stream = None
+    if isinstance(datamodule, StreamDataModule):
+        stream = datamodule.stream_stats()
+        datamodule.release()  # the frozen LLMs leave the GPU before the next stage loads its own
     record_stage(run_dir, k, trainer, model.llm, text, timer.stats, handover.stats if hands_over else None,
                  handover_only, fingerprint, stream)
     return trainer

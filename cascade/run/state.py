@@ -100,7 +100,8 @@ def trained_without_handover(stage_path: str | os.PathLike) -> bool:
 
 
 IRRELEVANT_SETTINGS = ("model.stage", "model.compile", "model.compile_mode", "data.cache_dir", "data.num_workers",
-                       "handover.output_dir", "handover.after_last_stage", "handover.host_memory_gb")
+                       "handover.output_dir", "handover.after_last_stage", "handover.host_memory_gb",
+                       "handover.batch_size", "handover.mode", "handover.materialize_gb")  # the mode used is recorded
 
 
 def stage_settings(sections: dict) -> dict:

@@ -70,19 +70,23 @@ def test_two_processes_stream_batches_of_one_shape_and_finish(tmp_path):
 
 
 @pytest.mark.slow
-def test_streamed_stage_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_streamed_stage_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, processes):
+    """Under DDP every process resumes its own stream (its place and its waiting tokens), not rank 0's."""
     corpus(tmp_path)
-    run(tmp_path, "straight")
+    ddp = ("--trainer.strategy", "ddp", "--trainer.devices", "2") if processes == 2 else ()
+    run(tmp_path, "straight", *ddp)
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    process = subprocess.Popen(command("killed"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(command("killed", *ddp), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=env, start_new_session=True)
     checkpoints = tmp_path / "killed" / "tiny" / "stage_1" / "checkpoints"
     deadline = time.time() + 600
     while not list(checkpoints.glob("*step=30.ckpt")) and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)  # every process of the run
     process.wait()
     assert not (tmp_path / "killed" / "tiny" / "stage_1" / "done.json").exists(), "killed before stage 1 finished"
-    resumed = run(tmp_path, "killed")
+    resumed = run(tmp_path, "killed", *ddp)
     said = resumed.stderr + resumed.stdout
     assert "stage 1: resuming from" in said and "stage 0: complete" in said, "stage 0 is kept, stage 1 resumes"
     straight = load_file(str(tmp_path / "straight" / "tiny" / "stage_1" / "llm" / "model.safetensors"))
@@ -131,7 +135,7 @@ def test_three_stages_stream_stage_two_through_llms_0_and_1(tmp_path):
     corpus(tmp_path)
     result = run(tmp_path, "runs", "--num_stages", "3", "--trainer.max_steps", "20")
     run_dir = tmp_path / "runs" / "tiny"
-    assert "stage 1: hand-over streamed: stage 1 streams its own tokens" in result.stderr + result.stdout
+    assert "stage 1: its hand-over will stream: stage 1 streams its own tokens" in result.stderr + result.stdout
     third = done(run_dir, 2)["stream"]
     assert abs(third["hard_fraction"] - 0.3 * 0.3) < 0.03, "tokens hard for LLM 0 and then for LLM 1"
     assert not any((run_dir / f"stage_{k}" / "handover").exists() for k in range(3))

@@ -61,8 +61,9 @@ def test_a_checkpoint_resumes_only_with_its_own_record(tmp_path):
     with pytest.raises(ValueError, match="holds no record of the run that wrote it"):
         resume_checkpoint(trainer, checkpoints, 0, None, False, fingerprint)
     foreign.unlink()
-    assert resume_checkpoint(trainer, checkpoints, 1, None, False, {**fingerprint, "after": "other"}) is None
-    assert not list(checkpoints.glob("*.ckpt")), "checkpoints trained after another LLM 0 are removed"
+    assert resume_checkpoint(trainer, checkpoints, 1, None, False, {**fingerprint, "after": "other"}) is None, \
+        "checkpoints trained after another LLM 0 are not resumed"
+    assert resume_checkpoint(trainer, checkpoints, 0, None, False, fingerprint, fresh=True) is None
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"stage": 0}'])
