@@ -32,12 +32,19 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 @functools.cache
 def tiny_settings(model_type: str) -> dict:
-    """TINY, without `head_dim` for the families whose config derives it (and refuses it)."""
+    """The keys of TINY that the family's config has (`model_config` refuses others), without `head_dim` for the
+    families whose config derives it (and refuses it)."""
     try:
-        AutoConfig.for_model(model_type, **TINY)
-        return dict(TINY)
+        defaults = AutoConfig.for_model(model_type)
+        known = set(defaults.to_dict()) | set(getattr(defaults, "attribute_map", {}))
+        settings = {k: v for k, v in TINY.items() if k in known}
     except Exception:
-        return {k: v for k, v in TINY.items() if k != "head_dim"}
+        settings = dict(TINY)
+    try:
+        AutoConfig.for_model(model_type, **settings)
+        return settings
+    except Exception:
+        return {k: v for k, v in settings.items() if k != "head_dim"}
 
 
 def excluded(model_type: str) -> str | None:
