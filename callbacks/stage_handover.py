@@ -22,7 +22,8 @@ from cascade.routing.threshold import check_hard_ratio
 from cascade.routing.route import HOST_MEMORY_BYTES, HiddenBudget, free_gpu_memory, route
 from cascade.sequence_data import SequenceData
 from cascade.data.shards import part_name
-from callbacks.trainer_support import compile_scoring, existing, on_device, strategy_reduce
+from callbacks.trainer_support import compile_scoring, on_device, strategy_reduce
+from cascade.data.atomic import free_bytes
 
 
 CLASSIFIER_DATA = ("train", "validation")
@@ -121,7 +122,7 @@ class StageHandover(Callback):
             gpu = free_gpu_memory(device) // 2 if device.type == "cuda" and self.budget.gpu_memory else 0
             need = handover_bytes(data.train_data.num_tokens, pl_module.llm.dim, self.hard_ratio,
                                   self.budget.host_memory_bytes, trainer.world_size, gpu)
-            free = shutil.disk_usage(existing(Path(self.output_dir or "."))).free
+            free = free_bytes(self.output_dir or ".")
             self.streams, why = choose_mode(self.mode, need, self.materialize_gb * 1e9, free)
         self.streams, why = trainer.strategy.broadcast((self.streams, why), src=0)
         rank_zero_info(f"stage {k}: its hand-over will {'stream' if self.streams else 'be materialized'}: {why}")

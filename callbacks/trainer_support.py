@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -52,10 +51,3 @@ def compile_scoring(llm, data: SequenceData, batch_size: int, settings: ForwardS
         first = data.select(torch.arange(min(batch_size, data.num_sequences)))
         run_llm(llm, first, batch_size, settings=settings, scores=True, hidden="device")
     return time.perf_counter() - start
-
-
-def existing(path: Path) -> Path:
-    """`path`, or its nearest existing parent."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path

@@ -12,10 +12,8 @@ ensemble is evaluated with true early exit on the validation split and the table
 from __future__ import annotations
 
 import errno
-import shutil
 import sys
 from dataclasses import fields
-from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch import seed_everything
@@ -24,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from callbacks.stage_handover import StageHandover
+from cascade.data.atomic import free_bytes
 from cascade.run import stages
 from cascade.run.stage_runner import TRAINER_DEFAULTS
 from cascade.run.stages import RunSettings, RunStopped, StageParts, run_cascade
@@ -202,15 +201,12 @@ def command_line() -> int:
 def disk_error(e: OSError, run: RunSettings) -> str:
     """One line for a disk that refused a write: the file, and the free space where the run writes."""
     where = e.filename or run.run_dir
-    free = shutil.disk_usage(existing_parent(Path(where))).free / 1e9
+    free = free_bytes(where) / 1e9
     return (f"{DISK_ERRORS[e.errno]} writing {where} ({free:.3g} GB free there): free space there, or give --runs_dir "
             "(and --data.cache_dir) on another disk; re-running the same command resumes where it stopped")
 
 
-def existing_parent(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+
 
 
 if __name__ == "__main__":

@@ -80,3 +80,11 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
         os.fsync(f.fileno())
     tmp.replace(path)
     fsync_dir(path.parent)
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the disk that `path` is (or would be) on: that of its nearest existing parent."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free

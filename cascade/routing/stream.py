@@ -10,7 +10,7 @@ positions and targets that the materialized hand-over (`cascade.routing.handover
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -137,7 +137,7 @@ class HardTokenStream:
     def state_dict(self) -> dict:
         """Where the stream is: its pass, its position in the pass, the waiting sequences (where they are: on the GPU
         a stream computes them) and counts."""
-        buffer = None if self.buffer is None else {k: getattr(self.buffer, k) for k in SEQUENCE_FIELDS}
+        buffer = None if self.buffer is None else {f.name: getattr(self.buffer, f.name) for f in fields(SequenceData)}
         return {"pass": self.pass_index, "position": self.position, "buffer": buffer,
                 "tokens_in": self.tokens_in, "tokens_hard": self.tokens_hard}
 
@@ -149,9 +149,6 @@ class HardTokenStream:
         self.buffer = None if buffer is None else SequenceData(**buffer)
         self.tokens_in, self.tokens_hard = state["tokens_in"], state["tokens_hard"]
         self._hard_before_pass = -1  # the pass under way began before the checkpoint: not checked
-
-
-SEQUENCE_FIELDS = ("inputs", "targets", "positions", "offsets", "sequence_ids")
 
 
 def window_batches(llms: Sequence["LLM"], windows: SequenceData, batch_size: int, row_length: int, *,

@@ -111,13 +111,6 @@ def stage_settings(sections: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in flat.items() if k not in IRRELEVANT_SETTINGS}, default=str))
 
 
-def changed_settings(stage_path: str | os.PathLike, now: dict) -> str | None:
-    """The settings (`stage_settings`) that differ from those the stage was trained with, in words; None if none do."""
-    recorded = (read_done(stage_path) or {}).get("settings") or {}
-    changed = [f"{k} {recorded[k]!r}, now {now[k]!r}" for k in sorted(recorded) if k in now and recorded[k] != now[k]]
-    return "; ".join(changed) or None
-
-
 def checkpoint_problem(file: Path) -> str | None:
     """Why `file` cannot be resumed from (not a checkpoint, a cut-short write, an entry failing its CRC, weights that
     are not finite), in words; None if it can. Nothing in it is executed (`weights_only`)."""
