@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import shutil
 import time
@@ -10,13 +11,13 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from cascade.data.atomic import remove_leftovers
+from cascade.data.atomic import refuse_links, remove_leftovers
 from cascade.utils import human
 from cascade.sequence_data import SequenceData
 from datamodules.base import PackedDataModule
 from datamodules.corpus import BLANK_LINE, PYTHON_STDLIB, check_corpus_file, load_corpus, load_files
 from datamodules.sequence import SequenceDataModule
-from datamodules.tokens import cache_lock, default_cache_dir, fingerprint, load_tokenizer, load_tokens, tokenize_to_cache, train_bpe
+from datamodules.tokens import CACHE_LINK_HINT, cache_lock, default_cache_dir, fingerprint, load_tokenizer, load_tokens, tokenize_to_cache, train_bpe
 
 
 def file_stats(files: list[str]) -> list[tuple[str, int, int]]:
@@ -42,6 +43,12 @@ def windows(tokens: torch.Tensor, seq_len: int, split: str) -> SequenceData:
         offsets=torch.arange(count + 1) * seq_len,
         sequence_ids=torch.arange(count),
     )
+
+
+@functools.cache
+def say_once(message: str) -> None:
+    """`rank_zero_info` the first time a process says `message` (the run builds its corpus once per stage)."""
+    rank_zero_info(message)
 
 
 class TextDataModule(PackedDataModule):
@@ -86,9 +93,14 @@ class TextDataModule(PackedDataModule):
         super().__init__(batch_size, num_workers, seed)
         if seq_len < 1:
             raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+        if val_files and not train_files:
+            raise ValueError("data.val_files is read only with data.train_files (a dataset brings its own validation "
+                             "split): give data.train_files too, or leave data.val_files unset")
         for setting, files in (("data.train_files", train_files), ("data.val_files", val_files)):
             for f in files or []:
                 check_corpus_file(Path(f).expanduser(), setting, read=False)  # reading them waits for the tokenizing
+        if dataset and train_files:  # a config's dataset, overridden by files on the command line
+            say_once(f"data: reading data.train_files; data.dataset {dataset!r} is not used")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
         if tokenizer is None and vocab_size < 257:
@@ -160,6 +172,7 @@ class TextDataModule(PackedDataModule):
     def _tokenizer(self, train_split=None, key: str | None = None):
         if self.tokenizer is None:
             path = self.cache_dir / f"bpe-{fingerprint(key or self._corpus_key(), self._vocab_size)}"
+            refuse_links(path, CACHE_LINK_HINT)
             if (path / "tokenizer.json").is_file():
                 self.tokenizer = load_tokenizer(str(path))
             else:

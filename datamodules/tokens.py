@@ -19,7 +19,7 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from cascade.model.hub import require_hub
-from cascade.data.atomic import write_json_atomic
+from cascade.data.atomic import refuse_links, write_json_atomic
 from cascade.data.storage import TensorDirWriter, load_tensors
 
 DOCUMENT_SEPARATOR = "<|endoftext|>"
@@ -104,14 +104,19 @@ def _stamp(path: Path) -> dict[str, list[int]]:
             if p.name != VERIFIED and not p.name.startswith(".")}
 
 
+CACHE_LINK_HINT = "remove the link, or give --data.cache_dir another directory"
+
+
 @contextmanager
 def cache_lock(path: Path) -> Iterator[None]:
     """Hold the lock of cache entry `path` (a file `<path>.lock` beside it) while a run checks or builds the entry.
 
     Runs that share a cache (by default `~/.cache/cascade`) then build each entry once, one at a time, and none reads
-    an entry while another replaces it. Says so when it has to wait for another run.
+    an entry while another replaces it. Says so when it has to wait for another run. ValueError where the entry or its
+    lock is or holds a symbolic link (the cache directory itself may be one).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    refuse_links(path.with_name(path.name + ".lock"), CACHE_LINK_HINT)
     lock = FileLock(path.with_name(path.name + ".lock"))
     try:
         lock.acquire(timeout=0)
@@ -119,6 +124,7 @@ def cache_lock(path: Path) -> Iterator[None]:
         rank_zero_info(f"waiting for another run to finish writing the cache entry {path}")
         lock.acquire()
     try:
+        refuse_links(path, CACHE_LINK_HINT)
         yield
     finally:
         lock.release()

@@ -15,7 +15,7 @@ from cascade.model.compile import apply_compile, compiles
 from cascade.utils import rng_states, set_rng_states
 from lightning_modules.stage_metrics import TrainingMonitor, ValidationMetrics
 from lightning_modules.stage_settings import (build_llm, check_compile_mode, check_model_fits,
-                                              check_optimizer_settings, layer_settings)
+                                              check_model_settings, check_optimizer_settings, layer_settings)
 
 
 class StageModule(LightningModule):
@@ -118,6 +118,7 @@ class StageModule(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["llm"])
         check_optimizer_settings(lr, lr_decay, weight_decay, betas, warmup_steps, min_lr_ratio)
+        check_model_settings(exit_warmup_steps, mod_aux_weight, pad_vocab_to_multiple_of)
         if llm is None:
             llm = build_llm(
                 model, model_config, pretrained, vocab_size, exit_fn, attn_implementation,

@@ -38,6 +38,21 @@ def check_optimizer_settings(lr: float, lr_decay: float, weight_decay: float, be
         ("model.warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
         ("model.min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
     ]
+    require(checks)
+
+
+def check_model_settings(exit_warmup_steps: int, mod_aux_weight: float, pad_vocab_to_multiple_of: int | None) -> None:
+    """ValueError naming the setting (0 is refused where it would mean "unset": that is null)."""
+    require([
+        ("model.exit_warmup_steps", exit_warmup_steps, exit_warmup_steps >= 0, ">= 0"),
+        ("model.mod_aux_weight", mod_aux_weight, mod_aux_weight >= 0, ">= 0"),
+        ("model.pad_vocab_to_multiple_of", pad_vocab_to_multiple_of,
+         pad_vocab_to_multiple_of is None or pad_vocab_to_multiple_of >= 1, ">= 1 or null (no padding)"),
+    ])
+
+
+def require(checks: list[tuple[str, object, bool, str]]) -> None:
+    """ValueError for the first (setting, value, ok, what it must be) that is not ok."""
     for setting, value, ok, wanted in checks:
         if not ok:
             raise ValueError(f"{setting} must be {wanted}, got {value}")

@@ -44,6 +44,25 @@ def write_directory(path: str | os.PathLike, write) -> None:
     replace_directory(tmp, path)
 
 
+def first_link(path: str | os.PathLike) -> Path | None:
+    """The first symbolic link at or below `path` (not followed), or None: what a run is about to write, truncate or
+    delete under must not lead somewhere it did not choose."""
+    path = Path(path)
+    if path.is_symlink():
+        return path
+    for root, dirs, files in os.walk(path):  # does not descend into linked directories, lists them in `dirs`
+        for name in (*dirs, *files):
+            if (Path(root) / name).is_symlink():
+                return Path(root) / name
+    return None
+
+
+def refuse_links(path: str | os.PathLike, hint: str) -> None:
+    """ValueError naming the first symbolic link at or below `path`, with `hint` (how to get out of it)."""
+    if (link := first_link(path)) is not None:
+        raise ValueError(f"{link} is a symbolic link: the run writes and deletes under {path}; {hint}")
+
+
 LEFTOVER = re.compile(r"^\..+\.(tmp|old)-(\d+)$")
 
 

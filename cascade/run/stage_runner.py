@@ -25,6 +25,16 @@ from cascade.utils import default_precision, human
 TRAINER_DEFAULTS = {"gradient_clip_val": 1.0}  # Lightning Trainer settings a stage starts from
 
 
+def check_trainer_settings(settings: Mapping) -> None:
+    """ValueError for the Trainer settings Lightning itself lets through and then fails on, or silently misreads (a
+    negative clipping norm turns the gradient around)."""
+    accumulate, clip = settings.get("accumulate_grad_batches", 1), settings.get("gradient_clip_val")
+    if not (isinstance(accumulate, int) and accumulate >= 1):
+        raise ValueError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
+    if clip is not None and clip < 0:
+        raise ValueError(f"trainer.gradient_clip_val must be >= 0 or null (no clipping), got {clip}")
+
+
 def stage_trainer_settings(settings: Mapping, run_dir: str | os.PathLike | None, k: int, callbacks: list[Callback]) -> dict:
     """The Trainer settings of stage k: the user's `settings` (Lightning `Trainer` arguments) with the stage's
     `callbacks` added, a step progress bar unless one is given or bars are off, checkpoints written atomically, this

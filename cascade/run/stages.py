@@ -23,7 +23,8 @@ from cascade.model.hf_models import max_positions
 from cascade.run.evaluation import evaluate_run
 from cascade.run.provenance import changes, refusal, stage_fingerprint
 from cascade.run.stage_inputs import resume_checkpoint, stage_data
-from cascade.run.stage_runner import evaluation_trainer, record_stage, remove_interrupted_writes, stage_trainer_settings
+from cascade.run.stage_runner import (check_trainer_settings, evaluation_trainer, record_stage, remove_interrupted_writes,
+                                      stage_trainer_settings)
 from cascade.run.state import (RunHold, check_run_directory, checkpoint_problem, check_stage_selection, read_done,
                                saved_tokenizer_problem, stage_dir, stage_problem, trained_without_handover)
 from cascade.training.warm_start import identity_start
@@ -206,6 +207,7 @@ def run_cascade(run: RunSettings, build_stage: Callable[[int, bool], StageParts]
         if run.eval_batch_size is not None and run.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1 or null (the data's batch size), got {run.eval_batch_size}")
         check_stage_selection(run.run_dir, run.stage, run.num_stages)
+        check_trainer_settings(trainer_settings)
         if run.ckpt_path not in (None, "last") and (problem := checkpoint_problem(Path(run.ckpt_path))):
             raise ValueError(f"--ckpt_path: {problem}")
         for f in run.eval_files or []:  # before any training, not after it

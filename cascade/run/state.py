@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from cascade.data.shards import is_complete, verify_parts
 from cascade.ensemble import stage_dir
-from cascade.data.atomic import write_json_atomic
+from cascade.data.atomic import refuse_links, write_json_atomic
 from cascade.data.storage import file_checksum
 
 DONE = "done.json"
@@ -184,17 +184,13 @@ class RunLock:
 
 
 def check_run_directory(runs_dir: str | os.PathLike, name: str) -> None:
-    """ValueError unless `name` is a name (or relative path) under `runs_dir` and nothing the run writes into is a
-    symbolic link it did not make."""
+    """ValueError unless `name` is a name (or relative path) under `runs_dir` and nothing in the run directory, at any
+    depth, is a symbolic link (the run makes none). `runs_dir` itself may be one: the user chose it."""
     parts = Path(name).parts
     if not name or Path(name).is_absolute() or ".." in parts or parts in ((), (".",)):
         raise ValueError(f"--name {name!r} must name a directory under --runs_dir ({runs_dir}): no absolute path and no "
                          "'..'; give --runs_dir for another place")
-    run_dir = Path(runs_dir) / name
-    for path in (run_dir, *(run_dir.glob("stage_*")), *(run_dir.glob("stage_*/*"))):
-        if path.is_symlink():
-            raise ValueError(f"{path} is a symbolic link: the run writes and deletes under it; remove the link, or give "
-                             "another --name")
+    refuse_links(Path(runs_dir) / name, "remove the link, or give another --name")
 
 
 def check_stage_selection(run_dir: str | os.PathLike, stage: int | None, num_stages: int) -> None:

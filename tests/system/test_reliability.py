@@ -97,9 +97,32 @@ def test_a_directory_given_as_a_corpus_file_is_named(tmp_path):
     (("--model.lr", "-0.001"), r"model.lr must be > 0, got -0.001"),
     (("--data.batch_size", "0"), r"data.batch_size must be >= 1"),
     (("--model.betas", "[0.9, 1.5]"), r"model.betas must be two numbers in \[0, 1\)"),
+    (("--model.exit_warmup_steps", "-1"), r"model.exit_warmup_steps must be >= 0, got -1"),
+    (("--model.mod_aux_weight", "-0.5"), r"model.mod_aux_weight must be >= 0, got -0.5"),
+    (("--model.pad_vocab_to_multiple_of", "0"), r"model.pad_vocab_to_multiple_of must be >= 1 or null \(no padding\)"),
+    (("--trainer.accumulate_grad_batches", "0"), r"trainer.accumulate_grad_batches must be >= 1, got 0"),
+    (("--trainer.gradient_clip_val", "-1"), r"trainer.gradient_clip_val must be >= 0 or null \(no clipping\), got -1"),
+    (("--data.val_files", "[corpus.txt]", "--data.train_files", "null", "--data.dataset", "python-stdlib"),
+     r"data.val_files is read only with data.train_files"),
 ])
 def test_bad_settings_fail_before_the_trainer_starts(tmp_path, extra, match):
     fails_before_writing(tmp_path, write_corpus(tmp_path / "corpus.txt", 30), match, *extra)
+
+
+@pytest.mark.parametrize("where", ["runs/tiny/stage_0/checkpoints/last.ckpt", "cache/tokens-link"])
+def test_a_link_in_the_run_or_its_cache_is_refused_and_its_target_untouched(tmp_path, where):
+    corpus = write_corpus(tmp_path / "corpus.txt", 30)
+    target = tmp_path / "precious"
+    target.write_text("not the run's")
+    link = tmp_path / where
+    if where.startswith("cache"):  # the cache entry this corpus and tokenizer map to
+        from datamodules.text import TextDataModule
+        link = TextDataModule(train_files=[str(corpus)], vocab_size=300, cache_dir=str(tmp_path / "cache")).token_dir
+    link.parent.mkdir(parents=True)
+    link.symlink_to(target)
+    with pytest.raises(ValueError, match=rf"{link} is a symbolic link: the run writes and deletes under .*remove the link"):
+        main(tiny_args(tmp_path, corpus))
+    assert target.read_text() == "not the run's" and not (tmp_path / "runs" / "tiny" / "stage_0" / "done.json").exists()
 
 
 def test_a_hub_dataset_offline_fails_at_once_and_names_local_files(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import torch
 from cascade.data.atomic import remove_leftovers, write_directory
 from cascade.model.hf_models import build_causal_lm
 from cascade.run.state import check_run_directory, checkpoint_problem
+from datamodules.tokens import cache_lock
 
 
 def dead_pid() -> int:
@@ -56,14 +57,38 @@ def test_a_run_name_cannot_leave_runs_dir(tmp_path, name):
         check_run_directory(tmp_path, name)
 
 
-def test_a_run_does_not_write_through_a_link_it_did_not_make(tmp_path):
+@pytest.mark.parametrize("link", ["stage_0", "stage_0/checkpoints/last.ckpt", "stage_1/handover/train/part-0",
+                                  "tokenizer/tokenizer.json", "eval.json"])
+def test_a_run_does_not_write_through_a_link_it_did_not_make(tmp_path, link):
     check_run_directory(tmp_path, "a/b")  # a relative path below runs_dir is a name
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "stage_0").symlink_to(elsewhere)
-    with pytest.raises(ValueError, match="is a symbolic link"):
+    (tmp_path / "run" / link).parent.mkdir(parents=True, exist_ok=True)
+    check_run_directory(tmp_path, "run")
+    (tmp_path / "run" / link).symlink_to(elsewhere)
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'run' / link))} is a symbolic link"):
         check_run_directory(tmp_path, "run")
+    linked_runs_dir = tmp_path / "runs"
+    linked_runs_dir.symlink_to(elsewhere)  # the user's choice of --runs_dir may be a link
+    check_run_directory(linked_runs_dir, "run")
+
+
+@pytest.mark.parametrize("link", ["tokens", "tokens.lock", "tokens/train/ids.npy"])
+def test_the_token_cache_is_not_written_through_a_link(tmp_path, link):
+    cache = tmp_path / "cache"
+    (cache / link).parent.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not the cache's")
+    (cache / link).symlink_to(elsewhere)
+    with pytest.raises(ValueError, match=f"{re.escape(str(cache / link))} is a symbolic link.*--data.cache_dir"):
+        with cache_lock(cache / "tokens"):
+            pass
+    assert elsewhere.read_text() == "not the cache's"
+    linked_cache = tmp_path / "linked"
+    linked_cache.symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "real").mkdir()
+    with cache_lock(linked_cache / "tokens"):  # the cache directory itself may be a link
+        pass
 
 
 @pytest.mark.parametrize("config, message", [
