@@ -206,8 +206,5 @@ def disk_error(e: OSError, run: RunSettings) -> str:
             "(and --data.cache_dir) on another disk; re-running the same command resumes where it stopped")
 
 
-
-
-
 if __name__ == "__main__":
     sys.exit(command_line())

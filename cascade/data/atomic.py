@@ -3,11 +3,14 @@ place and renamed into it; what a killed process left under such a name is remov
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -40,27 +43,50 @@ def write_directory(path: str | os.PathLike, write) -> None:
     path = Path(path)
     tmp = temporary_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    with writing(path):
+        write(tmp)
     replace_directory(tmp, path)
 
 
-def first_link(path: str | os.PathLike) -> Path | None:
-    """The first symbolic link at or below `path` (not followed), or None: what a run is about to write, truncate or
-    delete under must not lead somewhere it did not choose."""
+DISK_FULL_BYTES = 16 << 20  # less room than this, after a failed write, is a full disk
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Make a disk error raised while `path` is written name it: an OSError without a file name gets `path`, and the
+    error of a library that hides the OSError (`torch.save`'s RuntimeError, safetensors' SafetensorError) becomes
+    OSError(ENOSPC, ..., path) where the disk has less than `DISK_FULL_BYTES` left."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except Exception as e:
+        if free_bytes(path) < DISK_FULL_BYTES:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+
+
+def link_out_of(path: str | os.PathLike) -> Path | None:
+    """The first symbolic link at or below `path` (not followed) that leads out of it, or None. Links within `path`
+    (Lightning's `last.ckpt`, for one) keep what is written through them inside it."""
     path = Path(path)
     if path.is_symlink():
         return path
+    inside = path.resolve()
     for root, dirs, files in os.walk(path):  # does not descend into linked directories, lists them in `dirs`
         for name in (*dirs, *files):
-            if (Path(root) / name).is_symlink():
-                return Path(root) / name
+            link = Path(root) / name
+            if link.is_symlink() and not link.resolve().is_relative_to(inside):
+                return link
     return None
 
 
 def refuse_links(path: str | os.PathLike, hint: str) -> None:
-    """ValueError naming the first symbolic link at or below `path`, with `hint` (how to get out of it)."""
-    if (link := first_link(path)) is not None:
-        raise ValueError(f"{link} is a symbolic link: the run writes and deletes under {path}; {hint}")
+    """ValueError naming the first symbolic link at or below `path` that leads out of it, with `hint` (the way out)."""
+    if (link := link_out_of(path)) is not None:
+        raise ValueError(f"{link} is a symbolic link out of {path}, where the run writes and deletes; {hint}")
 
 
 LEFTOVER = re.compile(r"^\..+\.(tmp|old)-(\d+)$")
@@ -93,7 +119,7 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write `obj` as JSON to `path` through a temporary file, fsync and rename: readers see all of it or nothing."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    with writing(path), open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.flush()
         os.fsync(f.fileno())

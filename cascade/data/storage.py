@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cascade.data.atomic import fsync_dir, replace_directory
+from cascade.data.atomic import fsync_dir, replace_directory, writing
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 24
@@ -144,7 +144,8 @@ class TensorDirWriter:
         `_FLUSH_EVERY` bytes, start writing the file back to disk, so that the fsync at commit waits less."""
         hashing = self._digests[name].update(data)
         file = self._files[name]
-        file.write(data)
+        with writing(self.path):
+            file.write(data)
         for future in hashing:
             future.result()
         self._unflushed[name] += len(data)  # bytes: `data` is bytes or a memoryview of bytes
@@ -180,6 +181,10 @@ class TensorDirWriter:
         self._arrays[name]["bytes"] += entry["bytes"]
 
     def commit(self, meta: dict) -> None:
+        with writing(self.path):
+            self._commit(meta)
+
+    def _commit(self, meta: dict) -> None:
         self._flusher.shutdown()  # waits for a writeback under way
         if self._flushing is not None:
             self._flushing.result()  # raises what it raised

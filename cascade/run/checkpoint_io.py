@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from cascade.data.atomic import writing
+
 TMP_MARK = ".tmp-"  # in the names of checkpoints being written: `.<name>.tmp-<pid>`
 
 
@@ -29,7 +31,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
+            with writing(path), open(tmp, "wb") as f:
                 self.write(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())

@@ -111,3 +111,42 @@ def test_a_resume_or_skip_with_other_settings_or_data_is_refused_with_one_line(t
         f.write("\n\nan edited corpus")
     line = one_error_line(run(tmp_path, "runs"))
     assert "the corpus or its tokenizer (token cache" in line and "new --name" in line
+
+
+def can_mount_a_small_disk(tmp_path) -> bool:
+    """Whether this machine lets an unprivileged user namespace mount a tmpfs (a real disk that fills up)."""
+    (tmp_path / "probe").mkdir()
+    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tmp_path / "probe")],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["300k", "1600k", "2400k"])  # of 2.8 MB: a checkpoint of stage 0, its hand-over, stage 1's
+def test_a_really_full_disk_is_one_line_and_the_rerun_on_more_space_ends_as_an_uninterrupted_run(tmp_path, size):
+    """The run directory on a small tmpfs fills; the error names what was being written; the same command, once the
+    disk has room, ends with stage 1's weights bitwise equal to a run that never ran out."""
+    if not can_mount_a_small_disk(tmp_path):
+        pytest.skip("this machine cannot mount a tmpfs in a user namespace (unshare -rm), so no disk can be filled")
+    write_corpus(tmp_path / "corpus.txt", 200)
+    settings = ("--num_stages", "2", "--trainer.max_steps", "40", "--handover.mode", "materialize")
+    assert run(tmp_path, "straight", *settings).returncode == 0
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    line = " ".join(f"'{part}'" for part in command(disk, *settings))
+    script = (f"mount -t tmpfs -o size={size} tmpfs {disk} && cd {tmp_path} && "
+              f"{{ {line} > full.out 2> full.err; echo $? > full.rc; }}; "
+              f"mount -o remount,size=20m {disk} && {line} > again.out 2> again.err; echo $? > again.rc; "
+              f"cp {disk}/tiny/stage_1/llm/model.safetensors {tmp_path}/resumed.safetensors; ls -a {disk}/tiny/stage_0 > left.txt")
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], timeout=900, check=True)
+    full = subprocess.CompletedProcess([], int((tmp_path / "full.rc").read_text()), "", (tmp_path / "full.err").read_text())
+    said = one_error_line(full)
+    assert said.startswith(f"error: no space left writing {disk}/tiny/stage_"), said
+    assert "GB free there): free space there" in said and "re-running the same command resumes" in said
+    assert (tmp_path / "again.rc").read_text().strip() == "0", (tmp_path / "again.err").read_text()[-3000:]
+    assert not [name for name in (tmp_path / "left.txt").read_text().split() if ".tmp-" in name or ".old-" in name]
+    straight = load_file(str(tmp_path / "straight" / "tiny" / "stage_1" / "llm" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name

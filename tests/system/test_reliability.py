@@ -120,7 +120,7 @@ def test_a_link_in_the_run_or_its_cache_is_refused_and_its_target_untouched(tmp_
         link = TextDataModule(train_files=[str(corpus)], vocab_size=300, cache_dir=str(tmp_path / "cache")).token_dir
     link.parent.mkdir(parents=True)
     link.symlink_to(target)
-    with pytest.raises(ValueError, match=rf"{link} is a symbolic link: the run writes and deletes under .*remove the link"):
+    with pytest.raises(ValueError, match=rf"{link} is a symbolic link out of .*, where the run writes and deletes; remove the link"):
         main(tiny_args(tmp_path, corpus))
     assert target.read_text() == "not the run's" and not (tmp_path / "runs" / "tiny" / "stage_0" / "done.json").exists()
 

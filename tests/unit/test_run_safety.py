@@ -59,7 +59,7 @@ def test_a_run_name_cannot_leave_runs_dir(tmp_path, name):
 
 @pytest.mark.parametrize("link", ["stage_0", "stage_0/checkpoints/last.ckpt", "stage_1/handover/train/part-0",
                                   "tokenizer/tokenizer.json", "eval.json"])
-def test_a_run_does_not_write_through_a_link_it_did_not_make(tmp_path, link):
+def test_a_run_does_not_write_through_a_link_out_of_its_directory(tmp_path, link):
     check_run_directory(tmp_path, "a/b")  # a relative path below runs_dir is a name
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -68,6 +68,13 @@ def test_a_run_does_not_write_through_a_link_it_did_not_make(tmp_path, link):
     (tmp_path / "run" / link).symlink_to(elsewhere)
     with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'run' / link))} is a symbolic link"):
         check_run_directory(tmp_path, "run")
+    (tmp_path / "run" / link).unlink()
+    checkpoints = tmp_path / "run" / "stage_0" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / "step=40.ckpt").write_text("")
+    (checkpoints / "last.ckpt").unlink(missing_ok=True)
+    (checkpoints / "last.ckpt").symlink_to("step=40.ckpt")  # Lightning's own link, inside the run
+    check_run_directory(tmp_path, "run")
     linked_runs_dir = tmp_path / "runs"
     linked_runs_dir.symlink_to(elsewhere)  # the user's choice of --runs_dir may be a link
     check_run_directory(linked_runs_dir, "run")
