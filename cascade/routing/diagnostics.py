@@ -43,6 +43,29 @@ def hard_by_loss(nll: Tensor) -> Tensor:
     return nll > nll.median()
 
 
+def gains_from_next(nll: Tensor, nll_next: Tensor) -> Tensor:
+    """What handing a token on gains: LLM k's loss minus LLM k+1's on it (nats, > 0 where LLM k+1 predicts it
+    better). The label the routers are judged against (`gain_diagnostics`)."""
+    return nll.double() - nll_next.double()
+
+
+def gain_diagnostics(scores: dict[str, Tensor], nll: Tensor, gain: Tensor) -> dict:
+    """How well routing finds the tokens LLM k+1 improves, not only those LLM k finds hard.
+
+    `scores`: {routing: score per token}, low = hand on; `nll`: LLM k's loss per token; `gain`: `gains_from_next`.
+    Returns `gain_fraction` (the share of tokens LLM k+1 predicts better), `gain_auroc` ({routing: AUROC against the
+    label gain > 0}, with `own_loss`, LLM k's loss, beside the exit scores) and `loss_gain_spearman` (Spearman's rank
+    correlation of LLM k's loss with the gain: how much a loss-based router can know). The label follows Co-LLM's
+    "assistant right, base wrong" initialisation and the deferral analysis of Jitkrittum et al. (NeurIPS 2023)."""
+    from torchmetrics.functional import spearman_corrcoef
+
+    better = gain > 0
+    routes = {"own_loss": -nll.double(), **scores}
+    return {"gain_fraction": float(better.double().mean()),
+            "gain_auroc": {name: auroc(score, better) for name, score in routes.items()},
+            "loss_gain_spearman": float(spearman_corrcoef(nll.double(), gain.double()))}
+
+
 def routing_bound(out: TokenOutputs, data: SequenceData, next_llm: "LLM", count: int, batch_size: int, *,
                   settings: ForwardSettings = ForwardSettings()) -> dict:
     """How far routing at LLM k is from the best possible at the same hand-over count, for the pair LLM k -> LLM k+1.
@@ -52,19 +75,21 @@ def routing_bound(out: TokenOutputs, data: SequenceData, next_llm: "LLM", count:
     hands over `count` tokens; the pair's perplexity counts LLM k's loss on the tokens that exit and LLM k+1's on those
     handed over (LLM k+1 seeing every token's context, an idealisation shared by every routing compared). The oracle
     hands over the tokens where LLM k+1 gains most over LLM k, so no routing of `count` tokens scores below it; beside
-    it, routing by each exit score (lowest first) and by LLM k's own loss (highest first). Returns `hard_fraction` and
-    `ppl`: {routing: perplexity}, the oracle first (the oracle column of `docs/cascade_quality.md`).
+    it, routing by each exit score (lowest first) and by LLM k's own loss (highest first). Returns `hard_fraction`,
+    `ppl`: {routing: perplexity}, the oracle first (the oracle column of `docs/cascade_quality.md`), and how well each
+    routing finds the tokens LLM k+1 improves (`gain_diagnostics`).
     """
     every = compact_hard_tokens(data, torch.ones(data.num_tokens, dtype=torch.bool), out.hidden)
     nll_next = run_llm(next_llm, every, batch_size, settings=settings, nll=True).nll.double()
     nll = out.nll.double()
-    routes = {"oracle": nll_next - nll, "own_loss": -nll, **out.exit_scores}  # hand over the lowest
+    gain = gains_from_next(nll, nll_next)
+    routes = {"oracle": -gain, "own_loss": -nll, **out.exit_scores}  # hand over the lowest
     ppl = {}
     for name, scores in routes.items():
         hard = torch.zeros(data.num_tokens, dtype=torch.bool)
         hard[torch.argsort(scores.double(), stable=True)[:count]] = True
         ppl[name] = math.exp((nll[~hard].sum() + nll_next[hard].sum()).item() / data.num_tokens)
-    return {"hard_fraction": count / data.num_tokens, "ppl": ppl}
+    return {"hard_fraction": count / data.num_tokens, "ppl": ppl, **gain_diagnostics(out.exit_scores, nll, gain)}
 
 
 def sweep_compute(llms: Sequence["LLM"], data: SequenceData, batch_size: int, fractions: Sequence[float] = SWEEP_FRACTIONS,

@@ -83,6 +83,8 @@ def log_scalars(run_dir: Path, stats: dict) -> None:
                     for name, value in s.get("exit_auroc", {}).items()})
     scalars.update({f"eval/routing_bound_{k}/{name}": value for k, s in enumerate(stats["llm_stats"])
                     for name, value in s.get("routing_bound", {}).get("ppl", {}).items()})
+    scalars.update({f"eval/gain_auroc_{k}/{name}": value for k, s in enumerate(stats["llm_stats"])
+                    for name, value in s.get("routing_bound", {}).get("gain_auroc", {}).items()})
     for tag, value in scalars.items():
         writer.add_scalar(tag, value, 0)
     writer.close()

@@ -32,6 +32,10 @@ def format_diagnostics(stats: dict) -> str:
             lines.append(f"LLMs {k}..{k + 1} handing on {bound['hard_fraction']:.1%} of LLM {k}'s tokens, LLM {k + 1} seeing "
                          "every token's context: perplexity by routing: " + ", ".join(
                              f"{name} {value:.2f}" for name, value in bound["ppl"].items()))
+            lines.append(f"LLM {k + 1} predicts {bound['gain_fraction']:.1%} of those tokens better than LLM {k}; routings "
+                         "as detectors of them (AUROC): " + ", ".join(
+                             f"{name} {value:.3f}" for name, value in bound["gain_auroc"].items())
+                         + f"; rank correlation of LLM {k}'s loss with the gain {bound['loss_gain_spearman']:.3f}")
     if curve := stats.get("curve"):
         lines.append("perplexity vs compute, the hand-over fraction swept at evaluation: " + ", ".join(
             f"{p['hard_fraction']:.1f}: {p['ppl']:.2f} at {p['compute_fraction']:.0%}" for p in curve))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cascade import LLM, Ensemble, create_sequence_data
-from cascade.routing.diagnostics import auroc, sweep_compute
+from cascade.routing.diagnostics import auroc, gain_diagnostics, gains_from_next, sweep_compute
 from cascade.routing.scoring import run_llm
 from cascade.llm_evaluator import compute_ppl
 from cascade.model.forward_settings import ForwardSettings
@@ -74,6 +74,24 @@ def test_evaluation_runs_each_forward_in_the_given_precision_context():
     assert len(entered) >= 3 + 1, "every batch of LLM 0 and of LLM 1 ran in it"
 
 
+def test_the_gain_label_its_auroc_and_the_loss_gain_correlation_against_a_hand_computed_case():
+    nll = torch.tensor([3.0, 1.0, 4.0, 0.5, 2.0])
+    nll_next = torch.tensor([2.0, 1.5, 4.5, 0.25, 1.0])
+    gain = gains_from_next(nll, nll_next)
+    assert gain.tolist() == [1.0, -0.5, -0.5, 0.25, 1.0]  # LLM k+1 better on tokens 0, 3 and 4
+    score = torch.tensor([0.1, 0.9, 0.2, 0.3, 0.8])  # low = hand on
+    found = gain_diagnostics({"score": score}, nll, gain)
+    assert found["gain_fraction"] == pytest.approx(3 / 5)
+    # pairs (better, not better) where the better one scores lower: 0.1 < both, 0.3 < 0.9 only, 0.8 < 0.9 only: 4 of 6
+    assert found["gain_auroc"]["score"] == pytest.approx(4 / 6)
+    # own loss (higher = hand on) of the better 3.0, 0.5, 2.0 against 1.0, 4.0: 3.0 > 1.0 and 2.0 > 1.0: 2 of 6
+    assert found["gain_auroc"]["own_loss"] == pytest.approx(2 / 6)
+    # ranks of the loss 4 2 5 1 3; of the gain, ties averaged: -0.5 twice (1.5), 0.25 (3), 1.0 twice (4.5)
+    loss_ranks, gain_ranks = torch.tensor([4.0, 2, 5, 1, 3]), torch.tensor([4.5, 1.5, 1.5, 3, 4.5])
+    expected = torch.corrcoef(torch.stack([loss_ranks, gain_ranks]))[0, 1]
+    assert found["loss_gain_spearman"] == pytest.approx(float(expected))
+
+
 def test_the_oracle_is_never_worse_than_any_routing_of_as_many_tokens():
     ensemble, batches, data = two_llm_cascade()
     stats = ensemble.evaluate(batches, batch_size=4, routing_bound=True)
@@ -100,4 +118,8 @@ def test_the_oracle_is_never_worse_than_any_routing_of_as_many_tokens():
     by_loss = torch.zeros(data.num_tokens, dtype=torch.bool)
     by_loss[torch.argsort(-loss_0, stable=True)[:handed_on]] = True
     assert bound["ppl"]["own_loss"] == pytest.approx(pair_ppl(by_loss), rel=1e-6)
+    # the gain diagnostics read the same two losses
+    assert set(bound["gain_auroc"]) == {"own_loss", "cosine", "max_prob", "top2_margin", "neg_entropy"}
+    assert bound["gain_fraction"] == pytest.approx(float((loss_1 < loss_0).double().mean()))
+    assert bound["gain_auroc"]["own_loss"] == pytest.approx(auroc(-loss_0, loss_1 < loss_0), abs=1e-6)
     assert "routing_bound" not in ensemble.evaluate(batches, batch_size=4)["llm_stats"][0], "only when asked"
