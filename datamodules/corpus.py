@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import gzip
 import re
 import sysconfig
 from pathlib import Path
@@ -48,10 +49,21 @@ def _split_at_blank_lines(batch: dict) -> dict:
     return {"text": [piece for piece in pieces if piece.strip()]}
 
 
+KINDS = ".txt/.raw (text), .json/.jsonl or .parquet, text and JSON gzipped or not (.jsonl.gz)"
+
+
+def _kind(path: str | Path) -> str | None:
+    """The `datasets` loader of a corpus file by its name; a `.gz` after a text or JSON suffix is read through gzip."""
+    suffixes = [suffix.lower() for suffix in Path(path).suffixes[-2:]]
+    if suffixes[-1:] == [".gz"] and len(suffixes) == 2 and _LOADERS.get(suffixes[0]) in ("text", "json"):
+        return _LOADERS[suffixes[0]]
+    return _LOADERS.get(suffixes[-1]) if suffixes else None
+
+
 def _loader(files: list[str]) -> str:
-    kinds = {_LOADERS.get(Path(f).suffix.lower()) for f in files}
+    kinds = {_kind(f) for f in files}
     if None in kinds or len(kinds) != 1:
-        raise ValueError(f"cannot read {files}: give files of one kind, .txt/.raw (text), .json/.jsonl or .parquet")
+        raise ValueError(f"cannot read {files}: give files of one kind, {KINDS}")
     return kinds.pop()
 
 
@@ -64,12 +76,12 @@ def check_corpus_file(path: Path, setting: str, read: bool = True) -> None:
         raise FileNotFoundError(f"{setting}: corpus files not found: {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"{setting}: {path} is empty; give a corpus file with text in it")
-    if path.suffix.lower() not in _LOADERS:
-        raise ValueError(f"{setting}: cannot read {path}: give .txt/.raw (text), .json/.jsonl or .parquet files")
-    if not read or _LOADERS[path.suffix.lower()] != "text":
+    if _kind(path) is None:
+        raise ValueError(f"{setting}: cannot read {path}: give {KINDS} files")
+    if not read or _kind(path) != "text":
         return
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-    with open(path, "rb") as f:
+    with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as f:
         while chunk := f.read(1 << 24):
             try:
                 decoder.decode(chunk)

@@ -55,6 +55,28 @@ def test_json_lines_and_a_missing_text_column(tmp_path):
         wrong.setup()
 
 
+@pytest.mark.parametrize("name", ["corpus.jsonl", "corpus.txt"])
+def test_a_gzipped_corpus_reads_as_its_plain_file(tmp_path, name):
+    import gzip
+
+    plain = tmp_path / name
+    if name.endswith(".jsonl"):
+        plain.write_text("\n".join(json.dumps({"text": f"document {j} " + "words " * 40}) for j in range(30)))
+    else:
+        write_corpus(plain, 30)
+    zipped = tmp_path / f"gz-{name}.gz"
+    zipped.write_bytes(gzip.compress(plain.read_bytes()))
+    tokens = []
+    for path in (plain, zipped):
+        data = TextDataModule(train_files=[str(path)], vocab_size=300, seq_len=16, cache_dir=str(tmp_path / f"cache-{path.name}"))
+        data.setup()
+        tokens.append(data.train_data.inputs)
+    assert tokens[0].numel() > 100 and torch.equal(tokens[0], tokens[1])
+    (tmp_path / "latin.txt.gz").write_bytes(gzip.compress("caf\u00e9\n".encode("latin-1")))
+    with pytest.raises(ValueError, match="is not UTF-8 text: the byte 0xe9 at offset 3"):
+        TextDataModule(train_files=[str(tmp_path / "latin.txt.gz")], vocab_size=300, cache_dir=str(tmp_path / "c")).setup()
+
+
 def test_pretrained_tokenizer_from_a_directory(tmp_path):
     tokenizer = SHARED_DATA / "gpt2-tokenizer"
     if not tokenizer.is_dir():
