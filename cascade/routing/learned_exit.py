@@ -1,5 +1,5 @@
 """Fitting an LLM's exit classifier (the learned exit function, `cascade.model.exit_classifier`) to its own token
-loss."""
+loss, or to the gain of handing each token on to the next LLM (the gain router)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from cascade.routing.diagnostics import auroc, hard_by_loss
+from cascade.routing.compaction import compact_hard_tokens
+from cascade.routing.diagnostics import auroc, gains_from_next, hard_by_loss
 from cascade.model.exit_classifier import ExitClassifier
 from cascade.model.forward_settings import ForwardSettings
 from cascade.routing.scoring import run_llm
@@ -28,22 +29,31 @@ def fit_exit_classifier(
     hidden: int = 128,
     seed: int = 0,
     *,
+    next_llm: "LLM | None" = None,
     settings: ForwardSettings = ForwardSettings(),
 ) -> dict:
-    """Fit `llm.exit_classifier` to the LLM's token loss on (at most `max_tokens` of the first sequences of) `data`, a
-    tenth of them held out; returns the fit's figures: tokens, held-out AUROC against the loss above its median, and
-    the mean squared error of the standardised loss before (1.0) and after. Deterministic for a given seed and data;
-    `settings` are those of the forward that gives features and targets (`run_llm`)."""
+    """Fit `llm.exit_classifier` on (at most `max_tokens` of the first sequences of) `data`, a tenth of them held out,
+    to the LLM's own token loss or, given `next_llm`, to the gain of handing each token on: its loss here minus
+    `next_llm`'s on the hidden state this LLM hands over (`gains_from_next`; the router of CITER 2025 and Co-LLM 2024,
+    fitted to what the next model can fix rather than to what this one gets wrong). Either way the exit score is
+    the prediction negated, so the tokens predicted to lose most here, or gain most there, are handed on.
+
+    Returns the fit's figures: tokens, target (`loss` or `gain`), the held-out AUROC against the loss above its
+    median (`loss`) or against a positive gain (`gain`), and the mean squared error of the standardised target
+    before (1.0) and after. Deterministic for a given seed and data; `settings` are those of the forwards that give
+    features and targets (`run_llm`)."""
     count = int(torch.searchsorted(data.offsets, torch.tensor(max_tokens), right=True)) - 1
     sample = data.select(torch.arange(max(1, min(count, data.num_sequences))))
     # the final-norm outputs, which `learned_exit_fn` reads
     out = run_llm(llm, sample, batch_size, settings=settings, nll=True, hidden="device", residual=False)
-    features, loss = out.hidden.float(), out.nll.to(llm.device)
-    target = (loss - loss.mean()) / loss.std().clamp_min(1e-6)
+    features, raw = out.hidden.float(), out.nll.to(llm.device)
+    if next_llm is not None:
+        raw = gain_on(llm, next_llm, sample, raw, batch_size, settings)
+    target = (raw - raw.mean()) / raw.std().clamp_min(1e-6)
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(loss.numel(), generator=g).to(llm.device)
-    held = order[: max(1, loss.numel() // 10)]
-    train = order[held.numel() :] if loss.numel() > held.numel() else held
+    order = torch.randperm(raw.numel(), generator=g).to(llm.device)
+    held = order[: max(1, raw.numel() // 10)]
+    train = order[held.numel() :] if raw.numel() > held.numel() else held
     with torch.random.fork_rng(devices=[]):  # its initialisation seeded, the caller's generator left as it was
         torch.manual_seed(seed)
         classifier = ExitClassifier(llm.dim, hidden).to(llm.device)
@@ -59,5 +69,16 @@ def fit_exit_classifier(
         predicted = classifier(features[held])
         held_mse = float(nn.functional.mse_loss(predicted, target[held]))
     llm.exit_classifier = classifier
-    return {"tokens": int(loss.numel()), "held_out_mse": held_mse,
-            "held_out_auroc": auroc(-predicted.cpu(), hard_by_loss(loss[held].cpu()))}
+    label = raw[held].cpu() > 0 if next_llm is not None else hard_by_loss(raw[held].cpu())
+    return {"tokens": int(raw.numel()), "target": "gain" if next_llm is not None else "loss", "held_out_mse": held_mse,
+            "held_out_auroc": auroc(-predicted.cpu(), label)}
+
+
+def gain_on(llm: "LLM", next_llm: "LLM", data: SequenceData, nll: torch.Tensor, batch_size: int,
+            settings: ForwardSettings) -> torch.Tensor:
+    """(N,) the gain of handing each token of `data` from `llm` (whose loss on them is `nll`) to `next_llm`, which
+    sees every token's context: `nll` minus `next_llm`'s loss on what `llm` hands over, on `llm`'s device."""
+    handed = run_llm(llm, data, batch_size, settings=settings, hidden="host").hidden
+    every = compact_hard_tokens(data, torch.ones(data.num_tokens, dtype=torch.bool), handed)
+    nll_next = run_llm(next_llm, every, batch_size, settings=settings, nll=True).nll
+    return gains_from_next(nll, nll_next.to(nll.device)).float()
