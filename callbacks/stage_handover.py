@@ -1,4 +1,4 @@
-"""StageHandover: when a stage's fit ends, calibrate its threshold and write the next stage's data."""
+"""StageHandover: at the end of a stage's fit, calibrate its threshold and hand over its data."""
 
 from __future__ import annotations
 
@@ -144,7 +144,8 @@ class StageHandover(Callback):
         if classifier is not None:
             self.stats.update({f"classifier_{k}": v for k, v in classifier.items()})
         for logger in trainer.loggers:  # loggers are active on rank 0 only
-            logger.log_metrics({f"handover/{k}": v for k, v in self.stats.items()}, step=trainer.global_step)
+            logger.log_metrics({f"handover/{k}": v for k, v in self.stats.items() if isinstance(v, (int, float))},
+                               step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger) and scores.numel():
                 logger.experiment.add_histogram("handover/exit_scores", scores, trainer.global_step)
                 logger.experiment.flush()

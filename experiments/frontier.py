@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument("--passes", type=float, default=1.0, help="LLM 0's passes over the training tokens")
     parser.add_argument("--cascades", nargs="+", default=["4+4", "2+8"], help="LLM 0 + LLM 1 layers")
     parser.add_argument("--budget-of", default="4+4", help="the cascade whose training FLOPs every single model gets")
-    parser.add_argument("--singles", type=int, nargs="+", default=[2, 4, 8], help="depths of the single models")
+    parser.add_argument("--singles", type=int, nargs="*", default=[2, 4, 8], help="depths of the single models")
     parser.add_argument("--exit-fns", nargs="+", default=["cosine", "neg_entropy", "learned"])
     parser.add_argument("--headline", nargs="+", default=["4+4-learned-identity"],
                         help="cascades (shape-exit_fn-start) run with every seed; the others with the first")

@@ -31,11 +31,20 @@ def auroc(scores: Tensor, hard: Tensor) -> float:
     n_hard, n = int(hard.sum()), hard.numel()
     if n_hard in (0, n):
         return math.nan
-    values, inverse, counts = torch.unique(-scores.double().flatten(), return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # average rank of ties, 1-based, in ascending -score
-    u = ranks[hard].sum() - n_hard * (n_hard + 1) / 2
+    u = ranks(-scores.flatten())[hard].sum() - n_hard * (n_hard + 1) / 2
     return float(u / (n_hard * (n - n_hard)))
+
+
+def ranks(values: Tensor) -> Tensor:
+    """(N,) float64 ranks of `values` (N,), 1-based in ascending order, ties given their average rank."""
+    _, inverse, counts = torch.unique(values.double(), return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    return (ends - (counts.double() - 1) / 2)[inverse]
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman's rank correlation of `x` and `y` (N,): the Pearson correlation of their ranks (`ranks`)."""
+    return float(torch.corrcoef(torch.stack([ranks(x), ranks(y)]))[0, 1])
 
 
 def hard_by_loss(nll: Tensor) -> Tensor:
@@ -57,13 +66,11 @@ def gain_diagnostics(scores: dict[str, Tensor], nll: Tensor, gain: Tensor) -> di
     label gain > 0}, with `own_loss`, LLM k's loss, beside the exit scores) and `loss_gain_spearman` (Spearman's rank
     correlation of LLM k's loss with the gain: how much a loss-based router can know). The label follows Co-LLM's
     "assistant right, base wrong" initialisation and the deferral analysis of Jitkrittum et al. (NeurIPS 2023)."""
-    from torchmetrics.functional import spearman_corrcoef
-
     better = gain > 0
     routes = {"own_loss": -nll.double(), **scores}
     return {"gain_fraction": float(better.double().mean()),
             "gain_auroc": {name: auroc(score, better) for name, score in routes.items()},
-            "loss_gain_spearman": float(spearman_corrcoef(nll.double(), gain.double()))}
+            "loss_gain_spearman": spearman(nll, gain)}
 
 
 def routing_bound(out: TokenOutputs, data: SequenceData, next_llm: "LLM", count: int, batch_size: int, *,

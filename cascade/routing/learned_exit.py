@@ -49,17 +49,27 @@ def fit_exit_classifier(
     features, raw = out.hidden.float(), out.nll.to(llm.device)
     if next_llm is not None:
         raw = gain_on(llm, next_llm, sample, raw, batch_size, settings)
+    classifier, held, predicted, held_mse = regress(features, raw, hidden, steps, lr, seed)
+    llm.exit_classifier = classifier
+    label = raw[held].cpu() > 0 if next_llm is not None else hard_by_loss(raw[held].cpu())  # what routing should find
+    return {"tokens": int(raw.numel()), "target": "gain" if next_llm is not None else "loss", "held_out_mse": held_mse,
+            "held_out_auroc": auroc(-predicted.cpu(), label)}
+
+
+def regress(features: torch.Tensor, raw: torch.Tensor, hidden: int, steps: int, lr: float, seed: int):
+    """An `ExitClassifier` fitted by AdamW to `raw` (N,) standardised, from `features` (N, D), a seeded tenth held
+    out: (the classifier, in eval mode and frozen; the held-out indices; its predictions there; its error there)."""
     target = (raw - raw.mean()) / raw.std().clamp_min(1e-6)
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(raw.numel(), generator=g).to(llm.device)
+    order = torch.randperm(raw.numel(), generator=g).to(raw.device)
     held = order[: max(1, raw.numel() // 10)]
     train = order[held.numel() :] if raw.numel() > held.numel() else held
     with torch.random.fork_rng(devices=[]):  # its initialisation seeded, the caller's generator left as it was
         torch.manual_seed(seed)
-        classifier = ExitClassifier(llm.dim, hidden).to(llm.device)
+        classifier = ExitClassifier(features.shape[-1], hidden).to(raw.device)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(steps):
-        batch = train[torch.randint(0, train.numel(), (min(4096, train.numel()),), generator=g).to(llm.device)]
+        batch = train[torch.randint(0, train.numel(), (min(4096, train.numel()),), generator=g).to(raw.device)]
         error = nn.functional.mse_loss(classifier(features[batch]), target[batch])
         optimizer.zero_grad(set_to_none=True)
         error.backward()
@@ -67,11 +77,7 @@ def fit_exit_classifier(
     classifier.eval().requires_grad_(False)
     with torch.no_grad():
         predicted = classifier(features[held])
-        held_mse = float(nn.functional.mse_loss(predicted, target[held]))
-    llm.exit_classifier = classifier
-    label = raw[held].cpu() > 0 if next_llm is not None else hard_by_loss(raw[held].cpu())
-    return {"tokens": int(raw.numel()), "target": "gain" if next_llm is not None else "loss", "held_out_mse": held_mse,
-            "held_out_auroc": auroc(-predicted.cpu(), label)}
+        return classifier, held, predicted, float(nn.functional.mse_loss(predicted, target[held]))
 
 
 def gain_on(llm: "LLM", next_llm: "LLM", data: SequenceData, nll: torch.Tensor, batch_size: int,
