@@ -1,4 +1,4 @@
-"""The layer-exit comparison script runs end to end (smoke mode) and its numbers hang together."""
+"""The experiment scripts run end to end (smoke mode) and their numbers hang together."""
 
 import json
 import subprocess
@@ -45,3 +45,25 @@ def test_compare_cascade_smoke(tmp_path):
             assert 1.0 < row["flops"] < 2.0 and row["llm0_ppl"] == pytest.approx(rows["LLM 0 alone"][0]["ppl"], rel=1e-3)
             assert row["bound"]["oracle"] == min(row["bound"].values())
     assert "| cascade, cosine, identity start |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_frontier_smoke(tmp_path):
+    """Single models at the cascade's training FLOPs beside the cascade, and the gain router fitted after it."""
+    script = SCRIPT.parent / "frontier.py"
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--singles", "1", "2",
+                             "--parallel", "4"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    setup, rows = report["setup"], report["rows"]
+    assert not [r for results in rows.values() for r in results if "error" in r], rows
+    budget, cascade = setup["budget"], setup["cascades"]["2+2"]
+    assert cascade["training_flops"] == budget and cascade["steps"][1] == round(cascade["steps"][0] * 0.3)
+    assert setup["singles"]["1"] > setup["singles"]["2"] > cascade["steps"][0], "a shallower model gets more steps"
+    single_1, single_2 = rows["single-1"][0], rows["single-2"][0]
+    assert single_1["flops"] < single_2["flops"] < rows["cascade-2+2-cosine-identity"][0]["flops"]
+    for start in ("identity", "fresh"):
+        row, routed = rows[f"cascade-2+2-cosine-{start}"][0], rows[f"cascade-2+2-cosine-{start}, gain router after"][0]
+        assert row["oracle"] <= row["ppl"] and 0 <= row["gain_auroc"]["cosine"] <= 1
+        assert routed["fit"]["target"] == "gain" and abs(routed["hard_fraction"] - 0.3) < 0.1
+    assert "| cascade-2+2-cosine-identity, gain router after |" in (tmp_path / "results.md").read_text()
