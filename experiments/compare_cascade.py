@@ -3,9 +3,9 @@
 Two regimes, each with LLM 0 = GPT-2 4 x 256 (a BPE of 8,192 trained on the training text) and LLM 1 the same shape:
 
 - converged: LLM 0 trained for the number of steps with the best perplexity on a held-out tenth of the training
-  text (chosen among `--select-steps`, each a full warm-up + cosine schedule), on all of it, saved, then extended by
-  a cascade from its saved model (the run directory copied, `--num_stages 2`: stage 0 hands over without training);
-  LLM 1 trains `hard_ratio` as many steps (the same number of passes over the tokens it gets);
+  text (chosen among `--select-steps`, each a full warm-up + cosine schedule), on all of it, then extended by
+  a cascade: the same LLM 0 (its run again, as `--stage 0`, handing over), then LLM 1 (`--stage 1`) trains
+  `hard_ratio` as many steps (the same number of passes over the tokens it gets);
 - equal steps: both stages trained from scratch for a quarter of those steps each (cosine and neg_entropy exits;
   with --smoke, the headline exit functions only).
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -84,12 +83,15 @@ class Runner:
     def llm0(self, name: str, steps: int, seed: int, layers: int = 4, test: bool = True) -> dict:
         return self.fit(name, ["--num_stages", "1", *self.common(layers, steps, seed, test)])
 
-    def extend(self, base: str, name: str, steps: int, seed: int, exit_fn: str, warm: bool) -> dict:
-        """Copy the run `base` (LLM 0 alone, saved) and extend it by a stage: LLM 0 hands over, LLM 1 trains `steps`."""
-        shutil.copytree(self.out / "runs" / base, self.out / "runs" / name)
+    def extend(self, name: str, steps: tuple[int, int], seed: int, exit_fn: str, warm: bool) -> dict:
+        """LLM 0 of 4 layers trained `steps[0]` (as the run "LLM 0 alone" of the same seed) and handing over, then LLM 1
+        of `--llm1-layers` trained `steps[1]`: two invocations (`--stage 0`, `--stage 1`), each stage with its own
+        settings, the second evaluating the cascade. (A finished run of LLM 0 alone is not extended in place: its
+        record names its settings, and a run with other ones is refused.)"""
         extra = ["--num_stages", "2", "--model.exit_fn", exit_fn, "--model.warm_start", str(warm).lower(),
                  "--handover.hard_ratio", str(self.args.hard_ratio)]
-        return self.fit(name, [*self.common(self.args.llm1_layers, steps, seed, True), *extra])
+        self.fit(name, ["--stage", "0", *self.common(4, steps[0], seed, True), *extra])
+        return self.fit(name, ["--stage", "1", *self.common(self.args.llm1_layers, steps[1], seed, True), *extra])
 
     def cascade(self, name: str, steps: int, seed: int, exit_fn: str, warm: bool) -> dict:
         extra = ["--num_stages", "2", "--model.exit_fn", exit_fn, "--model.warm_start", str(warm).lower(),
@@ -153,12 +155,11 @@ def regime_rows(r: Runner, tag: str, steps_0: int, steps_1: int, seeds: list[int
             r.llm0, f"{tag}-deep-s{seed}", deep_steps, seed, layers=8)
     if converged:
         for seed in seeds:
-            jobs[("LLM 0 alone", seed)].result()  # the saved LLM 0 the cascades extend
             for exit_fn in EXIT_FNS if seed == seeds[0] else a.headline_exit_fns:
                 for warm in (False, True):
                     name = f"cascade, {exit_fn}, {'identity start' if warm else 'fresh LLM 1'}"
-                    jobs[(name, seed)] = pool.submit(r.extend, f"{tag}-llm0-s{seed}", f"{tag}-{exit_fn}-{warm}-s{seed}",
-                                                     steps_1, seed, exit_fn, warm)
+                    jobs[(name, seed)] = pool.submit(r.extend, f"{tag}-{exit_fn}-{warm}-s{seed}", (steps_0, steps_1),
+                                                     seed, exit_fn, warm)
     else:
         for seed in seeds[:1]:
             for exit_fn in a.headline_exit_fns if a.smoke else ("cosine", "neg_entropy"):
