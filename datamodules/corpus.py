@@ -7,6 +7,7 @@ import codecs
 import gzip
 import re
 import sysconfig
+import zlib
 from pathlib import Path
 
 import datasets
@@ -80,6 +81,13 @@ def check_corpus_file(path: Path, setting: str, read: bool = True) -> None:
         raise ValueError(f"{setting}: cannot read {path}: give {KINDS} files")
     if not read or _kind(path) != "text":
         return
+    try:
+        _check_utf8(path, setting)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{setting}: {path} is not a whole gzip file ({e}); compress it again") from None
+
+
+def _check_utf8(path: Path, setting: str) -> None:
     decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
     with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -121,14 +129,23 @@ def check_text(split: datasets.Dataset, text_column: str, named: tuple[list[str]
     files, setting = named
     where = f"{setting} {files[0]}" if files and len(files) == 1 else f"{setting} {files or ''}".rstrip()
     column = split.with_format("arrow")[text_column]
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise ValueError(f"{where}: the {text_column!r} values are {column.type}, not text")
+    across = " (counting across the files, in order)" if files and len(files) > 1 else ""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):  # numbers, lists: find one
+        row, value = next((i, v) for i, v in enumerate(split[text_column]) if not isinstance(v, str))
+        raise ValueError(f"{where}: row {row}{across} (from 0) has no {text_column!r} text ({value!r}); remove the row "
+                         "or give it text")
     if column.null_count:
         row = pc.index(pc.is_null(column), True).as_py()
-        across = " (counting across the files, in order)" if files and len(files) > 1 else ""
         raise ValueError(f"{where}: row {row}{across} has no {text_column!r} text (null); remove the row or give it text")
     if not pc.any(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)).as_py():
         raise ValueError(f"{where} holds no text (only whitespace): give a corpus with text in it")
+
+
+def check_eval_files(files: list[str], text_column: str) -> None:
+    """ValueError or FileNotFoundError naming the `--eval_files` file that cannot be evaluated on (missing, empty, not
+    UTF-8, rows that are not text, only whitespace): read once before any training, not after it."""
+    corpus = load_files({"eval": (files, "eval_files")})["eval"]
+    check_text(corpus, text_column, (files, "eval_files"))
 
 
 def load_corpus(

@@ -1,3 +1,4 @@
+# long: every check a wrapped family must pass, with the forward plumbing they share; the position probe grew with models of few positions
 """What differs between Hugging Face CausalLM families, found from what each model does, not from a list of names.
 
 - `head_logits`: the logits of final hidden states as the family's own CausalLM forward computes them, LM head and
@@ -19,6 +20,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from cascade.model.hf_models import max_positions
+
 # (x (B, T) token ids, position_ids=None, segment_ids=None) -> the final hidden states (B, T, D) the LM head reads
 Forward = Callable[..., Tensor]
 
@@ -32,7 +35,7 @@ def family(model: PreTrainedModel) -> str:
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The model's stack of decoder layers: the ModuleList of `num_hidden_layers` modules in its base model."""
+    """The model's decoder layers: the ModuleList of `num_hidden_layers` modules in its base model."""
     n = model.config.get_text_config().num_hidden_layers
     for module in backbone(model).modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
@@ -146,7 +149,8 @@ def _reads_context(forward: Forward, x: Tensor, h: Tensor, vocab: int) -> bool:
 def _probe_ids(model: PreTrainedModel, batch: int, length: int) -> Tensor:
     vocab = model.get_input_embeddings().weight.shape[0]
     device = model.get_input_embeddings().weight.device
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(1)).to(device)
+    seeded = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (batch, length), generator=seeded).to(device)
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
@@ -217,17 +221,18 @@ def _check_family(model: PreTrainedModel, layers: nn.ModuleList, forward: Forwar
         )
     own = logits(h)
     if not _close(own, reference[..., : own.shape[-1]]):
-        raise FamilyRefused(f"{name}: its logits cannot be reproduced from its final hidden states and LM head")
+        raise FamilyRefused(f"{name}: its logits cannot be reproduced from its final states and LM head")
     vocab = model.get_input_embeddings().weight.shape[0]
     changed = x.clone()
     changed[0, -1] = (changed[0, -1] + 1) % vocab
     if not _close(forward(changed)[:, :-1], h[:, :-1]):
-        raise FamilyRefused(f"{name} is not a causal language model: a later token changes the outputs of earlier ones")
-    return _check_positions(forward, x, h, vocab, name)
+        raise FamilyRefused(f"{name} is not a causal LM: a later token changes the outputs of earlier ones")
+    limit = max_positions(model.config.get_text_config())
+    return _check_positions(forward, x, h, vocab, name, limit)
 
 
-def _check_positions(forward: Forward, x: Tensor, h: Tensor, vocab: int, name: str) -> str | None:
-    """Packed rows computed as each sequence alone, and positions read from `position_ids` (else: LLM 0 only)."""
+def _check_positions(forward: Forward, x: Tensor, h: Tensor, vocab: int, name: str, limit: int | None):
+    """Packed rows computed as alone; positions read from `position_ids` within `limit` (else: LLM 0 only)."""
     lengths = (5, 4, 3)
     positions = torch.cat([torch.arange(n) for n in lengths])[None].to(x.device)
     segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None].to(x.device)
@@ -241,7 +246,11 @@ def _check_positions(forward: Forward, x: Tensor, h: Tensor, vocab: int, name: s
             f"{name}: a sequence packed in a row with others is not computed as it is alone (an attention pattern "
             "cascade cannot express); cascade packs the hard tokens of several sequences into a row"
         )
-    gapped = torch.tensor([[0, 1, 2, 6, 7, 11, 12, 13, 17, 18, 19, 20]], device=x.device)
+    if limit is not None and limit <= 12:
+        return None  # no room for a gap between 12 positions: nothing to tell apart
+    top = 20 if limit is None else min(20, limit - 1)  # 12 positions with gaps, within the model's
+    gapped = torch.tensor([[0, 1, 2, 6, 7, 11, 12, 13, 17, 18, 19, 20]] if top == 20 else
+                          torch.linspace(0, top, 12).round().long()[None].tolist(), device=x.device)
     # weights that ignore context (an identity start) ignore positions too
     if _close(forward(x, position_ids=gapped), h) and _reads_context(forward, x, h, vocab):
         return "it takes its positions from the order of its tokens (ALiBi, or positions from the attention mask), not from position_ids"

@@ -28,7 +28,8 @@ def changes(recorded: dict, now: dict) -> tuple[str | None, bool]:
     before, current = recorded.get("settings") or {}, now["settings"]
     words = [f"{k} {before[k]!r}, now {current[k]!r}" for k in sorted(before) if k in current and before[k] != current[k]]
     if recorded.get("data") not in (None, now["data"]):
-        words.append(f"the corpus or its tokenizer (token cache {recorded['data']}, now {now['data']})")
+        words.append(f"the corpus or its tokenizer (token cache {recorded['data']}, now {now['data']}: a corpus file "
+                     "was edited, or touched or copied)")
     return "; ".join(words) or None, recorded.get("after") != now["after"]
 
 

@@ -41,14 +41,24 @@ def stage_data(run_dir: Path, k: int, text: TextDataModule,
 
 def resume_checkpoint(trainer: Trainer, checkpoints: Path, k: int, ckpt_path: str | None, handover_only: bool,
                       fingerprint: dict, fresh: bool = False) -> str | None:
-    """`ckpt_path`, else (unless the stage only hands over) its newest complete checkpoint, if it was written with
-    `fingerprint` (`cascade.run.provenance`); partial ones of a killed write removed first. A checkpoint trained after
+    """`ckpt_path` (checked against `fingerprint` as well), else (unless the stage only hands over) its newest
+    complete checkpoint, if it was written with `fingerprint` (`cascade.run.provenance`); partial ones of a killed
+    write removed first. A checkpoint trained after
     another LLM k-1, or any with `fresh`, is not resumed (the stage trains from the start); one written with other
     settings or data, or with no record of them, is refused (ValueError saying what differs)."""
     if trainer.is_global_zero:
         for partial in remove_partial_checkpoints(checkpoints):
             rank_zero_info(f"stage {k}: removed {partial}, a checkpoint whose writing was cut short")
-    if handover_only or ckpt_path is not None:
+    if handover_only or ckpt_path == "last":
+        return ckpt_path
+    if ckpt_path is not None:  # the user's own choice is held to the same record
+        recorded = checkpoint_fingerprint(Path(ckpt_path))
+        differences, after_other = changes(recorded, fingerprint) if recorded else ("it holds no record of its run", False)
+        if after_other:
+            differences = "; ".join(filter(None, [differences, f"it was trained after another LLM {k - 1}"]))
+        if differences:
+            raise ValueError(refusal(k, f"--ckpt_path {ckpt_path}", differences))
+        rank_zero_info(f"stage {k}: resuming from {ckpt_path} (--ckpt_path)")
         return ckpt_path
     resume = None if fresh else latest_checkpoint(checkpoints, warn=rank_zero_info)
     recorded = checkpoint_fingerprint(resume) if resume is not None else None

@@ -28,7 +28,7 @@ from cascade.run.stage_runner import (check_trainer_settings, evaluation_trainer
 from cascade.run.state import (RunHold, check_run_directory, checkpoint_problem, check_stage_selection, read_done,
                                saved_tokenizer_problem, stage_dir, stage_problem, trained_without_handover)
 from cascade.training.warm_start import identity_start
-from datamodules.corpus import check_corpus_file
+from datamodules.corpus import check_eval_files
 from datamodules.stream import StreamDataModule
 from datamodules.text import TextDataModule
 from datamodules.tokens import load_tokenizer
@@ -110,7 +110,7 @@ def plan_stage(k: int, stage_path: Path, hands_over: bool, ckpt_path: str | None
     if handover_only:
         rank_zero_info(f"stage {k}: trained as the last stage of an earlier run; handing its tokens over to stage {k + 1}")
         return "handover_only"
-    if read_done(stage_path) is not None and ckpt_path is None:
+    if (stage_path / "done.json").exists() and ckpt_path is None:  # a record there, whole or not: say why it is not kept
         rank_zero_info(f"stage {k} was complete, but {problem}: training it again")
     return "train"
 
@@ -210,8 +210,8 @@ def run_cascade(run: RunSettings, build_stage: Callable[[int, bool], StageParts]
         check_trainer_settings(trainer_settings)
         if run.ckpt_path not in (None, "last") and (problem := checkpoint_problem(Path(run.ckpt_path))):
             raise ValueError(f"--ckpt_path: {problem}")
-        for f in run.eval_files or []:  # before any training, not after it
-            check_corpus_file(Path(f).expanduser(), "eval_files", read=False)
+        if run.eval_files:  # before any training, not after it
+            check_eval_files(run.eval_files, data_settings.get("text_column", "text"))
         corpus = TextDataModule(**data_settings)  # its token cache's name fingerprints the corpus and the tokenizer
         last, text = train_stages(run, build_stage, after_last_stage=after_last_stage, settings=settings,
                                   data=corpus.token_dir.name, hold=hold.take)
@@ -222,6 +222,7 @@ def run_cascade(run: RunSettings, build_stage: Callable[[int, bool], StageParts]
             corpus.tokenizer = load_tokenizer(str(own))  # the run's own: no BPE trained again
         text = text if text is not None else corpus  # the corpus the stages were trained on (their records checked)
         hold.take()
+        remove_interrupted_writes(run.run_dir)  # also where no stage trained (a kill while eval.json was written)
         num_llms = run.stages[-1] + 1
         if problem := saved_tokenizer_problem(run.run_dir, num_llms):
             rank_zero_info(f"{problem}: saving the tokenizer again")  # nothing needs training again

@@ -190,7 +190,11 @@ def check_run_directory(runs_dir: str | os.PathLike, name: str) -> None:
     if not name or Path(name).is_absolute() or ".." in parts or parts in ((), (".",)):
         raise ValueError(f"--name {name!r} must name a directory under --runs_dir ({runs_dir}): no absolute path and no "
                          "'..'; give --runs_dir for another place")
-    refuse_links(Path(runs_dir) / name, "remove the link, or give another --name")
+    run_dir = Path(runs_dir) / name
+    if not run_dir.resolve().is_relative_to(Path(runs_dir).resolve()):  # through a link between the two
+        raise ValueError(f"--name {name!r} leads out of --runs_dir ({runs_dir}): {run_dir} resolves to "
+                         f"{run_dir.resolve()}; remove the link, or give another --name")
+    refuse_links(run_dir, "remove the link, or give another --name")
 
 
 def check_stage_selection(run_dir: str | os.PathLike, stage: int | None, num_stages: int) -> None:

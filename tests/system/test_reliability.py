@@ -109,6 +109,14 @@ def test_bad_settings_fail_before_the_trainer_starts(tmp_path, extra, match):
     fails_before_writing(tmp_path, write_corpus(tmp_path / "corpus.txt", 30), match, *extra)
 
 
+@pytest.mark.parametrize("content, match", [(b"  \n\n \n", "holds no text \\(only whitespace\\)"),
+                                            (b"caf\xe9\n", "is not UTF-8 text: the byte 0xe9 at offset 3")])
+def test_eval_files_are_read_before_any_stage_trains(tmp_path, content, match):
+    (tmp_path / "test.txt").write_bytes(content)
+    fails_before_writing(tmp_path, write_corpus(tmp_path / "corpus.txt", 30), f"eval_files.*{match}",
+                         "--eval_files", f"[{tmp_path / 'test.txt'}]")
+
+
 @pytest.mark.parametrize("where", ["runs/tiny/stage_0/checkpoints/last.ckpt", "cache/tokens-link"])
 def test_a_link_in_the_run_or_its_cache_is_refused_and_its_target_untouched(tmp_path, where):
     corpus = write_corpus(tmp_path / "corpus.txt", 30)

@@ -75,6 +75,10 @@ def test_a_run_does_not_write_through_a_link_out_of_its_directory(tmp_path, link
     (checkpoints / "last.ckpt").unlink(missing_ok=True)
     (checkpoints / "last.ckpt").symlink_to("step=40.ckpt")  # Lightning's own link, inside the run
     check_run_directory(tmp_path, "run")
+    (tmp_path / "runs_2").mkdir(exist_ok=True)
+    (tmp_path / "runs_2" / "a").symlink_to(elsewhere)  # a link above the run directory, below runs_dir
+    with pytest.raises(ValueError, match="--name 'a/b' leads out of --runs_dir"):
+        check_run_directory(tmp_path / "runs_2", "a/b")
     linked_runs_dir = tmp_path / "runs"
     linked_runs_dir.symlink_to(elsewhere)  # the user's choice of --runs_dir may be a link
     check_run_directory(linked_runs_dir, "run")
@@ -131,7 +135,8 @@ class Unpicklable:
 
 @pytest.mark.parametrize("rows, message", [
     ('{"text": "hello"}\n{"text": null}\n', "row 1 has no 'text' text"),
-    ('{"text": 5}\n{"text": 7}\n', "values are int64, not text"),
+    ('{"text": 5}\n{"text": 7}\n', r"row 0 \(from 0\) has no 'text' text \(5\)"),
+    ('{"text": "hello"}\n{"text": "more"}\n{"text": ["a", "b"]}\n', r"row 2 \(from 0\) has no 'text' text \(\['a', 'b'\]\)"),
 ])
 def test_corpus_rows_that_are_not_text_are_named_by_file_and_row(tmp_path, rows, message):
     from datamodules.corpus import load_corpus
@@ -148,3 +153,11 @@ def test_a_whitespace_only_corpus_is_refused(tmp_path):
     (tmp_path / "v.txt").write_text("text\n")
     with pytest.raises(ValueError, match="holds no text"):
         load_corpus(None, None, [str(tmp_path / "w.txt")], [str(tmp_path / "v.txt")], "text", 0.1, 0)
+
+
+@pytest.mark.parametrize("positions", [13, 16, 20])
+def test_a_model_with_few_positions_is_not_refused_by_the_family_probe(positions):
+    from cascade.llm import LLM
+
+    llm = LLM(build_causal_lm("gpt2", {"n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": positions}, False, 300))
+    assert not llm.only_first, "GPT-2 reads position_ids, and later stages can take it"
