@@ -35,7 +35,7 @@ def test_a_complete_stage_is_skipped_refused_or_redone_by_its_record(tmp_path):
     assert plan_stage(1, stage1, False, None, second) == "skip"
     with pytest.raises(ValueError, match=r"other settings or data \(model.lr 0.003, now 0.001\): give those again"):
         plan_stage(1, stage1, False, None, {**second, "settings": {**SETTINGS, "model.lr": 0.001}})
-    with pytest.raises(ValueError, match=r"the corpus or its tokenizer \(token cache tokens-a, now tokens-b\)"):
+    with pytest.raises(ValueError, match=r"the corpus or its tokenizer \(token cache tokens-a, now tokens-b: a corpus file was edited"):
         plan_stage(1, stage1, False, None, {**second, "data": "tokens-b"})
     (tmp_path / "stage_0" / "llm" / "config.json").write_text(json.dumps({"k": "trained again"}))
     mark_stage_done(tmp_path / "stage_0", {"settings": SETTINGS, "fingerprint": first, "handover": None,
@@ -64,13 +64,24 @@ def test_a_checkpoint_resumes_only_with_its_own_record(tmp_path):
     assert resume_checkpoint(trainer, checkpoints, 1, None, False, {**fingerprint, "after": "other"}) is None, \
         "checkpoints trained after another LLM 0 are not resumed"
     assert resume_checkpoint(trainer, checkpoints, 0, None, False, fingerprint, fresh=True) is None
+    # --ckpt_path is held to the same record
+    assert resume_checkpoint(trainer, checkpoints, 0, str(own), False, fingerprint) == str(own)
+    with pytest.raises(ValueError, match=r"--ckpt_path .*step=10.ckpt was trained with other settings or data \(model.lr"):
+        resume_checkpoint(trainer, checkpoints, 0, str(own), False, {**fingerprint, "settings": {**SETTINGS, "model.lr": 1.0}})
+    with pytest.raises(ValueError, match="it was trained after another LLM 0"):
+        resume_checkpoint(trainer, checkpoints, 1, str(own), False, {**fingerprint, "after": "other"})
+    torch.save({"state_dict": {"w": torch.ones(2)}}, foreign)
+    with pytest.raises(ValueError, match="it holds no record of its run"):
+        resume_checkpoint(trainer, checkpoints, 0, str(foreign), False, fingerprint)
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"stage": 0}'])
-def test_a_malformed_record_is_named_and_not_trusted(tmp_path, text):
+def test_a_malformed_record_is_named_and_not_trusted(tmp_path, text, caplog):
+    caplog.set_level("INFO")
     from cascade.run.state import stage_problem
 
     stage = finished_stage(tmp_path, 0, stage_fingerprint(tmp_path, 0, SETTINGS, "tokens-a"))
     (stage / "done.json").write_text(text)
     assert "done.json is malformed" in stage_problem(stage, hands_over=False)
     assert plan_stage(0, stage, False, None, stage_fingerprint(tmp_path, 0, SETTINGS, "tokens-a")) == "train"
+    assert f"stage 0 was complete, but {stage / 'done.json'} is malformed" in caplog.text, "and said"
