@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from smoke_text import write_smoke_text  # beside this script
+from runs import add_model_arguments, run_fit  # beside this script
+from smoke_text import write_smoke_text
 
 EXIT_FNS = ("cosine", "max_prob", "neg_entropy", "learned")
 
@@ -69,16 +66,8 @@ class Runner:
         ]
 
     def fit(self, name: str, args: list[str]) -> dict:
-        """One invocation of the main command; returns its eval.json."""
-        command = [sys.executable, "-m", "cascade.fit", "--name", name, "--runs_dir", str(self.out / "runs"), *args]
-        start = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        (self.out / "logs").mkdir(exist_ok=True)
-        (self.out / "logs" / f"{name}.log").write_text(result.stdout + result.stderr)
-        print(f"{name}: rc {result.returncode} in {time.perf_counter() - start:.0f} s", file=self.log, flush=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
-        return {"name": name, **json.loads((self.out / "runs" / name / "eval.json").read_text())}
+        """One invocation of the main command (`runs.run_fit`); returns its eval.json."""
+        return run_fit(self.out, self.log, name, args)
 
     def llm0(self, name: str, steps: int, seed: int, layers: int = 4, test: bool = True) -> dict:
         return self.fit(name, ["--num_stages", "1", *self.common(layers, steps, seed, test)])
@@ -230,13 +219,7 @@ def main() -> None:
     parser.add_argument("--train", nargs="+", help="training text files")
     parser.add_argument("--eval", nargs="+", help="held-out text files (the evaluation)")
     parser.add_argument("--out", default="experiments/results/cascade", help="output directory")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--hard-ratio", type=float, default=0.3)
+    add_model_arguments(parser)
     parser.add_argument("--held-out-validation", action="store_true",
                         help="validate every run on the held-out tenth (as the selection) and evaluate on --eval apart")
     parser.add_argument("--classifier-data", default="train", choices=["train", "validation"],

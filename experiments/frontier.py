@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from smoke_text import write_smoke_text  # beside this script
+from runs import add_model_arguments, run_fit  # beside this script
+from smoke_text import write_smoke_text
 
 
 class Runner:
@@ -57,17 +56,8 @@ class Runner:
         ]
 
     def fit(self, name: str, args: list[str]) -> dict:
-        """One invocation of the main command; its eval.json, with `name`."""
-        command = [sys.executable, "-m", "cascade.fit", "--name", name, "--runs_dir", str(self.out / "runs"), *args]
-        start = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        (self.out / "logs").mkdir(exist_ok=True)
-        with open(self.out / "logs" / f"{name}.log", "a") as log:  # a cascade's two invocations in one log
-            log.write(" ".join(command) + "\n" + result.stdout + result.stderr)
-        print(f"{name}: rc {result.returncode} in {time.perf_counter() - start:.0f} s", file=self.log, flush=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
-        return {"name": name, **json.loads((self.out / "runs" / name / "eval.json").read_text())}
+        """One invocation of the main command (`runs.run_fit`); returns its eval.json."""
+        return run_fit(self.out, self.log, name, args)
 
     def single(self, layers: int, steps: int, seed: int) -> dict:
         return self.fit(f"single-{layers}-s{seed}", ["--num_stages", "1", *self.common(layers, steps, seed)])
@@ -220,14 +210,8 @@ def main() -> None:
     parser.add_argument("--train", nargs="+", help="training files (the validation split is held out of them)")
     parser.add_argument("--eval", nargs="+", help="evaluation files, seen by no stage")
     parser.add_argument("--out", default="experiments/results/frontier", help="output directory")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    add_model_arguments(parser)
     parser.add_argument("--compile", action="store_true", help="--model.compile true (default false: tiny models)")
-    parser.add_argument("--hard-ratio", type=float, default=0.3)
     parser.add_argument("--passes", type=float, default=1.0, help="LLM 0's passes over the training tokens")
     parser.add_argument("--cascades", nargs="+", default=["4+4", "2+8"], help="LLM 0 + LLM 1 layers")
     parser.add_argument("--budget-of", default="4+4", help="the cascade whose training FLOPs every single model gets")

@@ -248,9 +248,9 @@ def _check_positions(forward: Forward, x: Tensor, h: Tensor, vocab: int, name: s
         )
     if limit is not None and limit <= 12:
         return None  # no room for a gap between 12 positions: nothing to tell apart
-    top = 20 if limit is None else min(20, limit - 1)  # 12 positions with gaps, within the model's
-    gapped = torch.tensor([[0, 1, 2, 6, 7, 11, 12, 13, 17, 18, 19, 20]] if top == 20 else
-                          torch.linspace(0, top, 12).round().long()[None].tolist(), device=x.device)
+    gapped = torch.tensor([[0, 1, 2, 6, 7, 11, 12, 13, 17, 18, 19, 20]], device=x.device)
+    if limit is not None and limit <= 20:  # the 12 positions spread, with gaps, within the model's
+        gapped = torch.linspace(0, limit - 1, 12, device=x.device).round().long()[None]
     # weights that ignore context (an identity start) ignore positions too
     if _close(forward(x, position_ids=gapped), h) and _reads_context(forward, x, h, vocab):
         return "it takes its positions from the order of its tokens (ALiBi, or positions from the attention mask), not from position_ids"

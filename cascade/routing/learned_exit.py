@@ -47,8 +47,9 @@ def fit_exit_classifier(
     # the final-norm outputs, which `learned_exit_fn` reads
     out = run_llm(llm, sample, batch_size, settings=settings, nll=True, hidden="device", residual=False)
     features, raw = out.hidden.float(), out.nll.to(llm.device)
-    if next_llm is not None:
-        raw = gain_on(llm, next_llm, sample, raw, batch_size, settings)
+    if next_llm is not None:  # what LLM k hands over: these final-norm outputs, unless it hands over its residual
+        handed = None if llm.hands_over_residual else out.hidden
+        raw = gain_on(llm, next_llm, sample, raw, batch_size, settings, handed)
     classifier, held, predicted, held_mse = regress(features, raw, hidden, steps, lr, seed)
     llm.exit_classifier = classifier
     label = raw[held].cpu() > 0 if next_llm is not None else hard_by_loss(raw[held].cpu())  # what routing should find
@@ -81,10 +82,12 @@ def regress(features: torch.Tensor, raw: torch.Tensor, hidden: int, steps: int, 
 
 
 def gain_on(llm: "LLM", next_llm: "LLM", data: SequenceData, nll: torch.Tensor, batch_size: int,
-            settings: ForwardSettings) -> torch.Tensor:
+            settings: ForwardSettings, handed: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) the gain of handing each token of `data` from `llm` (whose loss on them is `nll`) to `next_llm`, which
-    sees every token's context: `nll` minus `next_llm`'s loss on what `llm` hands over, on `llm`'s device."""
-    handed = run_llm(llm, data, batch_size, settings=settings, hidden="host").hidden
-    every = compact_hard_tokens(data, torch.ones(data.num_tokens, dtype=torch.bool), handed)
+    sees every token's context: `nll` minus `next_llm`'s loss on what `llm` hands over (`handed`, (N, D), where the
+    caller has it; else `llm` runs again to give it), on `llm`'s device."""
+    if handed is None:
+        handed = run_llm(llm, data, batch_size, settings=settings, hidden="host").hidden
+    every = compact_hard_tokens(data, torch.ones(data.num_tokens, dtype=torch.bool), handed, on_device=True)
     nll_next = run_llm(next_llm, every, batch_size, settings=settings, nll=True).nll
     return gains_from_next(nll, nll_next.to(nll.device)).float()

@@ -43,9 +43,9 @@ def resume_checkpoint(trainer: Trainer, checkpoints: Path, k: int, ckpt_path: st
                       fingerprint: dict, fresh: bool = False) -> str | None:
     """`ckpt_path` (checked against `fingerprint` as well), else (unless the stage only hands over) its newest
     complete checkpoint, if it was written with `fingerprint` (`cascade.run.provenance`); partial ones of a killed
-    write removed first. A checkpoint trained after
-    another LLM k-1, or any with `fresh`, is not resumed (the stage trains from the start); one written with other
-    settings or data, or with no record of them, is refused (ValueError saying what differs)."""
+    write removed first. A checkpoint trained after another LLM k-1, or any with `fresh`, is not resumed (the stage
+    trains from the start); one written with other settings or data, or with no record of them, is refused
+    (ValueError saying what differs)."""
     if trainer.is_global_zero:
         for partial in remove_partial_checkpoints(checkpoints):
             rank_zero_info(f"stage {k}: removed {partial}, a checkpoint whose writing was cut short")
