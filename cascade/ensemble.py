@@ -2,20 +2,72 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
 
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from cascade.exit_fn import exit_fn_name, get_exit_fn
 from cascade.llm import LLM, later_stage_refused
+from cascade.model.exit_classifier import CLASSIFIER_FILE, ExitClassifier
 from cascade.model.forward_settings import ForwardSettings
 from cascade.sequence_data import SequenceData
 
 
+ROUTING_FILE = "routing.json"
+
+
 def stage_dir(run_dir: str | os.PathLike, k: int) -> Path:
-    """Where a run keeps stage k: its model (`llm/`), logs, checkpoints and hand-over."""
+    """Where a run keeps stage k: its model (`llm/`), logs, checkpoints, hand-over and, where stage k chose which
+    tokens reach it, LLM k-1's routing (`routing/`)."""
     return Path(run_dir) / f"stage_{k}"
+
+
+def routing_state(llm: LLM) -> dict:
+    """What sends tokens out of `llm` or on: its exit function's name, its threshold and its exit classifier's
+    width and weights (on the host), for a checkpoint; `set_routing` puts it back."""
+    classifier = llm.exit_classifier
+    return {"exit_fn": exit_fn_name(llm.exit_fn), "exit_threshold": float(llm.threshold),
+            "exit_classifier": None if classifier is None else {
+                "hidden": classifier.hidden, "state": {k: v.cpu() for k, v in classifier.state_dict().items()}}}
+
+
+def set_routing(llm: LLM, routing: dict) -> None:
+    """Route `llm` by `routing` (`routing_state`'s)."""
+    classifier = None
+    if spec := routing["exit_classifier"]:
+        classifier = ExitClassifier(llm.dim, spec["hidden"]).eval().requires_grad_(False)
+        classifier.load_state_dict(spec["state"])
+        classifier.to(llm.device)
+    llm.exit_fn, llm.exit_classifier = get_exit_fn(routing["exit_fn"]), classifier
+    llm.threshold.fill_(routing["exit_threshold"])
+
+
+def save_routing(llm: LLM, path: str | os.PathLike) -> None:
+    """Write `llm`'s routing (`routing_state`) into the directory `path`: the router a later stage fitted for it
+    (`callbacks.gain_router`), kept beside that stage's LLM, so that `llm`'s own files stay as its stage saved them."""
+    os.makedirs(path, exist_ok=True)
+    routing = routing_state(llm)
+    if spec := routing["exit_classifier"]:
+        save_file({k: v.contiguous() for k, v in spec.pop("state").items()}, os.path.join(path, CLASSIFIER_FILE))
+    Path(path, ROUTING_FILE).write_text(json.dumps(routing, indent=2))
+
+
+def load_routing(llm: LLM, path: str | os.PathLike) -> None:
+    """Route `llm` by the routing `save_routing` wrote in `path`."""
+    routing = json.loads(Path(path, ROUTING_FILE).read_text())
+    if spec := routing["exit_classifier"]:
+        spec["state"] = load_file(os.path.join(path, CLASSIFIER_FILE))
+    set_routing(llm, routing)
+
+
+def routing_dir(run_dir: str | os.PathLike, k: int) -> Path | None:
+    """Where stage k + 1 of a run saved LLM k's routing, None where it saved none (LLM k routes by its own)."""
+    path = stage_dir(run_dir, k + 1) / "routing"
+    return path if (path / ROUTING_FILE).is_file() else None
 
 
 class Ensemble(nn.Module):
@@ -57,7 +109,8 @@ class Ensemble(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, num_llms: int | None = None, **kwargs) -> "Ensemble":
-        """Rebuild an ensemble from a run directory: LLM k from `path/stage_k/llm`, for k = 0, 1, ...
+        """Rebuild an ensemble from a run directory: LLM k from `path/stage_k/llm`, for k = 0, 1, ..., routed by the
+        routing that stage k + 1 saved for it where it saved one (`routing_dir`; the gain router, the deferral head).
 
         Takes the first `num_llms` stages (all saved ones by default); `kwargs` go to `LLM.from_pretrained`.
         """
@@ -67,6 +120,9 @@ class Ensemble(nn.Module):
         if not llms or (num_llms is not None and len(llms) < num_llms):
             missing = stage_dir(path, len(llms)) / "llm" / "config.json"
             raise FileNotFoundError(f"{missing} not found: stage {len(llms)} of {path} has not been trained")
+        for k, llm in enumerate(llms[:-1]):
+            if (routing := routing_dir(path, k)) is not None:
+                load_routing(llm, routing)
         return cls(llms)
 
     @property

@@ -1,7 +1,7 @@
 """Train a cascade stage by stage: `python -m cascade.fit --config configs/stage.yaml`.
 
-Every `--trainer.*`, `--model.*` (StageModule), `--data.*` (TextDataModule) and `--handover.*` (StageHandover)
-setting can be given in the YAML or overridden on the command line. A run writes everything under
+Every `--trainer.*`, `--model.*` (StageModule), `--data.*` (TextDataModule), `--handover.*` (StageHandover) and
+`--router.*` (GainRouter: the rounds of a streamed stage k > 0) setting can be given in the YAML or overridden on the command line. A run writes everything under
 `<runs_dir>/<name>/`: per stage `stage_k/` with TensorBoard logs, checkpoints, the model in Hugging Face format
 (`llm/`, threshold in its config.json) and, where the hand-over is materialized (`--handover.mode`), the hard tokens
 handed to the next stage (`handover/`; streamed, the next stage recomputes them from the corpus); at the end the
@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from callbacks.gain_router import GainRouter
 from callbacks.stage_handover import StageHandover
 from cascade.data.atomic import free_bytes
 from cascade.run import stages
@@ -53,7 +54,7 @@ def trained_settings(c) -> dict:
                "limit_train_batches")  # the global batch and the numbers, not where or how fast
     trainer = {k: c.trainer[k] for k in shaping}
     return stage_settings({"model": c.model.as_dict(), "data": c.data.as_dict(), "handover": c.handover.as_dict(),
-                           "trainer": trainer, "": {"seed_everything": c.seed_everything}})
+                           "router": c.router.as_dict(), "trainer": trainer, "": {"seed_everything": c.seed_everything}})
 
 
 class CascadeCLI(LightningCLI):
@@ -111,6 +112,9 @@ class CascadeCLI(LightningCLI):
         )
         parser.add_argument("--debug", type=bool, default=False, help="On an error, show its traceback, not only its message.")
         parser.add_class_arguments(StageHandover, "handover")  # a callback of the stages that hand over (not the last)
+        parser.add_class_arguments(GainRouter, "router")  # a callback of the stages k > 0
+        for setting in ("hard_ratio", "calibration_tokens"):  # the router hands on what the hand-over does
+            parser.link_arguments(f"handover.{setting}", f"router.{setting}", apply_on="parse")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # "link": last.ckpt links to the step's checkpoint instead of writing the same state a second time
         parser.set_defaults({"checkpoint.save_last": "link", "checkpoint.every_n_train_steps": 100})
@@ -150,7 +154,8 @@ class CascadeCLI(LightningCLI):
         config = self.stage_config(k, handover_only)
         objects = self.parser.instantiate(config)
         saver = [] if handover_only else [SaveConfigCallback(self.parser, config, overwrite=True)]
-        return StageParts(objects.model, objects.data, objects.handover, objects.trainer, [*saver, objects.checkpoint])
+        return StageParts(objects.model, objects.data, objects.handover, objects.trainer, [*saver, objects.checkpoint],
+                          objects.router)
 
     def stage_config(self, k: int, handover_only: bool):
         """The run's settings for stage k: its index, where its hand-over and checkpoints go, and (`handover_only`) its

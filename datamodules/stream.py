@@ -12,6 +12,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
+from cascade.ensemble import load_routing
 from cascade.llm import LLM
 from cascade.model.compile import compiles
 from cascade.model.forward_settings import ForwardSettings
@@ -40,15 +41,18 @@ class StreamDataModule(LightningDataModule):
         expected_hard_fraction: Fraction of the training tokens that reach stage k (sets the epoch's length).
         seed: Seed of the window order (pass p is drawn from `seed + p`).
         compile: Whether the frozen LLMs run under `torch.compile` (None: on a GPU).
+        routing_dirs: For each of `llm_dirs`, the routing a later stage saved for it (`cascade.ensemble.save_routing`),
+            or None: it routes by its own exit function and threshold.
     """
 
     def __init__(self, text: TextDataModule, llm_dirs: list[str], expected_hard_fraction: float, seed: int = 0,
-                 compile: bool | None = None):
+                 compile: bool | None = None, routing_dirs: list[str | None] | None = None):
         super().__init__()
         if not 0.0 < expected_hard_fraction <= 1.0:
             raise ValueError(f"expected_hard_fraction must lie in (0, 1], got {expected_hard_fraction}")
         self.text, self.llm_dirs, self.expected_hard_fraction = text, [str(d) for d in llm_dirs], expected_hard_fraction
         self.seed, self.compile = seed, compile
+        self.routing_dirs = routing_dirs or [None] * len(self.llm_dirs)
         self.batch_size, self.seq_len = text.batch_size, text.seq_len
         self.frozen_llms: list[LLM] = []
         self.stream: HardTokenStream | None = None
@@ -64,10 +68,12 @@ class StreamDataModule(LightningDataModule):
         if self.frozen_llms:
             return
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        for path in self.llm_dirs:
+        for path, routing in zip(self.llm_dirs, self.routing_dirs):
             if not (Path(path) / "config.json").is_file():
                 raise FileNotFoundError(f"{path} holds no saved LLM: train the stages before this one first")
             llm = LLM.from_pretrained(path).to(device).eval().requires_grad_(False)
+            if routing is not None:
+                load_routing(llm, routing)
             self.frozen_llms.append(llm)
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         context = self.trainer.precision_plugin.forward_context if self.trainer else None

@@ -3,16 +3,19 @@ loss, or to the gain of handing each token on to the next LLM (the gain router).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
 
+from cascade.exit_fn import learned_exit_fn
 from cascade.routing.compaction import compact_hard_tokens
 from cascade.routing.diagnostics import auroc, gains_from_next, hard_by_loss
 from cascade.model.exit_classifier import ExitClassifier
 from cascade.model.forward_settings import ForwardSettings
 from cascade.routing.scoring import run_llm
+from cascade.routing.stream import calibrate_streamed, route_through
+from cascade.routing.threshold import Reduce, local
 from cascade.sequence_data import SequenceData
 
 if TYPE_CHECKING:
@@ -91,3 +94,26 @@ def gain_on(llm: "LLM", next_llm: "LLM", data: SequenceData, nll: torch.Tensor, 
     every = compact_hard_tokens(data, torch.ones(data.num_tokens, dtype=torch.bool), handed, on_device=True)
     nll_next = run_llm(next_llm, every, batch_size, settings=settings, nll=True).nll
     return gains_from_next(nll, nll_next.to(nll.device)).float()
+
+
+def route_by_gain(before: Sequence["LLM"], llm: "LLM", next_llm: "LLM", fit_windows: SequenceData,
+                  windows: SequenceData, hard_ratio: float, batch_size: int, *, tokens: int,
+                  calibration_tokens: int | None, seed: int, rank: int = 0, world_size: int = 1, reduce: Reduce = local,
+                  broadcast: Callable[[dict], dict] = lambda state: state, hidden: int = 128, steps: int = 500,
+                  settings: ForwardSettings = ForwardSettings()) -> dict:
+    """One round of routing by the gain (CITER, Zheng et al. 2025; Co-LLM's initial labels, Shen et al. 2024): route
+    `llm`, the LLM before `next_llm`, by a gain router, the exit classifier fitted to `next_llm`'s gain over it
+    (`fit_exit_classifier`) on at most `tokens` of the tokens of `fit_windows` that reach it through the LLMs
+    `before` (tokens neither LLM trains on: the validation split), given by `broadcast` to every process as rank 0
+    fitted it, and calibrated to hand on `hard_ratio` of the tokens reaching it from `calibration_tokens` of
+    `windows` (`calibrate_streamed`; every process scores its share, `reduce` sums over them). Every process calls
+    it with the same LLMs and windows. Returns the fit's and the calibration's figures."""
+    reaching = route_through(before, fit_windows, batch_size, settings)
+    fit = fit_exit_classifier(llm, reaching, batch_size, max_tokens=tokens, steps=steps, hidden=hidden, seed=seed,
+                              next_llm=next_llm, settings=settings)
+    state = broadcast({k: v.cpu() for k, v in llm.exit_classifier.state_dict().items()})
+    llm.exit_classifier.load_state_dict(state)
+    llm.exit_fn = learned_exit_fn
+    calibration, _ = calibrate_streamed(before, llm, windows, hard_ratio, batch_size, tokens=calibration_tokens,
+                                        seed=seed, rank=rank, world_size=world_size, reduce=reduce, settings=settings)
+    return {**{f"fit_{k}": v for k, v in fit.items() if k != "target"}, **calibration}

@@ -15,8 +15,11 @@ from cascade.run.state import read_done, stage_dir
 
 
 def stage_fingerprint(run_dir: Path, k: int, settings: dict, data: str) -> dict:
-    """Stage k's record: `settings` (`cascade.run.state.stage_settings`), `data` (the token cache's name) and `after`
-    (a digest of the checksums of LLM k-1's files, None at stage 0)."""
+    """Stage k's record: `settings` (`cascade.run.state.stage_settings`; at stage 0 without the `router.*` ones,
+    which shape only later stages), `data` (the token cache's name) and `after` (a digest of the checksums of LLM
+    k-1's files, None at stage 0)."""
+    if k == 0:
+        settings = {name: value for name, value in settings.items() if not name.startswith("router.")}
     files = ((read_done(stage_dir(run_dir, k - 1)) or {}).get("files") or {}).get("llm") if k > 0 else None
     after = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16] if files else None
     return {"settings": settings, "data": data, "after": after}

@@ -9,6 +9,7 @@ from pathlib import Path
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from cascade.ensemble import routing_dir
 from cascade.run.checkpoint_io import remove_partial_checkpoints
 from cascade.run.provenance import changes, checkpoint_fingerprint, refusal
 from cascade.run.state import latest_checkpoint, read_done, stage_dir
@@ -32,11 +33,12 @@ def stage_data(run_dir: Path, k: int, text: TextDataModule,
         return text.handover_data(stage_dir(run_dir, k - 1) / "handover", k)
     text.prepare_data()
     llms = [stage_dir(run_dir, j) / "llm" for j in range(k)]
+    routings = [routing_dir(run_dir, j) for j in range(k - 1)] + [None]  # LLM k-1's is what stage k itself chooses
     if any("hard_fraction" not in h for h in handovers):
         raise ValueError(f"stage {k} streams after stages 0..{k - 1}, but one of their done.json lacks its hand-over's "
                          "hard_fraction: train those stages again (give the run a new --name)")
     reaching = math.prod(h["hard_fraction"] for h in handovers)
-    return StreamDataModule(text, llms, reaching, seed=text.seed + k, compile=compile)
+    return StreamDataModule(text, llms, reaching, seed=text.seed + k, compile=compile, routing_dirs=routings)
 
 
 def resume_checkpoint(trainer: Trainer, checkpoints: Path, k: int, ckpt_path: str | None, handover_only: bool,

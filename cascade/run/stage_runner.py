@@ -5,6 +5,7 @@ trained."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -17,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from cascade.data.atomic import remove_leftovers, write_directory
 from cascade.run.checkpoint_io import AtomicCheckpointIO
 from callbacks.progress import default_progress_bar
+from cascade.ensemble import save_routing
 from cascade.llm import LLM
 from cascade.run.report import format_handover, format_training
 from cascade.run.state import checksums, mark_stage_done, read_done, stage_dir
@@ -57,12 +59,13 @@ def stage_trainer_settings(settings: Mapping, run_dir: str | os.PathLike | None,
 
 
 def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing: dict, handover: dict | None,
-                 handover_only: bool, fingerprint: dict, stream: dict | None = None) -> None:
+                 handover_only: bool, fingerprint: dict, stream: dict | None = None, router=None) -> None:
     """After stage k's fit: print its phases, save its LLM and the run's tokenizer (`text`'s), and mark the stage done
     (`done.json`, with the files' checksums and the `fingerprint` it trained with, `cascade.run.provenance`: its
     `settings`, its data, and the LLM before it).
     `handover_only`: the stage was trained before and only handed over now; it keeps its training's figures. `stream`:
-    what a streamed stage's stream read and handed on (rank 0's counts)."""
+    what a streamed stage's stream read and handed on (rank 0's counts). `router`: the stage's `GainRouter`, whose
+    routing of LLM k-1, where it re-routed, is saved in `stage_k/routing/` (`cascade.ensemble.save_routing`)."""
     stage_path = stage_dir(run_dir, k)
     info = (read_done(stage_path) or {}) if handover_only else {"settings": fingerprint["settings"], "fingerprint": fingerprint}
     if timing:
@@ -81,10 +84,18 @@ def record_stage(run_dir: Path, k: int, trainer: Trainer, llm: LLM, text, timing
                            f"windows' tokens ({stream['hard_fraction']:.1%}, rank 0)")
     if handover is not None:
         rank_zero_info(format_handover(k, handover))
+    routed = router.routed if router is not None and not handover_only else None
+    if router is not None and router.stats and not handover_only:
+        info["router"] = router.stats
     if trainer.is_global_zero:
         write_directory(stage_path / "llm", llm.save_pretrained)  # nothing half-written is ever recorded
         write_directory(run_dir / "tokenizer", text.save_tokenizer)
         info["files"] = {"llm": checksums(stage_path / "llm"), "tokenizer": checksums(run_dir / "tokenizer")}
+        if routed is not None:
+            write_directory(stage_path / "routing", lambda path: save_routing(routed, path))
+            info["files"]["routing"] = checksums(stage_path / "routing")
+        elif not handover_only:  # one an earlier training of this stage saved would route LLM k-1 otherwise
+            shutil.rmtree(stage_path / "routing", ignore_errors=True)
         mark_stage_done(stage_path, info)
     trainer.strategy.barrier()
 

@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from callbacks.gain_router import GainRouter
 from callbacks.preemption import PreemptionCheckpoint
 from callbacks.provenance import ProvenanceStamp
 from callbacks.stage_handover import StageHandover
@@ -79,6 +80,7 @@ class StageParts:
     handover: StageHandover
     trainer: Mapping  # Lightning `Trainer` arguments
     callbacks: list[Callback]  # the stage's own besides its timer and hand-over (a checkpoint, a config saver)
+    router: GainRouter | None = None  # the rounds of a streamed stage k > 0
 
 
 def hands_over(k: int, num_stages: int, after_last_stage: bool) -> bool:
@@ -132,8 +134,9 @@ def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, h
         rank_zero_info(f"stage {k}: LLM {k} starts predicting exactly what LLM {k - 1} does (warm_start)")
     timer, preemption = TrainingTimer(), PreemptionCheckpoint(stage_dir(run_dir, k) / "checkpoints")
     monitor = [StreamMonitor()] if isinstance(datamodule, StreamDataModule) else []
-    callbacks = [timer, preemption, ProvenanceStamp(fingerprint), *monitor, *([handover] if hands_over else []),
-                 *parts.callbacks]
+    router = parts.router if k > 0 and not handover_only else None  # before the checkpoint: it saves the new routing
+    callbacks = [timer, preemption, ProvenanceStamp(fingerprint), *monitor, *([router] if router else []),
+                 *([handover] if hands_over else []), *parts.callbacks]
     trainer_settings = stage_trainer_settings(parts.trainer, run_dir, k, callbacks)
     trainer = Trainer(**trainer_settings)  # refuses an accelerator this machine lacks, before anything is written
     hold()  # every setting is checked; from here on the run writes
@@ -155,7 +158,7 @@ def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, h
         stream = datamodule.stream_stats()
         datamodule.release()  # the frozen LLMs leave the GPU before the next stage loads its own
     record_stage(run_dir, k, trainer, model.llm, text, timer.stats, handover.stats if hands_over else None,
-                 handover_only, fingerprint, stream)
+                 handover_only, fingerprint, stream, router)
     return trainer
 
 

@@ -78,6 +78,8 @@ def stage_problem(stage_path: str | os.PathLike, hands_over: bool = True) -> str
         return f"{stage_path / 'llm' / 'config.json'} is missing"
     if problem := changed_files(stage_path / "llm", done.get("files", {}).get("llm", {})):
         return problem
+    if (routing := done.get("files", {}).get("routing")) and (problem := changed_files(stage_path / "routing", routing)):
+        return problem
     if not hands_over:
         return None
     if done.get("handover", {}) is None:

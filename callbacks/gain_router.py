@@ -1,0 +1,110 @@
+"""GainRouter: a streamed stage k > 0 trained in rounds, re-choosing between rounds which tokens reach it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from cascade.ensemble import routing_state, set_routing
+from cascade.llm import LLM
+from cascade.model.forward_settings import ForwardSettings
+from cascade.routing.learned_exit import route_by_gain
+from cascade.routing.threshold import check_hard_ratio
+from callbacks.stage_handover import CALIBRATION_TOKENS
+from callbacks.trainer_support import strategy_reduce
+
+
+class GainRouter(Callback):
+    """Trains a streamed stage k > 0 in `rounds` rounds of equal steps. After each round but the last, LLM k-1 is
+    routed by a gain router: its exit classifier fitted to LLM k's gain over LLM k-1 (LLM k as it is at that step)
+    on tokens of the validation split, which neither LLM trains on, and calibrated to hand on `hard_ratio` of the
+    training tokens reaching LLM k-1, as its own exit function was (`cascade.routing.learned_exit.route_by_gain`).
+    LLM k then goes on, from its weights and its optimizer's state, on the tokens that router hands on: what waits in
+    the stream is dropped, so every batch drawn after the round is the new router's (Lightning has drawn one batch
+    ahead by then). This is CITER's alternation of router and model (Zheng et al. 2025), which converges in two rounds.
+
+    The router is in the stage's checkpoints, and once the stage is done in `stage_k/routing/` (LLM k-1's own files
+    stay as stage k-1 saved them): the evaluation, `Ensemble.from_pretrained` and the stages after route LLM k-1 by it.
+    `rounds: 1` (the default) trains on LLM k-1's own exit function throughout. Stage 0 has no LLM before it: there
+    the setting does nothing.
+
+    Args:
+        rounds: Rounds of stage k > 0 (>= 1); rounds > 1 need a streamed hand-over (`--handover.mode stream`).
+        tokens: Tokens reaching LLM k-1 from the validation split that the router is fitted on (a tenth held out).
+        hidden: Width of the router's hidden layer.
+        steps: AdamW steps of the router's fit.
+        hard_ratio: Fraction of the tokens reaching LLM k-1 that it hands on (the run's `--handover.hard_ratio`).
+        calibration_tokens: Training tokens the threshold is calibrated on (the run's `--handover.calibration_tokens`).
+    """
+
+    def __init__(self, rounds: int = 1, tokens: int = 200_000, hidden: int = 128, steps: int = 500,
+                 hard_ratio: float = 0.3, calibration_tokens: int | None = CALIBRATION_TOKENS):
+        if rounds < 1:
+            raise ValueError(f"router.rounds must be >= 1, got {rounds}")
+        for name, value in (("tokens", tokens), ("hidden", hidden), ("steps", steps)):
+            if value < 1:
+                raise ValueError(f"router.{name} must be >= 1, got {value}")
+        check_hard_ratio(hard_ratio)
+        self.rounds, self.tokens, self.hidden, self.steps = rounds, tokens, hidden, steps
+        self.hard_ratio, self.calibration_tokens = hard_ratio, calibration_tokens
+        self.done = 0  # rounds ended
+        self.stats: list[dict] = []  # each re-routing's figures
+        self.routed: LLM | None = None  # LLM k-1, once routed by a gain router
+        self._restore: dict | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self.rounds > 1 and pl_module.hparams.stage > 0 and not hasattr(trainer.datamodule, "frozen_llms"):
+            raise ValueError(f"router.rounds {self.rounds} re-chooses stage {pl_module.hparams.stage}'s tokens as it "
+                             "trains, so they must be streamed through the LLMs before it: give --handover.mode stream")
+
+    def boundaries(self, trainer: Trainer) -> list[int]:
+        """The steps after which a round ends."""
+        total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+        return [math.ceil(total * r / self.rounds) for r in range(1, self.rounds)]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._restore is not None:  # a resumed stage routes as it did when checkpointed
+            previous = trainer.datamodule.frozen_llms[-1]
+            set_routing(previous, self._restore)
+            self.routed, self._restore = previous, None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        bounds = self.boundaries(trainer) if pl_module.hparams.stage > 0 else []
+        if self.done < len(bounds) and trainer.global_step >= bounds[self.done]:
+            self.reroute(trainer, pl_module)
+
+    def reroute(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Route LLM k-1 by a gain router fitted to LLM k as it is now, and restart the stream's selection."""
+        data, k = trainer.datamodule, pl_module.hparams.stage
+        *before, previous = data.frozen_llms
+        val = data.text.val_data
+        windows = math.ceil(self.tokens / data.expected_hard_fraction / int(val.lengths.max()))  # enough to reach it
+        fit_windows = val.select(torch.arange(min(val.num_sequences, windows)))
+        settings = ForwardSettings(int(data.train_windows.lengths.max()), False, trainer.precision_plugin.forward_context)
+        strategy = trainer.strategy
+        figures = route_by_gain(
+            before, previous, pl_module.llm, fit_windows, data.train_windows, self.hard_ratio, data.batch_size,
+            tokens=self.tokens, calibration_tokens=self.calibration_tokens, seed=data.seed + self.done,
+            rank=trainer.global_rank, world_size=trainer.world_size, reduce=strategy_reduce(strategy),
+            broadcast=lambda state: strategy.broadcast(state, src=0), hidden=self.hidden, steps=self.steps,
+            settings=settings)
+        data.stream.buffer = None  # what waits was chosen by the old routing
+        self.done, self.routed = self.done + 1, previous
+        self.stats.append({"step": trainer.global_step, **figures})
+        for logger in trainer.loggers:
+            logger.log_metrics({f"router/{name}": v for name, v in figures.items() if isinstance(v, (int, float))},
+                               step=trainer.global_step)
+        rank_zero_info(f"stage {k}: round {self.done} of {self.rounds} ended at step {trainer.global_step}; LLM {k - 1} "
+                       f"now routes by LLM {k}'s gain (held-out AUROC {figures['fit_held_out_auroc']:.3f}, threshold "
+                       f"{figures['threshold']:.4g}, {figures['hard_fraction']:.1%} handed on)")
+
+    def state_dict(self) -> dict:
+        routing = routing_state(self.routed) if self.routed is not None else None
+        return {"done": self.done, "stats": self.stats, "routing": routing}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.done, self.stats, self._restore = state_dict["done"], state_dict["stats"], state_dict["routing"]
+
