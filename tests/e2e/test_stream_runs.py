@@ -141,3 +141,22 @@ def test_three_stages_stream_stage_two_through_llms_0_and_1(tmp_path):
     assert not any((run_dir / f"stage_{k}" / "handover").exists() for k in range(3))
     evaluation = json.loads((run_dir / "eval.json").read_text())
     assert len(evaluation["llm_stats"]) == 3
+
+
+@pytest.mark.slow
+def test_rounds_through_the_command_save_the_router_that_the_evaluation_uses(tmp_path):
+    corpus(tmp_path)
+    result = run(tmp_path, "runs", "--router.rounds", "2", "--router.tokens", "2000", "--router.steps", "20",
+                 "--eval_routing_bound", "true")
+    run_dir = tmp_path / "runs" / "tiny"
+    first, second = done(run_dir, 0), done(run_dir, 1)
+    assert not any(name.startswith("router.") for name in first["settings"])  # stage 0 is the same whatever the rounds
+    assert second["settings"]["router.rounds"] == 2 and [r["step"] for r in second["router"]] == [30]
+    assert set(second["files"]["routing"]) == {"routing.json", "exit_classifier.safetensors"}
+    assert "round 1 of 2 ended at step 30; LLM 0 now routes by LLM 1's gain" in result.stderr + result.stdout
+    routing = json.loads((run_dir / "stage_1" / "routing" / "routing.json").read_text())
+    assert routing["exit_fn"] == "learned" and routing["exit_threshold"] == second["router"][0]["threshold"]
+    assert json.loads((run_dir / "stage_0" / "llm" / "config.json").read_text())["exit_fn"] == "cosine"  # untouched
+    stats = json.loads((run_dir / "eval.json").read_text())["llm_stats"][0]
+    assert "learned" in stats["routing_bound"]["gain_auroc"]  # LLM 0 routes by the router in the evaluation
+    assert abs(stats["exit_fraction"] - 0.7) < 0.05
