@@ -43,16 +43,19 @@ class StreamDataModule(LightningDataModule):
         compile: Whether the frozen LLMs run under `torch.compile` (None: on a GPU).
         routing_dirs: For each of `llm_dirs`, the routing a later stage saved for it (`cascade.ensemble.save_routing`),
             or None: it routes by its own exit function and threshold.
+        every_token: The last frozen LLM hands on every token reaching it, its threshold not applied (for the joint
+            objective, which weighs each token softly: `cascade.training.deferral`); `expected_hard_fraction` then
+            counts the LLMs before it only.
     """
 
     def __init__(self, text: TextDataModule, llm_dirs: list[str], expected_hard_fraction: float, seed: int = 0,
-                 compile: bool | None = None, routing_dirs: list[str | None] | None = None):
+                 compile: bool | None = None, routing_dirs: list[str | None] | None = None, every_token: bool = False):
         super().__init__()
         if not 0.0 < expected_hard_fraction <= 1.0:
             raise ValueError(f"expected_hard_fraction must lie in (0, 1], got {expected_hard_fraction}")
         self.text, self.llm_dirs, self.expected_hard_fraction = text, [str(d) for d in llm_dirs], expected_hard_fraction
         self.seed, self.compile = seed, compile
-        self.routing_dirs = routing_dirs or [None] * len(self.llm_dirs)
+        self.routing_dirs, self.every_token = routing_dirs or [None] * len(self.llm_dirs), every_token
         self.batch_size, self.seq_len = text.batch_size, text.seq_len
         self.frozen_llms: list[LLM] = []
         self.stream: HardTokenStream | None = None
@@ -75,6 +78,8 @@ class StreamDataModule(LightningDataModule):
             if routing is not None:
                 load_routing(llm, routing)
             self.frozen_llms.append(llm)
+        if self.every_token:  # no finite exit score reaches it: every token is hard
+            self.frozen_llms[-1].threshold.fill_(float("inf"))
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         context = self.trainer.precision_plugin.forward_context if self.trainer else None
         self.settings = ForwardSettings(self.seq_len, compiles(self.compile, device), context)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningModule
 
+from cascade.training.deferral import Deferral
 from cascade.training.layer_exits import layer_weighted_loss, scheduled_layer_weights
 from cascade.routing.layer_skip import routed_nll
 from cascade.llm import LLM
@@ -137,6 +138,7 @@ class StageModule(LightningModule):
         self.val_metrics = ValidationMetrics()
         self.monitor = TrainingMonitor()
         self._compiled_loss = None  # set at fit start on a GPU when `compile`
+        self.deferral: Deferral | None = None  # the joint objective's head, set by `GainRouter`
 
     @property
     def compiled(self) -> bool:
@@ -173,9 +175,7 @@ class StageModule(LightningModule):
         nll_exit, confidence, (routed,) = routed_nll(self.llm, batch, exit_layer, [threshold])
         return routed, nll_exit, confidence >= self.hparams.routing_threshold
 
-    def layer_losses(
-        self, batch: Batch, weights: dict[int, float]
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def layer_losses(self, batch: Batch, weights: dict[int, float]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         input_type, position_ids = batch.input_type, batch.model_position_ids()
         segment_ids = batch.model_segment_ids()
         history = tuple(layer for layer in weights if layer != self.llm.num_layers)
@@ -187,14 +187,10 @@ class StageModule(LightningModule):
                 batch.inputs, input_type, position_ids, segment_ids, batch.targets
             ).clone()
             return weights[self.llm.num_layers] * ce, {self.llm.num_layers: ce}
-        h_out, hidden_history = self.llm(
-            batch.inputs, input_type, position_ids, segment_ids, history=history
-        )
+        h_out, hidden_history = self.llm(batch.inputs, input_type, position_ids, segment_ids, history=history)
         return layer_weighted_loss(self.llm, hidden_history, h_out, batch.targets, weights)
 
-    def _last_layer_loss(
-        self, inputs, input_type, position_ids, segment_ids, targets
-    ) -> torch.Tensor:
+    def _last_layer_loss(self, inputs, input_type, position_ids, segment_ids, targets) -> torch.Tensor:
         h_out, _ = self.llm(inputs, input_type, position_ids, segment_ids, history=())
         return next_token_loss(self.llm, h_out, targets)
 
@@ -219,7 +215,9 @@ class StageModule(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         metrics = {}  # logged on the logger's steps only, see below
-        if self.hparams.routed_loss:
+        if self.deferral is not None:  # the joint objective (`cascade.training.deferral`)
+            loss, metrics["train/defer_probability"] = self.deferral.loss(self.llm, batch)
+        elif self.hparams.routed_loss:
             routed, _, exits = self.routed_losses(batch)
             loss = routed.mean()
             metrics["train/exit_fraction"] = exits.float().mean()
@@ -280,9 +278,7 @@ class StageModule(LightningModule):
         for name, value in values.items():
             self.log(name, value)
 
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning refuses to clip for a fused optimizer under mixed precision because fp16 loss
         # scaling would leave the gradients scaled; bf16 and fp32 have no scaler, and fp16 gets no
         # fused AdamW.
@@ -292,7 +288,6 @@ class StageModule(LightningModule):
         hp = self.hparams
         fused = self.device.type == "cuda" and self.trainer.precision != "16-mixed"
         total = int(self.trainer.estimated_stepping_batches)
-        return adamw_warmup_cosine(
-            self.llm, self.peak_lr, self.layer_lr_scales, hp.weight_decay, hp.betas, fused,
-            hp.warmup_steps, total, hp.min_lr_ratio,
-        )
+        others = self.deferral.parameters() if self.deferral is not None else ()
+        return adamw_warmup_cosine(self.llm, self.peak_lr, self.layer_lr_scales, hp.weight_decay, hp.betas, fused,
+                                   hp.warmup_steps, total, hp.min_lr_ratio, others)

@@ -18,12 +18,12 @@ from datamodules.stream import StreamDataModule
 from datamodules.text import TextDataModule
 
 
-def stage_data(run_dir: Path, k: int, text: TextDataModule,
-               compile: bool | None) -> TextDataModule | SequenceDataModule | StreamDataModule:
+def stage_data(run_dir: Path, k: int, text: TextDataModule, compile: bool | None,
+               every_token: bool = False) -> TextDataModule | SequenceDataModule | StreamDataModule:
     """Stage 0 reads the corpus (tokenized, or its cache checked, before anything is written); stage k > 0 the
     hand-over of stage k - 1, with its own shuffle seed (its data order does not depend on stage 0's): read from disk,
     or where stage k - 1 streamed, the corpus streamed through the frozen LLMs 0..k-1 (run as the stage's model,
-    `compile`)."""
+    `compile`); with `every_token`, every token reaching LLM k-1 (`StreamDataModule`)."""
     if k == 0:
         text.prepare_data()
         text.setup()  # its windows checked against the settings before the run writes
@@ -37,8 +37,9 @@ def stage_data(run_dir: Path, k: int, text: TextDataModule,
     if any("hard_fraction" not in h for h in handovers):
         raise ValueError(f"stage {k} streams after stages 0..{k - 1}, but one of their done.json lacks its hand-over's "
                          "hard_fraction: train those stages again (give the run a new --name)")
-    reaching = math.prod(h["hard_fraction"] for h in handovers)
-    return StreamDataModule(text, llms, reaching, seed=text.seed + k, compile=compile, routing_dirs=routings)
+    reaching = math.prod(h["hard_fraction"] for h in (handovers[:-1] if every_token else handovers))
+    return StreamDataModule(text, llms, reaching, seed=text.seed + k, compile=compile, routing_dirs=routings,
+                            every_token=every_token)
 
 
 def resume_checkpoint(trainer: Trainer, checkpoints: Path, k: int, ckpt_path: str | None, handover_only: bool,

@@ -49,3 +49,11 @@ def without_padded_vocab(logits: Tensor, vocab_size: int) -> Tensor:
     if logits.shape[-1] == vocab_size:
         return logits
     return logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_size, float("-inf"))
+
+
+def mixture_nll(logp_previous: Tensor, logp: Tensor, defer_logit: Tensor) -> Tensor:
+    """Per token, the negative log-likelihood of the mixture of two LLMs' next-token distributions that defers to the
+    second with probability pi = sigmoid(`defer_logit`): -log((1 - pi) p_previous(y) + pi p(y)), from the targets'
+    log-probabilities under each (all of one shape, natural log). Co-LLM's marginal likelihood (Shen et al. 2024,
+    "Learning to Decode Collaboratively with Multiple Language Models"), computed in log space."""
+    return -torch.logaddexp(F.logsigmoid(-defer_logit) + logp_previous, F.logsigmoid(defer_logit) + logp)

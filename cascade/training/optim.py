@@ -55,10 +55,13 @@ def adamw_warmup_cosine(
     warmup_steps: int,
     total_steps: int,
     min_lr_ratio: float,
+    others: Iterable[nn.Parameter] = (),
 ) -> dict:
-    """AdamW over `param_groups` and its `warmup_cosine` schedule, stepped every step, as
-    `LightningModule.configure_optimizers` returns them."""
+    """AdamW over `param_groups` (and `others`, at the peak rate without decay: a head trained beside the LLM) and
+    its `warmup_cosine` schedule, stepped every step, as `LightningModule.configure_optimizers` returns them."""
     groups = param_groups(llm, peak_lr, lr_scales, weight_decay)
+    if others := list(others):
+        groups.append({"params": others, "weight_decay": 0.0, "lr": peak_lr, "name": "others"})
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=betas, fused=fused)
     schedule = warmup_cosine(warmup_steps, total_steps, min_lr_ratio)
     scheduler = {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}
