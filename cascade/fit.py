@@ -48,6 +48,11 @@ def run_directory(runs_dir: str, name: str) -> str:
     return str(stages.run_directory(runs_dir, name))
 
 
+def streams_by_router(c) -> bool:
+    """Whether the run's router settings (`GainRouter`) need every hand-over streamed."""
+    return c.num_stages > 1 and (c.router.rounds > 1 or c.router.objective == "mixture")
+
+
 def trained_settings(c) -> dict:
     """What defines a trained stage among a run's settings `c` (recorded in its `done.json`)."""
     shaping = ("max_steps", "max_epochs", "accumulate_grad_batches", "gradient_clip_val", "precision", "devices", "num_nodes",
@@ -142,6 +147,9 @@ class CascadeCLI(LightningCLI):
     def run(self) -> dict | None:
         """Train the stages not complete yet, then evaluate (`cascade.run.stages.run_cascade`)."""
         c = self.config
+        if streams_by_router(c) and c.handover.mode == "materialize":
+            raise ValueError("router.rounds > 1 and router.objective mixture choose a stage's tokens as it trains, so "
+                             "they must be streamed through the LLMs before it: give --handover.mode stream (or auto)")
         return run_cascade(
             self.run_settings(), self.stage_parts, after_last_stage=c.handover.after_last_stage, settings=trained_settings(c),
             data_settings=c.data.as_dict(), trainer_settings=c.trainer, compile=c.model.compile,
@@ -165,6 +173,8 @@ class CascadeCLI(LightningCLI):
         config.model.stage = k
         config.handover.output_dir = str(stage_path / "handover")
         config.checkpoint.dirpath = str(stage_path / "checkpoints")
+        if streams_by_router(config):  # the router chooses the next stage's tokens as it trains: never on disk
+            config.handover.mode = "stream"
         if handover_only:
             config.model.model, config.model.pretrained, config.model.model_config = str(stage_path / "llm"), True, None
             config.trainer.max_steps = 0

@@ -160,3 +160,29 @@ def test_rounds_through_the_command_save_the_router_that_the_evaluation_uses(tmp
     stats = json.loads((run_dir / "eval.json").read_text())["llm_stats"][0]
     assert "learned" in stats["routing_bound"]["gain_auroc"]  # LLM 0 routes by the router in the evaluation
     assert abs(stats["exit_fraction"] - 0.7) < 0.05
+
+
+@pytest.mark.slow
+def test_the_joint_objective_through_the_command_trains_on_every_token_and_routes_by_its_head(tmp_path):
+    corpus(tmp_path)
+    # handover.mode auto streams: the joint objective needs it
+    result = run(tmp_path, "runs", "--router.objective", "mixture", "--eval_routing_bound", "true", "--handover.mode", "auto")
+    run_dir = tmp_path / "runs" / "tiny"
+    second = done(run_dir, 1)
+    assert second["stream"]["hard_fraction"] == 1.0  # LLM 0 hands on every token while LLM 1 trains
+    assert second["router"][0]["objective"] == "mixture" and abs(second["router"][0]["hard_fraction"] - 0.3) < 0.01
+    assert "LLM 0 now routes by the deferral head trained with LLM 1" in result.stderr + result.stdout
+    checkpoint = torch.load(run_dir / "stage_1" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert any(k.startswith("deferral.head.") for k in checkpoint["state_dict"])  # trained with LLM 1, resumed with it
+    stats = json.loads((run_dir / "eval.json").read_text())["llm_stats"][0]
+    assert "learned" in stats["routing_bound"]["gain_auroc"] and abs(stats["exit_fraction"] - 0.7) < 0.05
+
+
+@pytest.mark.slow
+def test_rounds_and_the_joint_objective_need_a_streamed_hand_over(tmp_path):
+    corpus(tmp_path)
+    for extra in (["--router.rounds", "2"], ["--router.objective", "mixture"]):
+        result = subprocess.run(command("runs", "--trainer.max_steps", "5", "--handover.mode", "materialize", *extra),
+                                cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 1 and "must be streamed through the LLMs before it: give --handover.mode stream" in result.stderr
+        assert not (tmp_path / "runs").exists()  # refused before anything was written
