@@ -1,6 +1,7 @@
-"""The stage loop of a run as plain functions: what each stage needs (skip, hand over only, or train), the training of
-one stage from its instantiated parts, the loop over the stages and the evaluation after the last. `cascade.fit`
-parses the settings and instantiates each stage's classes; everything else happens here."""
+"""The stage loop of a run as plain functions: what each stage needs (skip, hand over only, or train),
+the training of one stage from its instantiated parts, the loop over the stages and the evaluation
+after the last. `cascade.fit` parses the settings and instantiates each stage's classes; everything
+else happens here."""
 
 from __future__ import annotations
 
@@ -119,23 +120,25 @@ def plan_stage(k: int, stage_path: Path, hands_over: bool, ckpt_path: str | None
 
 def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, handover_only: bool,
                 ckpt_path: str | None, fingerprint: dict, hold: Callable[[], None], fresh: bool = False) -> Trainer:
-    """Train stage k with its fresh `parts` under a fresh Trainer (resuming from `ckpt_path` or its newest checkpoint
-    recorded with the same `fingerprint`; with `fresh`, from the start, its old checkpoints removed), hand its hard
-    tokens over if it `hands_over`, save its LLM and mark it done with the `fingerprint` that defines it (checkpoints
-    carry it too); `handover_only`: its saved LLM (loaded by `parts.model`) trains no step and only hands over. `hold`
-    takes the run directory before the first write. Returns the stage's Trainer."""
+    """Train stage k with its fresh `parts` under a fresh Trainer (resuming from `ckpt_path` or its
+    newest checkpoint recorded with the same `fingerprint`; with `fresh`, from the start, its old
+    checkpoints removed), hand its hard tokens over if it `hands_over`, save its LLM and mark it
+    done with the `fingerprint` that defines it (checkpoints carry it too); `handover_only`: its
+    saved LLM (loaded by `parts.model`) trains no step and only hands over. `hold` takes the run
+    directory before the first write. Returns the stage's Trainer."""
     model, text, handover = parts.model, parts.data, parts.handover
     limit = max_positions(model.llm.config)
     if limit is not None and text.seq_len > limit:
         raise ValueError(f"data.seq_len {text.seq_len} exceeds the model's {limit} positions; lower it or enlarge the model")
-    joint = parts.router is not None and parts.router.objective == "mixture"
-    datamodule = stage_data(run_dir, k, text, model.hparams.compile, every_token=joint and not handover_only)
+    router = parts.router if k > 0 and not handover_only else None
+    joint = router is not None and router.objective == "mixture"
+    datamodule = stage_data(run_dir, k, text, model.hparams.compile, every_token=joint)
     if k > 0 and model.hparams.warm_start and not handover_only:  # a resumed stage's checkpoint then overwrites it
         identity_start(model.llm, LLM.from_pretrained(stage_dir(run_dir, k - 1) / "llm"))
         rank_zero_info(f"stage {k}: LLM {k} starts predicting exactly what LLM {k - 1} does (warm_start)")
     timer, preemption = TrainingTimer(), PreemptionCheckpoint(stage_dir(run_dir, k) / "checkpoints")
     monitor = [StreamMonitor()] if isinstance(datamodule, StreamDataModule) else []
-    router = parts.router if k > 0 and not handover_only else None  # before the checkpoint: it saves the new routing
+    # the router before the checkpoint, which saves the new routing
     callbacks = [timer, preemption, ProvenanceStamp(fingerprint), *monitor, *([router] if router else []),
                  *([handover] if hands_over else []), *parts.callbacks]
     trainer_settings = stage_trainer_settings(parts.trainer, run_dir, k, callbacks)
@@ -145,9 +148,9 @@ def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, h
         remove_interrupted_writes(run_dir)
     ckpt_path = resume_checkpoint(trainer, stage_dir(run_dir, k) / "checkpoints", k, ckpt_path, handover_only,
                                   fingerprint, fresh)
-    processes = trainer.world_size
+    more = f" and {trainer.world_size - 1} more devices" if trainer.world_size > 1 else ""
     rank_zero_info(f"stage {k}: {'handing over' if handover_only else 'training'} on {trainer.strategy.root_device}"
-                   f"{f' and {processes - 1} more devices' if processes > 1 else ''}, precision {trainer.precision}")
+                   f"{more}, precision {trainer.precision}")
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
