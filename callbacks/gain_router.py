@@ -31,8 +31,10 @@ class GainRouter(Callback):
     on tokens of the validation split, which neither LLM trains on, and calibrated to hand on `hard_ratio` of the
     training tokens reaching LLM k-1, as its own exit function was (`cascade.routing.learned_exit.route_by_gain`).
     LLM k then goes on, from its weights and its optimizer's state, on the tokens that router hands on: what waits in
-    the stream is dropped, so every batch drawn after the round is the new router's (Lightning has drawn one batch
-    ahead by then). This is CITER's alternation of router and model (Zheng et al. 2025), which converges in two rounds.
+    the stream is dropped, so every batch drawn after the round is the new router's but one (Lightning has drawn one
+    batch ahead by then; a stage resumed from the checkpoint of that very step draws it anew, by the new router). This
+    is CITER's alternation of router and model (Zheng et al. 2025), which converges in two rounds. The router is
+    fitted on the validation split: evaluate on other text (`--eval_files`).
 
     The router is in the stage's checkpoints, and once the stage is done in `stage_k/routing/` (LLM k-1's own files
     stay as stage k-1 saved them): the evaluation, `Ensemble.from_pretrained` and the stages after route LLM k-1 by it.
@@ -45,9 +47,9 @@ class GainRouter(Callback):
     to hand on `hard_ratio`, saved and used as the gain router is. LLM k's steps then each see fewer windows.
 
     Args:
-        rounds: Rounds of stage k > 0 (>= 1); rounds > 1 need a streamed hand-over (`--handover.mode stream`).
+        rounds: Rounds of stage k > 0 (>= 1); rounds > 1 stream every hand-over (`--handover.mode` auto or stream).
         objective: `next_token` (LLM k's own loss on the tokens handed on) or `mixture` (the joint objective, one
-            round; it too needs a streamed hand-over).
+            round; it too streams every hand-over).
         tokens: Tokens reaching LLM k-1 from the validation split that the router is fitted on (a tenth held out).
         hidden: Width of the router's (or deferral head's) hidden layer.
         steps: AdamW steps of the router's fit.
@@ -108,7 +110,8 @@ class GainRouter(Callback):
         data, k = trainer.datamodule, pl_module.hparams.stage
         *before, previous = data.frozen_llms
         val = data.text.val_data
-        windows = math.ceil(self.tokens / data.expected_hard_fraction / int(val.lengths.max()))  # enough to reach it
+        reaching = data.expected_hard_fraction / self.hard_ratio  # of the tokens, those reaching LLM k-1
+        windows = math.ceil(self.tokens / reaching / int(val.lengths.max()))
         fit_windows = val.select(torch.arange(min(val.num_sequences, windows)))
         settings, strategy = self.settings(trainer), trainer.strategy
         figures = route_by_gain(
@@ -117,7 +120,9 @@ class GainRouter(Callback):
             rank=trainer.global_rank, world_size=trainer.world_size, reduce=strategy_reduce(strategy),
             broadcast=lambda state: strategy.broadcast(state, src=0), hidden=self.hidden, steps=self.steps,
             settings=settings)
-        data.stream.buffer = None  # what waits was chosen by the old routing
+        data.stream.buffer = None  # what waits was chosen by the old routing: also where a checkpoint resumes
+        for state in data.epochs.snapshots.values():
+            state["buffer"] = None
         self.done, self.routed = self.done + 1, previous
         self.stats.append({"step": trainer.global_step, **figures})
         for logger in trainer.loggers:

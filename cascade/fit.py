@@ -19,6 +19,7 @@ from typing import Optional
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from callbacks.gain_router import GainRouter
@@ -148,8 +149,11 @@ class CascadeCLI(LightningCLI):
         """Train the stages not complete yet, then evaluate (`cascade.run.stages.run_cascade`)."""
         c = self.config
         if streams_by_router(c) and c.handover.mode == "materialize":
-            raise ValueError("router.rounds > 1 and router.objective mixture choose a stage's tokens as it trains, so "
+            raise ValueError("router.rounds > 1 or router.objective mixture choose a stage's tokens as it trains, so "
                              "they must be streamed through the LLMs before it: give --handover.mode stream (or auto)")
+        if c.num_stages > 1 and c.router.rounds > 1 and not c.eval_files:
+            rank_zero_warn("the gain router is fitted on the validation split, which the evaluation then reads too: "
+                           "give --eval_files (text no stage sees) for an unbiased evaluation")
         return run_cascade(
             self.run_settings(), self.stage_parts, after_last_stage=c.handover.after_last_stage, settings=trained_settings(c),
             data_settings=c.data.as_dict(), trainer_settings=c.trainer, compile=c.model.compile,

@@ -17,10 +17,13 @@ from cascade.run.state import read_done, stage_dir
 def stage_fingerprint(run_dir: Path, k: int, settings: dict, data: str) -> dict:
     """Stage k's record: `settings` (`cascade.run.state.stage_settings`; at stage 0 without the `router.*` ones,
     which shape only later stages), `data` (the token cache's name) and `after` (a digest of the checksums of LLM
-    k-1's files, None at stage 0)."""
+    k-1's files, and of the routing of LLM k-2 that stage k-1 saved, None at stage 0)."""
     if k == 0:
         settings = {name: value for name, value in settings.items() if not name.startswith("router.")}
-    files = ((read_done(stage_dir(run_dir, k - 1)) or {}).get("files") or {}).get("llm") if k > 0 else None
+    recorded = ((read_done(stage_dir(run_dir, k - 1)) or {}).get("files") or {}) if k > 0 else {}
+    files = recorded.get("llm")
+    if files and recorded.get("routing"):  # the routing of LLM k-2 that stage k-1 saved shapes stage k's tokens too
+        files = {"llm": files, "routing": recorded["routing"]}
     after = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16] if files else None
     return {"settings": settings, "data": data, "after": after}
 

@@ -18,12 +18,13 @@ from datamodules.stream import StreamDataModule
 from datamodules.text import TextDataModule
 
 
-def stage_data(run_dir: Path, k: int, text: TextDataModule, compile: bool | None,
-               every_token: bool = False) -> TextDataModule | SequenceDataModule | StreamDataModule:
+def stage_data(run_dir: Path, k: int, text: TextDataModule, compile: bool | None, every_token: bool = False,
+               handover_only: bool = False) -> TextDataModule | SequenceDataModule | StreamDataModule:
     """Stage 0 reads the corpus (tokenized, or its cache checked, before anything is written); stage k > 0 the
     hand-over of stage k - 1, with its own shuffle seed (its data order does not depend on stage 0's): read from disk,
     or where stage k - 1 streamed, the corpus streamed through the frozen LLMs 0..k-1 (run as the stage's model,
-    `compile`); with `every_token`, every token reaching LLM k-1 (`StreamDataModule`)."""
+    `compile`); with `every_token`, every token reaching LLM k-1 (`StreamDataModule`). Each frozen LLM routes by the
+    routing the stage after it saved (`routing_dir`), but LLM k-1 while stage k trains, which chooses its own."""
     if k == 0:
         text.prepare_data()
         text.setup()  # its windows checked against the settings before the run writes
@@ -33,7 +34,7 @@ def stage_data(run_dir: Path, k: int, text: TextDataModule, compile: bool | None
         return text.handover_data(stage_dir(run_dir, k - 1) / "handover", k)
     text.prepare_data()
     llms = [stage_dir(run_dir, j) / "llm" for j in range(k)]
-    routings = [routing_dir(run_dir, j) for j in range(k - 1)] + [None]  # LLM k-1's is what stage k itself chooses
+    routings = [routing_dir(run_dir, j) if j < k - 1 or handover_only else None for j in range(k)]
     if any("hard_fraction" not in h for h in handovers):
         raise ValueError(f"stage {k} streams after stages 0..{k - 1}, but one of their done.json lacks its hand-over's "
                          "hard_fraction: train those stages again (give the run a new --name)")

@@ -168,3 +168,25 @@ def test_one_and_two_processes_route_alike(tmp_path):
     one, two = (torch.load(tmp_path / f"routed-{n}.pt") for n in (1, 2))
     assert torch.equal(one["threshold"], two["threshold"])
     assert torch.equal(one["hard"], two["hard"]) and 0 < one["hard"].float().mean() < 1
+
+
+def test_each_frozen_llm_routes_by_what_the_stage_after_it_saved_but_the_one_the_stage_trains_after(tmp_path):
+    from cascade.ensemble import ROUTING_FILE
+    from cascade.run.stage_inputs import stage_data
+    from cascade.run.state import mark_stage_done
+
+    text = corpus(tmp_path)
+    run_dir = tmp_path / "run"
+    for k in range(3):
+        (run_dir / f"stage_{k}").mkdir(parents=True)
+        mark_stage_done(run_dir / f"stage_{k}", {"handover": {"mode": "stream", "hard_fraction": 0.3}, "files": {}})
+        if k:  # stage k re-routed LLM k-1
+            (run_dir / f"stage_{k}" / "routing").mkdir()
+            (run_dir / f"stage_{k}" / "routing" / ROUTING_FILE).write_text("{}")
+    routing = [run_dir / "stage_1" / "routing", run_dir / "stage_2" / "routing"]
+    # stage 2 trains: LLM 0 as stage 1 routed it, LLM 1 by its own (stage 2 chooses anew)
+    assert stage_data(run_dir, 2, text, False).routing_dirs == [routing[0], None]
+    # stage 2 only hands over (a run extended by a stage): LLM 1 too as stage 2 routed it
+    assert stage_data(run_dir, 2, text, False, handover_only=True).routing_dirs == routing
+    joint = stage_data(run_dir, 2, text, False, every_token=True)  # LLM 1 hands on all: 0.3 of the tokens reach it
+    assert joint.every_token and abs(joint.expected_hard_fraction - 0.3) < 1e-9
