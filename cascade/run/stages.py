@@ -132,7 +132,7 @@ def train_stage(run_dir: Path, k: int, parts: StageParts, *, hands_over: bool, h
         raise ValueError(f"data.seq_len {text.seq_len} exceeds the model's {limit} positions; lower it or enlarge the model")
     router = parts.router if k > 0 and not handover_only else None
     joint = router is not None and router.objective == "mixture"
-    datamodule = stage_data(run_dir, k, text, model.hparams.compile, every_token=joint, handover_only=handover_only)
+    datamodule = stage_data(run_dir, k, text, model.hparams.compile, joint, handover_only)
     if k > 0 and model.hparams.warm_start and not handover_only:  # a resumed stage's checkpoint then overwrites it
         identity_start(model.llm, LLM.from_pretrained(stage_dir(run_dir, k - 1) / "llm"))
         rank_zero_info(f"stage {k}: LLM {k} starts predicting exactly what LLM {k - 1} does (warm_start)")
