@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from cascade.exit_fn import ExitFn, exit_fn_name, get_exit_fn
-from cascade.model.attention import own_masks
+from cascade.model.attention import own_masks, wants_flex_attention
 from cascade.model.backbone_inputs import rows_inputs
 from cascade.model.exit_classifier import CLASSIFIER_FILE, ExitClassifier
 from cascade.model.families import (backbone, check_family, decoder_layers, family,
@@ -140,8 +140,7 @@ class LLM(nn.Module):
     ) -> dict:
         """What `forward` gives the model's backbone: the inputs, positions and the masks of
         `segment_ids`."""
-        # flex attention when training on a GPU; Mixture-of-Depths gathers 4D masks per layer
-        flex = self.training and x.is_cuda and self.mod is None
+        flex = wants_flex_attention(self.config, self.training, x.is_cuda, self.mod is not None)
         return rows_inputs(self.base_llm, x, input_type, position_ids, segment_ids, flex)
 
     @property

@@ -80,6 +80,15 @@ def own_masks(model: PreTrainedModel) -> bool:
     return True
 
 
+def wants_flex_attention(config, training: bool, cuda: bool, routed: bool) -> bool:
+    """Whether packed rows get a flex-attention `BlockMask` rather than a 4D mask to SDPA: in training on a GPU, inside
+    `torch.compile` (eager, flex attention and its mask run PyTorch's reference path, far slower than SDPA) and with
+    no attention dropout (flex attention has none: a 4D mask would be materialised from the BlockMask at every
+    layer); not under Mixture-of-Depths (`routed`), which gathers 4D masks per layer."""
+    dropout = getattr(config, "attn_pdrop", None) or getattr(config, "attention_dropout", 0.0) or 0.0
+    return training and cuda and not routed and torch.compiler.is_compiling() and not dropout
+
+
 def flex_block_mask(segment_ids: Tensor) -> "BlockMask":
     """(B, T) segment ids -> a BlockMask of `block_causal_mask`: k <= q in the same segment (padding: segment -1)."""
 

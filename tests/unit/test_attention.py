@@ -52,3 +52,20 @@ def test_the_switch_is_not_saved(tmp_path):
     assert ATTENTION not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
     assert LLM.from_pretrained(tmp_path).base_llm.config._attn_implementation == ATTENTION
+
+
+def test_packed_rows_take_flex_attention_only_where_it_is_fast():
+    """Compiled GPU training without attention dropout; eager (the reference path), with dropout (a 4D mask would be
+    built from the BlockMask at every layer), in evaluation, on the CPU or under Mixture-of-Depths: SDPA's 4D mask."""
+    from transformers import GPT2Config, LlamaConfig
+
+    from cascade.model.attention import wants_flex_attention
+
+    no_dropout = GPT2Config(attn_pdrop=0.0)
+    compiled = torch.compile(lambda config, *a: wants_flex_attention(config, *a), backend="eager", fullgraph=True)
+    assert compiled(no_dropout, True, True, False) is True
+    assert compiled(LlamaConfig(attention_dropout=0.0), True, True, False) is True
+    assert compiled(GPT2Config(), True, True, False) is False  # GPT-2's default attn_pdrop 0.1
+    for args in ((False, True, False), (True, False, False), (True, True, True)):
+        assert compiled(no_dropout, *args) is False, args
+    assert wants_flex_attention(no_dropout, True, True, False) is False  # eager
