@@ -4,7 +4,6 @@ checkpoint, and the same with one process and with two."""
 
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -156,7 +155,6 @@ def _route(rank: int, world_size: int, tmp_path, port: int) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_one_and_two_processes_route_alike(tmp_path):
     """The same threshold and hard set with one process and with two (gloo): the router is rank 0's, the threshold
     the exact quantile of both processes' scores."""
