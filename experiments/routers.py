@@ -50,7 +50,7 @@ def router_runs(args, runner: Runner, steps: tuple[int, int], layers: tuple[int,
         except RuntimeError as e:
             return {"error": str(e)[-800:]}
         done = json.loads((runs / name / "stage_1" / "done.json").read_text())
-        return {**summary(result, reference_flops(args), args), "router": done.get("router")}
+        return {**summary(result, reference_flops(args), args), "rerouted": done.get("router")}
 
     with ThreadPoolExecutor(args.parallel) as pool:
         return dict(zip(args.routers, pool.map(one, args.routers)))

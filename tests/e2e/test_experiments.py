@@ -67,3 +67,21 @@ def test_frontier_smoke(tmp_path):
         assert row["oracle"] <= row["ppl"] and 0 <= row["gain_auroc"]["cosine"] <= 1
         assert routed["fit"]["target"] == "gain" and abs(routed["hard_fraction"] - 0.3) < 0.1
     assert "| cascade-2+2-cosine-identity, gain router after |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_routers_smoke(tmp_path):
+    """One LLM 0, then an LLM 1 after a copy of it per router: each row's routing as the router said."""
+    script = SCRIPT.parent / "routers.py"
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--routers", "exit",
+                             "gain1", "mixture", "--parallel", "3"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["router"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert set(rows) == {"exit", "gain1", "mixture"} and not [r for r in rows.values() if "error" in r], rows
+    assert rows["exit"]["rerouted"] is None and "learned" not in rows["exit"]["gain_auroc"]
+    assert [r.get("objective", "next_token") for r in rows["gain1"]["rerouted"]] == ["next_token"]
+    assert rows["mixture"]["rerouted"][0]["objective"] == "mixture"
+    for name in ("gain1", "mixture"):  # LLM 0 routes by what stage 1 saved, at the run's fraction
+        assert "learned" in rows[name]["gain_auroc"] and abs(rows[name]["hard_fraction"] - 0.3) < 0.1
+    assert len({r["llm0_ppl"] for r in rows.values()}) == 1  # one LLM 0 for every router
+    assert "| gain1 | 0 |" in (tmp_path / "results.md").read_text()
