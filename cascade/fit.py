@@ -191,6 +191,8 @@ class CascadeCLI(LightningCLI):
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, RunDirectoryInUse, FloatingPointError,
                MisconfigurationException)  # what settings and data cause (a diverged run included)
 DISK_ERRORS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
+DISK_REMEDIES = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there or raise the quota",
+                 errno.EROFS: "it cannot be written"}
 
 
 def main(args=None) -> dict | None:
@@ -218,11 +220,11 @@ def command_line() -> int:
 
 
 def disk_error(e: OSError, run: RunSettings) -> str:
-    """One line for a disk that refused a write: the file, and the free space where the run writes."""
+    """One line for a disk that refused a write: the file, the free space where the run writes, and what to do."""
     where = e.filename or run.run_dir
-    free = free_bytes(where) / 1e9
-    return (f"{DISK_ERRORS[e.errno]} writing {where} ({free:.3g} GB free there): free space there, or give --runs_dir "
-            "(and --data.cache_dir) on another disk; re-running the same command resumes where it stopped")
+    free = f" ({free_bytes(where) / 1e9:.3g} GB free there)" if e.errno != errno.EROFS else ""
+    return (f"{DISK_ERRORS[e.errno]} writing {where}{free}: {DISK_REMEDIES[e.errno]}, or give --runs_dir (and "
+            "--data.cache_dir) on another disk; re-running the same command resumes where it stopped")
 
 
 if __name__ == "__main__":

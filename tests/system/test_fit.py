@@ -93,18 +93,22 @@ def test_a_missing_eval_file_fails_before_any_training(tmp_path):
     assert not (tmp_path / "runs" / "tiny" / "stage_0").exists()
 
 
-def test_a_full_disk_is_one_line_naming_the_file_and_the_way_on(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("code, said", [("ENOSPC", "no space left writing {} (1.5 GB free there): free space there"),
+                                        ("EDQUOT", "disk quota exceeded writing {} (1.5 GB free there): free space "
+                                                   "there or raise the quota"),
+                                        ("EROFS", "read-only file system writing {}: it cannot be written")])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_way_on(monkeypatch, capsys, tmp_path, code, said):
     import errno
 
     import cascade.fit as fit
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / "x" / "stage_0" / "llm"))
+        raise OSError(getattr(errno, code), "refused", str(tmp_path / "runs" / "x" / "stage_0" / "llm"))
 
     monkeypatch.setattr(fit, "run_cascade", full)
+    monkeypatch.setattr(fit, "free_bytes", lambda path: 1.5e9)
     monkeypatch.setattr("sys.argv", ["cascade.fit", "--runs_dir", str(tmp_path / "runs"), "--name", "x"])
     assert fit.command_line() == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: no space left writing {tmp_path / 'runs' / 'x' / 'stage_0' / 'llm'} (")
-    assert "GB free there): free space there, or give --runs_dir" in err and "re-running the same command resumes" in err
-    assert "Traceback" not in err
+    assert err.startswith("error: " + said.format(tmp_path / "runs" / "x" / "stage_0" / "llm") + ", or give --runs_dir")
+    assert "re-running the same command resumes" in err and "Traceback" not in err
