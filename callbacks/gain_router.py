@@ -77,6 +77,7 @@ class GainRouter(Callback):
         self.stats: list[dict] = []  # each re-routing's figures
         self.routed: LLM | None = None  # LLM k-1, once routed by a gain router
         self._restore: dict | None = None
+        self._bounds: list[int] = []  # the steps after which a round ends, set when training starts
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         k, joint = pl_module.hparams.stage, self.objective == "mixture"
@@ -95,14 +96,14 @@ class GainRouter(Callback):
         return [math.ceil(total * r / self.rounds) for r in range(1, self.rounds)]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._bounds = self.boundaries(trainer) if pl_module.hparams.stage > 0 else []  # once, not every step
         if self._restore is not None:  # a resumed stage routes as it did when checkpointed
             previous = trainer.datamodule.frozen_llms[-1]
             set_routing(previous, self._restore)
             self.routed, self._restore = previous, None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        bounds = self.boundaries(trainer) if pl_module.hparams.stage > 0 else []
-        if self.done < len(bounds) and trainer.global_step >= bounds[self.done]:
+        if self.done < len(self._bounds) and trainer.global_step >= self._bounds[self.done]:
             self.reroute(trainer, pl_module)
 
     def reroute(self, trainer: Trainer, pl_module: LightningModule) -> None:

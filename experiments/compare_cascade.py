@@ -28,8 +28,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runs import add_model_arguments, run_fit  # beside this script
-from smoke_text import write_smoke_text
+from runs import add_model_arguments, prepare_files, run_fit  # beside this script
 
 EXIT_FNS = ("cosine", "max_prob", "neg_entropy", "learned")
 
@@ -236,16 +235,10 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=6, help="runs at once (tiny models share a GPU well)")
     parser.add_argument("--smoke", action="store_true", help="tiny runs on Python's own help text (CPU)")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_files(args, parser)
     if args.smoke:
-        args.train, args.eval = write_smoke_text(out, eval_chars=15_000)
-        args.vocab_size, args.seq_len, args.dim, args.batch_size = 300, 32, 32, 8
         args.select_steps, args.val_every, args.val_batches, args.seeds = [4, 8], 4, 2, [0]
         args.headline_exit_fns, args.parallel = ["cosine"], 2
-    elif not (args.train and args.eval):
-        parser.error("give --train and --eval text files (or --smoke)")
-    args.train, args.eval = [str(Path(f).resolve()) for f in args.train], [str(Path(f).resolve()) for f in args.eval]
     runner = Runner(args)
     held_out_split(args.train, out)  # once, before the runs share it
     report = {"setup": vars(args), "selection": {"curves": {}, "held_out_ppl": {}}}

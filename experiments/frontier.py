@@ -29,8 +29,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runs import add_model_arguments, run_fit  # beside this script
-from smoke_text import write_smoke_text
+from runs import add_model_arguments, prepare_files, run_fit  # beside this script
 
 
 class Runner:
@@ -227,17 +226,11 @@ def main() -> None:
                         help="skip fitting a gain router to each cascade after it (experiments/gain_router.py)")
     parser.add_argument("--smoke", action="store_true", help="tiny runs on Python's own help text (CPU)")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_files(args, parser)
     if args.smoke:
-        args.train, args.eval = write_smoke_text(out, eval_chars=15_000)
-        args.vocab_size, args.seq_len, args.dim, args.batch_size, args.passes = 300, 32, 32, 8, 0.2
-        args.val_every, args.val_batches, args.seeds, args.parallel = 10, 2, [0], 2
+        args.passes, args.val_every, args.val_batches, args.seeds, args.parallel = 0.2, 10, 2, [0], 2
         args.cascades, args.budget_of, args.exit_fns, args.headline = ["2+2"], "2+2", ["cosine"], []
         args.singles = [1, 2]
-    elif not (args.train and args.eval):
-        parser.error("give --train and --eval files (or --smoke)")
-    args.train, args.eval = [str(Path(f).resolve()) for f in args.train], [str(Path(f).resolve()) for f in args.eval]
     setup = {**plan(args, training_tokens(args)), "budget_of": args.budget_of, "args": vars(args)}
     print(f"plan: {json.dumps({k: v for k, v in setup.items() if k != 'args'})}", flush=True)
     runner, jobs = Runner(args), {}

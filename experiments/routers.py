@@ -25,8 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from frontier import Runner, plan, reference_flops, summary, training_tokens  # beside this script
-from runs import add_model_arguments
-from smoke_text import write_smoke_text
+from runs import add_model_arguments, prepare_files
 
 ROUTERS = {"exit": [], "gain1": ["--router.rounds", "2"], "gain2": ["--router.rounds", "3"],
            "mixture": ["--router.objective", "mixture"]}
@@ -90,15 +89,9 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="stage-1 runs at once")
     parser.add_argument("--smoke", action="store_true", help="tiny runs on Python's own help text (CPU)")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_files(args, parser)
     if args.smoke:
-        args.train, args.eval = write_smoke_text(out, eval_chars=15_000)
-        args.vocab_size, args.seq_len, args.dim, args.batch_size, args.passes = 300, 32, 32, 8, 0.2
-        args.val_every, args.val_batches, args.cascade, args.router_tokens = 10, 2, "2+2", 2_000
-    elif not (args.train and args.eval):
-        parser.error("give --train and --eval files (or --smoke)")
-    args.train, args.eval = [str(Path(f).resolve()) for f in args.train], [str(Path(f).resolve()) for f in args.eval]
+        args.passes, args.val_every, args.val_batches, args.cascade, args.router_tokens = 0.2, 10, 2, "2+2", 2_000
     args.cascades, args.budget_of, args.singles = [args.cascade], args.cascade, []
     setup = plan(args, training_tokens(args))
     print(f"plan: {json.dumps(setup)}", flush=True)

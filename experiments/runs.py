@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from smoke_text import write_smoke_text  # beside this script
+
 
 def run_fit(out: Path, log, name: str, args: list[str]) -> dict:
     """`python -m cascade.fit --name name --runs_dir out/runs ARGS` in a subprocess: its output appended to
@@ -37,3 +39,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--hard-ratio", type=float, default=0.3)
+
+
+def prepare_files(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """Make the output directory `args.out` and return it; with `args.smoke`, write Python's own help text there as
+    the training and evaluation files and shrink the model (a BPE of 300, windows of 32, width 32, batches of 8),
+    else require `args.train` and `args.eval`; the files resolved to absolute paths (the runs start elsewhere)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        args.train, args.eval = write_smoke_text(out, eval_chars=15_000)
+        args.vocab_size, args.seq_len, args.dim, args.batch_size = 300, 32, 32, 8
+    elif not (args.train and args.eval):
+        parser.error("give --train and --eval files (or --smoke)")
+    args.train, args.eval = [str(Path(f).resolve()) for f in args.train], [str(Path(f).resolve()) for f in args.eval]
+    return out
