@@ -24,9 +24,10 @@ from lightning_modules import StageModule
 TINY = {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}
 
 
-def corpus(tmp_path) -> TextDataModule:
-    write_corpus(tmp_path / "train.txt", 300)
-    write_corpus(tmp_path / "val.txt", 40)
+def corpus(tmp_path, write: bool = True) -> TextDataModule:
+    if write:  # spawned processes read what the test wrote: writing it again races with the other process's reading
+        write_corpus(tmp_path / "train.txt", 300)
+        write_corpus(tmp_path / "val.txt", 40)
     text = TextDataModule(train_files=[str(tmp_path / "train.txt")], val_files=[str(tmp_path / "val.txt")],
                           vocab_size=300, seq_len=32, batch_size=8, cache_dir=str(tmp_path / "cache"))
     text.setup()
@@ -134,7 +135,7 @@ def _route(rank: int, world_size: int, tmp_path, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        text = corpus(tmp_path)
+        text = corpus(tmp_path, write=False)
         llm0, llm1 = LLM.from_pretrained(tmp_path / "llm0"), LLM.from_pretrained(tmp_path / "llm1")
 
         def reduce(t, op):
