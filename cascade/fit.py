@@ -28,7 +28,7 @@ from cascade.data.atomic import free_bytes
 from cascade.run import stages
 from cascade.run.stage_runner import TRAINER_DEFAULTS
 from cascade.run.stages import RunSettings, RunStopped, StageParts, run_cascade
-from cascade.run.state import RunDirectoryInUse, stage_dir, stage_settings
+from cascade.run.state import RunDirectoryInUse, RunDirectoryUnwritable, stage_dir, stage_settings
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule
 
@@ -188,8 +188,8 @@ class CascadeCLI(LightningCLI):
         return config
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, RunDirectoryInUse, FloatingPointError,
-               MisconfigurationException)  # what settings and data cause (a diverged run included)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, RunDirectoryInUse, RunDirectoryUnwritable,
+               FloatingPointError, MisconfigurationException)  # what settings and data cause (a diverged run included)
 DISK_ERRORS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
 DISK_REMEDIES = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there or raise the quota",
                  errno.EROFS: "it cannot be written"}

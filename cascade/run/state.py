@@ -149,6 +149,10 @@ class RunDirectoryInUse(RuntimeError):
     """Another run holds the run directory."""
 
 
+class RunDirectoryUnwritable(RuntimeError):
+    """The run directory cannot be made or written: a file stands in its path, or the user may not write there."""
+
+
 class RunLock:
     """One run at a time in a run directory: an exclusive `flock` on `<run_dir>/.lock`, held until the process ends.
 
@@ -159,8 +163,14 @@ class RunLock:
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / LOCK
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a+")
+        except (PermissionError, FileExistsError, NotADirectoryError) as e:
+            raise RunDirectoryUnwritable(
+                f"cannot write the run directory {self.path.parent} ({e.strerror}: {e.filename}): give --runs_dir a "
+                "directory you may write in"
+            ) from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -11,7 +11,7 @@ import torch
 
 from cascade.run.checkpoint_io import AtomicCheckpointIO, remove_partial_checkpoints
 from cascade.fit import main
-from cascade.run.state import RunDirectoryInUse, RunLock, latest_checkpoint
+from cascade.run.state import RunDirectoryInUse, RunDirectoryUnwritable, RunLock, latest_checkpoint
 from conftest import flip, tiny_args, write_corpus
 from datamodules.tokens import load_tokens
 
@@ -167,6 +167,14 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_holder(tmp_pat
         RunLock(tmp_path / "run")
     held.release()
     assert RunLock(tmp_path / "run").previous is None, "released, not taken over"
+
+
+def test_a_runs_dir_where_a_file_stands_is_named_with_what_to_do(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", 30)
+    (tmp_path / "runs").write_text("a file, not a directory")
+    with pytest.raises(RunDirectoryUnwritable, match=rf"run directory {tmp_path}/runs/tiny \(Not a directory: .*--runs_dir"):
+        main(tiny_args(tmp_path, corpus))
+    assert (tmp_path / "runs").read_text() == "a file, not a directory"
 
 
 # -- documents of a corpus file ---------------------------------------------------------------------------------------
