@@ -27,8 +27,9 @@ from cascade.run.provenance import changes, refusal, stage_fingerprint
 from cascade.run.stage_inputs import resume_checkpoint, stage_data
 from cascade.run.stage_runner import (check_trainer_settings, evaluation_trainer, record_stage, remove_interrupted_writes,
                                       stage_trainer_settings)
-from cascade.run.state import (RunHold, check_run_directory, checkpoint_problem, check_stage_selection, read_done,
-                               saved_tokenizer_problem, stage_dir, stage_problem, trained_without_handover)
+from cascade.run.lock import RunHold, check_run_directory
+from cascade.run.state import (checkpoint_problem, check_stage_selection, read_done, saved_tokenizer_problem, stage_dir,
+                               stage_problem, trained_without_handover)
 from cascade.training.warm_start import identity_start
 from datamodules.corpus import check_eval_files
 from datamodules.stream import StreamDataModule

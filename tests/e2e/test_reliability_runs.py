@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from cascade.fit import main
-from cascade.run.state import RunDirectoryInUse, RunLock
+from cascade.run.lock import RunDirectoryInUse, RunLock
 from conftest import flip, tiny_args, write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,7 +136,7 @@ def test_the_command_prints_one_line_for_a_user_error_and_the_traceback_under_de
 @pytest.mark.slow
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from cascade.run.state import RunLock; l = RunLock(sys.argv[1]); "
+        [sys.executable, "-c", "import sys, time; from cascade.run.lock import RunLock; l = RunLock(sys.argv[1]); "
          "print('held', flush=True); time.sleep(60)", str(tmp_path / "run")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )

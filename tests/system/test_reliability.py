@@ -11,7 +11,8 @@ import torch
 
 from cascade.run.checkpoint_io import AtomicCheckpointIO, remove_partial_checkpoints
 from cascade.fit import main
-from cascade.run.state import RunDirectoryInUse, RunDirectoryUnwritable, RunLock, latest_checkpoint
+from cascade.run.lock import RunDirectoryInUse, RunDirectoryUnwritable, RunLock
+from cascade.run.state import latest_checkpoint
 from conftest import flip, tiny_args, write_corpus
 from datamodules.tokens import load_tokens
 

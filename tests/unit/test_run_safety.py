@@ -13,7 +13,8 @@ import torch
 
 from cascade.data.atomic import remove_leftovers, write_directory
 from cascade.model.hf_models import build_causal_lm
-from cascade.run.state import check_run_directory, checkpoint_problem
+from cascade.run.lock import check_run_directory
+from cascade.run.state import checkpoint_problem
 from datamodules.tokens import cache_lock
 
 
