@@ -3,6 +3,7 @@ folder on sys.path, so a test anywhere below imports them with `from conftest im
 Lightning when it loads: the unit tier runs without it (TokenCounter, a Lightning callback, is built on first use)."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,11 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaC
 
 # The tests' tensors are tiny: a second intra-op thread gains nothing, and where the cores are shared (this 2-core
 # machine running other work, a CI runner) OpenMP's spin-waiting makes every op many times slower (tests/unit took 90 s
-# instead of 10 s under a load of 5). Commands the tests start as subprocesses keep torch's default.
+# instead of 10 s under a load of 5). The same for the commands the tests start (`python -m cascade.fit`, benchmarks,
+# experiments), the more so as `pytest -n auto`
+# runs a test on each core (pytest-xdist).
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 VOCAB = 97
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -175,6 +179,20 @@ def tiny_args(tmp_path, corpus, *extra):
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--handover.hard_ratio", "0.3",
         *extra,
+    ]
+
+
+def one_stage_args(runs_dir, *extra):
+    """`python -m cascade.fit`'s arguments for one tiny stage of 80 steps on `corpus.txt` in the working directory,
+    checkpointed every 10 steps."""
+    return [
+        "--name", "tiny", "--runs_dir", str(runs_dir), "--num_stages", "1",
+        "--model.model_config", '{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}', "--model.lr", "3e-3",
+        "--model.warmup_steps", "5", "--data.train_files", "[corpus.txt]", "--data.vocab_size", "300",
+        "--data.seq_len", "32", "--data.batch_size", "8", "--data.cache_dir", "cache", "--trainer.max_steps", "80",
+        "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "25", "--trainer.check_val_every_n_epoch",
+        "null", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--checkpoint.every_n_train_steps", "10", "--eval_curve", "false", *extra,
     ]
 
 

@@ -10,21 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_corpus
-
-TINY = '{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}'
-
+from conftest import one_stage_args, write_corpus
 
 def command(runs_dir, *extra):
-    return [
-        sys.executable, "-m", "cascade.fit", "--name", "tiny", "--runs_dir", str(runs_dir), "--num_stages", "1",
-        "--model.model_config", TINY, "--model.lr", "3e-3", "--model.warmup_steps", "5",
-        "--data.train_files", "[corpus.txt]", "--data.vocab_size", "300", "--data.seq_len", "32",
-        "--data.batch_size", "8", "--data.cache_dir", "cache", "--trainer.max_steps", "80",
-        "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "25", "--trainer.check_val_every_n_epoch",
-        "null", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-        "--checkpoint.every_n_train_steps", "10", "--eval_curve", "false", *extra,
-    ]
+    return [sys.executable, "-m", "cascade.fit", *one_stage_args(runs_dir, *extra)]
 
 
 def run(cwd, runs_dir, *extra):
@@ -72,26 +61,6 @@ def test_a_diverged_run_stops_at_once_with_one_line(tmp_path):
     line = one_error_line(result)
     assert "stage 0 diverged: the loss was" in line and "at step" in line and "learning rate" in line
     assert not list((tmp_path / "runs" / "tiny" / "stage_0").glob("done.json"))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("extra, said", [
-    (("--model.model_config", '{"n_layers": 3}'), "has no key 'n_layers' (did you mean 'n_layer'?)"),
-    (("--name", "../outside"), "must name a directory under --runs_dir"),
-    (("--data.batch_size", "100000"), "data.batch_size 100000 is more than the"),
-    (("--trainer.accelerator", "gpu"), "gpu"),
-    (("--ckpt_path", "corpus.txt"), "--ckpt_path: corpus.txt is not a complete checkpoint"),
-    (("--data.train_files", "[rows.jsonl]"), "rows.jsonl: row 1 has no 'text' text"),
-    (("--eval_batch_size", "0"), "eval_batch_size must be >= 1"),  # not read as "unset"
-    (("--handover.batch_size", "0"), "handover.batch_size must be >= 1"),
-    (("--model.model", "./no-such-model", "--model.pretrained", "true"), "no such directory"),
-])
-def test_bad_input_is_one_line_and_writes_nothing_in_the_run(tmp_path, extra, said):
-    write_corpus(tmp_path / "corpus.txt", 200)
-    (tmp_path / "rows.jsonl").write_text('{"text": "some words"}\n{"text": null}\n')
-    line = one_error_line(run(tmp_path, "runs", *extra))
-    assert said in line, line
-    assert not (tmp_path / "runs" / "tiny").exists() and not (tmp_path / "outside").exists()
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The streamed hand-over through the command: two processes (gloo), a kill and a resume, corpora of two sizes, three
 stages."""
 
+import contextlib
 import json
 import os
 import signal
@@ -98,13 +99,15 @@ def test_streamed_stage_killed_and_resumed_ends_with_the_uninterrupted_weights(t
 
 def measured(tmp_path: Path, copies: int, mode: str) -> dict:
     """What a run in `mode` wrote and held at its peak, on the corpus repeated `copies` times, tokenized beforehand by
-    another process (the token cache is the corpus, not the hand-over)."""
+    this process (the token cache is the corpus, not the hand-over)."""
+    from datamodules.text import TextDataModule
+
     folder = tmp_path / f"{mode}-{copies}"
     folder.mkdir()
     corpus(folder, copies, paragraphs=500)
-    tokenize = ("from datamodules.text import TextDataModule; TextDataModule(train_files=['corpus.txt'], "
-                "val_files=['val.txt'], vocab_size=300, seq_len=32, cache_dir='cache').prepare_data()")
-    subprocess.run([sys.executable, "-c", tokenize], cwd=folder, check=True, capture_output=True, timeout=600)
+    with contextlib.chdir(folder):  # the paths as the command gives them
+        TextDataModule(train_files=["corpus.txt"], val_files=["val.txt"], vocab_size=300, seq_len=32,
+                       cache_dir="cache").prepare_data()
     stats = folder / "process.json"
     result = run(folder, "runs", "--handover.mode", mode, "--trainer.max_steps", "30", "--model.model_config",
                  '{"n_embd": 256, "n_layer": 2, "n_head": 2, "n_positions": 64}', "--handover.host_memory_gb", "100",

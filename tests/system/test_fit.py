@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cascade.fit import CascadeCLI, main
-from conftest import SHARED_DATA, tiny_args, write_corpus
+from conftest import SHARED_DATA, one_stage_args, tiny_args, write_corpus
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -112,3 +112,30 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_way_on(monkeypatch, cap
     err = capsys.readouterr().err
     assert err.startswith("error: " + said.format(tmp_path / "runs" / "x" / "stage_0" / "llm") + ", or give --runs_dir")
     assert "re-running the same command resumes" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, said", [
+    (("--model.model_config", '{"n_layers": 3}'), "has no key 'n_layers' (did you mean 'n_layer'?)"),
+    (("--name", "../outside"), "must name a directory under --runs_dir"),
+    (("--data.batch_size", "100000"), "data.batch_size 100000 is more than the"),
+    (("--trainer.accelerator", "gpu"), "gpu"),
+    (("--ckpt_path", "corpus.txt"), "--ckpt_path: corpus.txt is not a complete checkpoint"),
+    (("--data.train_files", "[rows.jsonl]"), "rows.jsonl: row 1 has no 'text' text"),
+    (("--eval_batch_size", "0"), "eval_batch_size must be >= 1"),  # not read as "unset"
+    (("--handover.batch_size", "0"), "handover.batch_size must be >= 1"),
+    (("--model.model", "./no-such-model", "--model.pretrained", "true"), "no such directory"),
+])
+def test_bad_input_is_one_line_and_writes_nothing_in_the_run(monkeypatch, capsys, tmp_path, extra, said):
+    """The command's own entry point, in this process (the command as a process: tests/e2e/test_reliability_runs.py)."""
+    import cascade.fit as fit
+
+    write_corpus(tmp_path / "corpus.txt", 200)
+    (tmp_path / "rows.jsonl").write_text('{"text": "some words"}\n{"text": null}\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["cascade.fit", *one_stage_args("runs", *extra)])
+    assert fit.command_line() == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert said in errors[0], errors[0]
+    assert not (tmp_path / "runs" / "tiny").exists() and not (tmp_path / "outside").exists()
