@@ -39,6 +39,11 @@ TINY_CONFIGS = {  # config class and its tiny settings; overrides go to the cons
 ARCHS = sorted(TINY_CONFIGS)
 
 
+def pytest_collection_modifyitems(items):
+    """The tests marked `long` first (in their order), so that under `pytest -n auto` the cores finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def tiny_model(arch: str = "gpt2", seed: int = 0, attn: str = "sdpa", **overrides):
     """A randomly initialised tiny HF CausalLM in eval mode."""
     config_class, settings = TINY_CONFIGS[arch]

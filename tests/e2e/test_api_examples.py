@@ -43,6 +43,7 @@ def test_seed_usage_example(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_readme_python_example_runs_as_printed(tmp_path, monkeypatch, capsys):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## The Python API", 1)[1]

@@ -40,6 +40,7 @@ def test_packing_waste_script_reports_best_fit_below_next_fit(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_bench_fit_smoke_accounts_for_the_command_phase_by_phase():
     """The main command's phases, read back from its run directory, and the wall clock they leave unaccounted."""
     result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fit.py"), "--smoke", "--baselines"], capture_output=True,

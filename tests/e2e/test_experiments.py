@@ -31,6 +31,7 @@ def test_compare_layer_exits_smoke(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_compare_cascade_smoke(tmp_path):
     script = SCRIPT.parent / "compare_cascade.py"
     result = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--steps", "4",
@@ -48,6 +49,7 @@ def test_compare_cascade_smoke(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_frontier_smoke(tmp_path):
     """Single models at the cascade's training FLOPs beside the cascade, and the gain router fitted after it."""
     script = SCRIPT.parent / "frontier.py"

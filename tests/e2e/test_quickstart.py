@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_quickstart_runs_offline_and_writes_the_evaluation(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HOME": str(tmp_path)}  # empty cache
     command = [sys.executable, "-m", "cascade.fit", "--config", str(ROOT / "configs" / "quickstart.yaml")]

@@ -67,6 +67,7 @@ def test_killed_mid_training_and_rerun_ends_with_the_same_weights(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_rerun_skips_complete_stages_and_redoes_partial_ones(tmp_path):
     write_corpus(tmp_path / "corpus.txt", 150)
     run(tmp_path, "runs", "--trainer.max_steps", "20")

@@ -71,6 +71,7 @@ def test_two_processes_stream_batches_of_one_shape_and_finish(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("processes", [1, 2])
 def test_streamed_stage_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, processes):
     """Under DDP every process resumes its own stream (its place and its waiting tokens), not rank 0's."""
@@ -120,6 +121,7 @@ def measured(tmp_path: Path, copies: int, mode: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_streamed_writes_and_memory_do_not_grow_with_the_corpus(tmp_path):
     small, large = measured(tmp_path, 1, "stream"), measured(tmp_path, 4, "stream")
     assert large["tokens"] >= 3.9 * small["tokens"]
