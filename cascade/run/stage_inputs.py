@@ -49,14 +49,12 @@ def resume_checkpoint(trainer: Trainer, checkpoints: Path, k: int, ckpt_path: st
     complete checkpoint, if it was written with `fingerprint` (`cascade.run.provenance`); partial ones of a killed
     write removed first. A checkpoint trained after another LLM k-1, or any with `fresh`, is not resumed (the stage
     trains from the start); one written with other settings or data, or with no record of them, is refused
-    (ValueError saying what differs). `ckpt_path` "last" is the default's choice: Lightning's `last.ckpt` may link to
-    a checkpoint passed over as damaged, and holds no record of its own."""
+    (ValueError saying what differs)."""
     if trainer.is_global_zero:
         for partial in remove_partial_checkpoints(checkpoints):
             rank_zero_info(f"stage {k}: removed {partial}, a checkpoint whose writing was cut short")
     if handover_only:
         return ckpt_path
-    ckpt_path = None if ckpt_path == "last" else ckpt_path
     if ckpt_path is not None:  # the user's own choice is held to the same record
         recorded = checkpoint_fingerprint(Path(ckpt_path))
         differences, after_other = changes(recorded, fingerprint) if recorded else ("it holds no record of its run", False)

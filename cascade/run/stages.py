@@ -172,7 +172,9 @@ def train_stages(run: RunSettings, build_stage: Callable[[int, bool], StageParts
     """Train (or hand over from) each of the run's stages that is not complete, stage k's parts from
     `build_stage(k, handover_only)`; `settings` and `data` (the token cache's name) define each stage with the LLM
     before it (`stage_fingerprint`). Returns the last stage's Trainer and stage 0's data module, None where none ran."""
-    ckpt_path, trainer, text = run.ckpt_path, None, None
+    # "last" is what the run does by default: Lightning's last.ckpt may link to a checkpoint passed over as damaged,
+    # and a complete stage is skipped, not resumed
+    ckpt_path, trainer, text = None if run.ckpt_path == "last" else run.ckpt_path, None, None
     for k in run.stages:
         stage_path, hands_over_k = stage_dir(run.run_dir, k), hands_over(k, run.num_stages, after_last_stage)
         fingerprint = stage_fingerprint(run.run_dir, k, settings, data)  # after LLM k-1 as it is now

@@ -54,6 +54,28 @@ def test_a_checkpoint_write_that_fails_leaves_no_file(tmp_path):
     assert latest_checkpoint(tmp_path / "checkpoints") == target.resolve()
 
 
+def test_ckpt_path_last_is_what_the_run_does_by_default_not_whatever_last_ckpt_links_to(tmp_path, caplog):
+    caplog.set_level("INFO")
+    corpus = write_corpus(tmp_path / "corpus.txt", 30)
+    args = tiny_args(tmp_path, corpus, "--num_stages", "1", "--trainer.max_steps", "6",
+                     "--checkpoint.every_n_train_steps", "3", "--checkpoint.save_top_k", "-1", "--ckpt_path", "last")
+    main(args)
+    stage = tmp_path / "runs" / "tiny" / "stage_0"
+    done = (stage / "done.json").read_bytes()
+    main(args)
+    assert "stage 0: complete in" in caplog.text and (stage / "done.json").read_bytes() == done, "skipped, not resumed"
+    with pytest.raises(ValueError, match=r"other settings or data \(model.lr 0.003, now 0.01\)"):
+        main([*args, "--model.lr", "1e-2"])
+    # unfinished, its newest checkpoint cut short, which last.ckpt links to: resumed from the one before
+    (stage / "done.json").unlink()
+    newest = stage / "checkpoints" / "epoch=0-step=6.ckpt"
+    assert (stage / "checkpoints" / "last.ckpt").resolve() == newest.resolve()
+    newest.write_bytes(newest.read_bytes()[:100])
+    caplog.clear()
+    main(args)
+    assert "resuming from" in caplog.text and "step=3.ckpt" in caplog.text and (stage / "done.json").exists()
+
+
 def test_partial_checkpoints_of_a_killed_write_are_removed_and_never_resumed(tmp_path):
     (tmp_path / ".epoch=0-step=20.ckpt.tmp-4242").write_bytes(b"PK\x03\x04 half")
     AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "step": 10}, tmp_path / "epoch=0-step=10.ckpt")
