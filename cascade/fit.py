@@ -114,9 +114,8 @@ class CascadeCLI(LightningCLI):
         )
         parser.add_argument(
             "--ckpt_path", type=Optional[str], default=None,
-            help="Checkpoint to resume the first stage trained from: a path, held to the run's settings and data. By "
-            "default (or 'last') an unfinished stage resumes from its newest complete checkpoint written with them, "
-            "and finished stages are skipped.",
+            help="Checkpoint to resume the first stage trained from, held to the run's settings. By "
+            "default (or 'last'): done stages skipped, others resumed from their newest one.",
         )
         parser.add_argument("--debug", type=bool, default=False, help="On an error, show its traceback, not only its message.")
         parser.add_class_arguments(StageHandover, "handover")  # a callback of the stages that hand over (not the last)

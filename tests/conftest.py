@@ -13,8 +13,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaC
 # The tests' tensors are tiny: a second intra-op thread gains nothing, and where the cores are shared (this 2-core
 # machine running other work, a CI runner) OpenMP's spin-waiting makes every op many times slower (tests/unit took 90 s
 # instead of 10 s under a load of 5). The same for the commands the tests start (`python -m cascade.fit`, benchmarks,
-# experiments), the more so as `pytest -n auto`
-# runs a test on each core (pytest-xdist).
+# experiments), the more so as `pytest -n auto` runs a test on each core (pytest-xdist).
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -39,9 +38,18 @@ TINY_CONFIGS = {  # config class and its tiny settings; overrides go to the cons
 ARCHS = sorted(TINY_CONFIGS)
 
 
-def pytest_collection_modifyitems(items):
-    """The tests marked `long` first (in their order), so that under `pytest -n auto` the cores finish together."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+def pytest_configure(config):
+    """Under `pytest -n auto`, tests go to the cores few at a time (pytest-xdist otherwise sends each core a block of
+    consecutive tests at once: the `long` ones, first, would all go to one core)."""
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("maxschedchunk") is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n auto` (collected in each worker), the tests marked `long` first, so that the cores finish
+    together; one test at a time, the tiers in order, the fast ones first."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def tiny_model(arch: str = "gpt2", seed: int = 0, attn: str = "sdpa", **overrides):

@@ -23,11 +23,11 @@ from callbacks.timing import TrainingTimer
 from cascade.llm import LLM
 from cascade.model.hf_models import max_positions
 from cascade.run.evaluation import evaluate_run
+from cascade.run.lock import RunHold, check_run_directory
 from cascade.run.provenance import changes, refusal, stage_fingerprint
 from cascade.run.stage_inputs import resume_checkpoint, stage_data
 from cascade.run.stage_runner import (check_trainer_settings, evaluation_trainer, record_stage, remove_interrupted_writes,
                                       stage_trainer_settings)
-from cascade.run.lock import RunHold, check_run_directory
 from cascade.run.state import (checkpoint_problem, check_stage_selection, read_done, saved_tokenizer_problem, stage_dir,
                                stage_problem, trained_without_handover)
 from cascade.training.warm_start import identity_start
@@ -172,8 +172,6 @@ def train_stages(run: RunSettings, build_stage: Callable[[int, bool], StageParts
     """Train (or hand over from) each of the run's stages that is not complete, stage k's parts from
     `build_stage(k, handover_only)`; `settings` and `data` (the token cache's name) define each stage with the LLM
     before it (`stage_fingerprint`). Returns the last stage's Trainer and stage 0's data module, None where none ran."""
-    # "last" is what the run does by default: Lightning's last.ckpt may link to a checkpoint passed over as damaged,
-    # and a complete stage is skipped, not resumed
     ckpt_path, trainer, text = None if run.ckpt_path == "last" else run.ckpt_path, None, None
     for k in run.stages:
         stage_path, hands_over_k = stage_dir(run.run_dir, k), hands_over(k, run.num_stages, after_last_stage)
