@@ -26,9 +26,9 @@ from callbacks.gain_router import GainRouter
 from callbacks.stage_handover import StageHandover
 from cascade.data.atomic import free_bytes
 from cascade.run import stages
+from cascade.run.lock import RunDirectoryInUse, RunDirectoryUnwritable
 from cascade.run.stage_runner import TRAINER_DEFAULTS
 from cascade.run.stages import RunSettings, RunStopped, StageParts, run_cascade
-from cascade.run.lock import RunDirectoryInUse, RunDirectoryUnwritable
 from cascade.run.state import stage_dir, stage_settings
 from datamodules.text import TextDataModule
 from lightning_modules.stage import StageModule

@@ -33,14 +33,13 @@ class RunLock:
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / LOCK
+        check_writable(self.path.parent)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a+")
-        except (PermissionError, FileExistsError, NotADirectoryError) as e:
-            raise RunDirectoryUnwritable(
-                f"cannot write the run directory {self.path.parent} ({e.strerror}: {e.filename}): give --runs_dir a "
-                "directory you may write in"
-            ) from None
+        except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:  # made since the check
+            raise RunDirectoryUnwritable(f"cannot write {e.filename or self.path} ({e.strerror}): give --runs_dir a "
+                                         "directory you may write in, or another --name") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -65,9 +64,22 @@ class RunLock:
         self._file.close()
 
 
+def check_writable(run_dir: Path) -> None:
+    """RunDirectoryUnwritable, naming the path in the way and what to do, unless `run_dir` is a directory this user may
+    write in or can be made as one: its nearest existing part is a directory they may write in."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise RunDirectoryUnwritable(f"{existing} is a file, where the run directory {run_dir} needs a directory: move "
+                                     "it, or give another --runs_dir or --name")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirectoryUnwritable(f"this user may not write in {existing}, where the run directory {run_dir} is: "
+                                     "give --runs_dir a directory you may write in")
+
+
 def check_run_directory(runs_dir: str | os.PathLike, name: str) -> None:
     """ValueError unless `name` is a name (or relative path) under `runs_dir` and nothing in the run directory, at any
-    depth, is a symbolic link (the run makes none). `runs_dir` itself may be one: the user chose it."""
+    depth, is a symbolic link (the run makes none; `runs_dir` itself may be one: the user chose it);
+    RunDirectoryUnwritable unless the run directory can be written (`check_writable`)."""
     parts = Path(name).parts
     if not name or Path(name).is_absolute() or ".." in parts or parts in ((), (".",)):
         raise ValueError(f"--name {name!r} must name a directory under --runs_dir ({runs_dir}): no absolute path and no "
@@ -77,6 +89,7 @@ def check_run_directory(runs_dir: str | os.PathLike, name: str) -> None:
         raise ValueError(f"--name {name!r} leads out of --runs_dir ({runs_dir}): {run_dir} resolves to "
                          f"{run_dir.resolve()}; remove the link, or give another --name")
     refuse_links(run_dir, "remove the link, or give another --name")
+    check_writable(run_dir)
 
 
 class RunHold:

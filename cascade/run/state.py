@@ -1,5 +1,5 @@
 """What a run directory says about its stages: which are complete (every file checked against what was written),
-where a stage can resume (the process holding it: `cascade.run.lock`)."""
+where a stage can resume. Which process holds the directory: `cascade.run.lock`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""What a scheduler and a user see through the command: exit codes, one line per error, nothing written on bad input,
-and a run stopped by SIGTERM that resumes to the uninterrupted run's weights."""
+"""What a scheduler and a user see through the command as a process: exit codes, one line per error, a full disk, and
+a run stopped by SIGTERM that resumes to the uninterrupted run's weights. Bad input, one line and nothing written:
+tests/system/test_fit.py, through the command's entry point in-process."""
 
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import one_stage_args, write_corpus
+
 
 def command(runs_dir, *extra):
     return [sys.executable, "-m", "cascade.fit", *one_stage_args(runs_dir, *extra)]

@@ -1,7 +1,6 @@
 """The streamed hand-over through the command: two processes (gloo), a kill and a resume, corpora of two sizes, three
 stages."""
 
-import contextlib
 import json
 import os
 import signal
@@ -98,7 +97,7 @@ def test_streamed_stage_killed_and_resumed_ends_with_the_uninterrupted_weights(t
         assert torch.equal(straight[name], killed[name]), name
 
 
-def measured(tmp_path: Path, copies: int, mode: str) -> dict:
+def measured(tmp_path: Path, copies: int, mode: str, monkeypatch) -> dict:
     """What a run in `mode` wrote and held at its peak, on the corpus repeated `copies` times, tokenized beforehand by
     this process (the token cache is the corpus, not the hand-over)."""
     from datamodules.text import TextDataModule
@@ -106,9 +105,9 @@ def measured(tmp_path: Path, copies: int, mode: str) -> dict:
     folder = tmp_path / f"{mode}-{copies}"
     folder.mkdir()
     corpus(folder, copies, paragraphs=500)
-    with contextlib.chdir(folder):  # the paths as the command gives them
-        TextDataModule(train_files=["corpus.txt"], val_files=["val.txt"], vocab_size=300, seq_len=32,
-                       cache_dir="cache").prepare_data()
+    monkeypatch.chdir(folder)  # the paths as the command gives them
+    TextDataModule(train_files=["corpus.txt"], val_files=["val.txt"], vocab_size=300, seq_len=32,
+                   cache_dir="cache").prepare_data()
     stats = folder / "process.json"
     result = run(folder, "runs", "--handover.mode", mode, "--trainer.max_steps", "30", "--model.model_config",
                  '{"n_embd": 256, "n_layer": 2, "n_head": 2, "n_positions": 64}', "--handover.host_memory_gb", "100",
@@ -122,13 +121,13 @@ def measured(tmp_path: Path, copies: int, mode: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_streamed_writes_and_memory_do_not_grow_with_the_corpus(tmp_path):
-    small, large = measured(tmp_path, 1, "stream"), measured(tmp_path, 4, "stream")
+def test_streamed_writes_and_memory_do_not_grow_with_the_corpus(tmp_path, monkeypatch):
+    small, large = measured(tmp_path, 1, "stream", monkeypatch), measured(tmp_path, 4, "stream", monkeypatch)
     assert large["tokens"] >= 3.9 * small["tokens"]
     assert large["written"] <= 1.05 * small["written"], (small, large)
     assert large["anon"] <= small["anon"] + 40e6, (small, large)
     # the same measurement sees the materialized hand-over grow with the corpus
-    small_m, large_m = measured(tmp_path, 1, "materialize"), measured(tmp_path, 4, "materialize")
+    small_m, large_m = measured(tmp_path, 1, "materialize", monkeypatch), measured(tmp_path, 4, "materialize", monkeypatch)
     print(json.dumps({"stream": [small, large], "materialize": [small_m, large_m]}))  # figures for docs/benchmarks.md
     grown = 3 * small["tokens"] * 0.3 * 256 * 2  # the extra hard tokens' bf16 hidden states alone
     assert large_m["written"] - small_m["written"] > grown, (small_m, large_m)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cascade.fit import CascadeCLI, main
+from cascade.fit import CascadeCLI, command_line, main
 from conftest import SHARED_DATA, one_stage_args, tiny_args, write_corpus
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -124,16 +124,15 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_way_on(monkeypatch, cap
     (("--eval_batch_size", "0"), "eval_batch_size must be >= 1"),  # not read as "unset"
     (("--handover.batch_size", "0"), "handover.batch_size must be >= 1"),
     (("--model.model", "./no-such-model", "--model.pretrained", "true"), "no such directory"),
+    (("--runs_dir", "corpus.txt"), "corpus.txt is a file, where the run directory corpus.txt/tiny needs a directory"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing_in_the_run(monkeypatch, capsys, tmp_path, extra, said):
     """The command's own entry point, in this process (the command as a process: tests/e2e/test_reliability_runs.py)."""
-    import cascade.fit as fit
-
     write_corpus(tmp_path / "corpus.txt", 200)
     (tmp_path / "rows.jsonl").write_text('{"text": "some words"}\n{"text": null}\n')
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["cascade.fit", *one_stage_args("runs", *extra)])
-    assert fit.command_line() == 1
+    assert command_line() == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in err, err[-3000:]

@@ -4,6 +4,7 @@ or refused: tests/e2e/test_reliability_runs.py."""
 
 import errno
 import os
+import re
 import time
 
 import pytest
@@ -192,12 +193,23 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_holder(tmp_pat
     assert RunLock(tmp_path / "run").previous is None, "released, not taken over"
 
 
-def test_a_runs_dir_where_a_file_stands_is_named_with_what_to_do(tmp_path):
+@pytest.mark.parametrize("where", ["runs", "runs/tiny", "no permission"])
+def test_a_run_directory_that_cannot_be_made_is_named_with_what_to_do_before_any_work(tmp_path, monkeypatch, where):
+    import cascade.run.lock
+
     corpus = write_corpus(tmp_path / "corpus.txt", 30)
-    (tmp_path / "runs").write_text("a file, not a directory")
-    with pytest.raises(RunDirectoryUnwritable, match=rf"run directory {tmp_path}/runs/tiny \(Not a directory: .*--runs_dir"):
+    if where == "no permission":  # (the tests may run as root, whom no mode bit stops)
+        monkeypatch.setattr(cascade.run.lock.os, "access", lambda path, mode: False)
+        said = rf"this user may not write in {re.escape(str(tmp_path))}, where the run directory .*runs/tiny is: give --runs_dir"
+    else:
+        (tmp_path / where).parent.mkdir(exist_ok=True)
+        (tmp_path / where).write_text("a file, not a directory")
+        said = rf"{re.escape(str(tmp_path / where))} is a file, where the run directory .* needs a directory: move it, or"
+    with pytest.raises(RunDirectoryUnwritable, match=said):
         main(tiny_args(tmp_path, corpus))
-    assert (tmp_path / "runs").read_text() == "a file, not a directory"
+    assert not (tmp_path / "cache").exists(), "refused before the corpus is tokenized"
+    if where != "no permission":
+        assert (tmp_path / where).read_text() == "a file, not a directory"
 
 
 # -- documents of a corpus file ---------------------------------------------------------------------------------------
