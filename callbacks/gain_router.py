@@ -121,9 +121,7 @@ class GainRouter(Callback):
             rank=trainer.global_rank, world_size=trainer.world_size, reduce=strategy_reduce(strategy),
             broadcast=lambda state: strategy.broadcast(state, src=0), hidden=self.hidden, steps=self.steps,
             settings=settings)
-        data.stream.buffer = None  # what waits was chosen by the old routing: also where a checkpoint resumes
-        for state in data.epochs.snapshots.values():
-            state["buffer"] = None
+        data.drop_waiting()  # chosen by the old routing
         self.done, self.routed = self.done + 1, previous
         self.stats.append({"step": trainer.global_step, **figures})
         for logger in trainer.loggers:

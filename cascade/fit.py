@@ -144,7 +144,10 @@ class CascadeCLI(LightningCLI):
         """Nothing here: every stage instantiates its own model, data and Trainer settings in `stage_parts`."""
 
     def run_settings(self) -> RunSettings:
-        return RunSettings(**{f.name: self.config[f.name] for f in fields(RunSettings)})
+        """The run's own settings; `--ckpt_path last` is what the run does by default (None): Lightning's last.ckpt
+        may link to a checkpoint passed over as damaged, and a complete stage is skipped, not resumed."""
+        settings = {f.name: self.config[f.name] for f in fields(RunSettings)}
+        return RunSettings(**{**settings, "ckpt_path": None if settings["ckpt_path"] == "last" else settings["ckpt_path"]})
 
     def run(self) -> dict | None:
         """Train the stages not complete yet, then evaluate (`cascade.run.stages.run_cascade`)."""

@@ -124,6 +124,13 @@ class StreamDataModule(LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = dict(state_dict)
 
+    def drop_waiting(self) -> None:
+        """Drop the tokens that wait in the stream, and in its snapshots a checkpoint would resume from: they were
+        chosen by a routing of the frozen LLMs that has just changed (`callbacks.gain_router`)."""
+        self.stream.buffer = None
+        for state in self.epochs.snapshots.values():
+            state["buffer"] = None
+
     def release(self) -> None:
         """Drop the frozen LLMs (their GPU memory is freed once nothing else holds them)."""
         self.frozen_llms = []

@@ -105,9 +105,9 @@ def route_by_gain(before: Sequence["LLM"], llm: "LLM", next_llm: "LLM", fit_wind
     `llm`, the LLM before `next_llm`, by a gain router, the exit classifier fitted to `next_llm`'s gain over it
     (`fit_exit_classifier`) on at most `tokens` of the tokens of `fit_windows` that reach it through the LLMs
     `before` (tokens neither LLM trains on: the validation split; every process fits it alike, and `broadcast` then
-    gives each rank 0's, so that all score alike), and calibrated to hand on `hard_ratio` of the tokens reaching it from `calibration_tokens` of
-    `windows` (`calibrate_streamed`; every process scores its share, `reduce` sums over them). Every process calls
-    it with the same LLMs and windows. Returns the fit's and the calibration's figures."""
+    gives each rank 0's, so that all score alike), and calibrated to hand on `hard_ratio` of the tokens reaching it
+    from `calibration_tokens` of `windows` (`calibrate_streamed`; every process scores its share, `reduce` sums over
+    them). Every process calls it with the same LLMs and windows. Returns the fit's and the calibration's figures."""
     reaching = route_through(before, fit_windows, batch_size, settings)
     fit = fit_exit_classifier(llm, reaching, batch_size, max_tokens=tokens, steps=steps, hidden=hidden, seed=seed,
                               next_llm=next_llm, settings=settings)

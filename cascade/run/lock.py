@@ -33,11 +33,10 @@ class RunLock:
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / LOCK
-        check_writable(self.path.parent)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a+")
-        except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:  # made since the check
+        except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as e:  # `check_writable` first
             raise RunDirectoryUnwritable(f"cannot write {e.filename or self.path} ({e.strerror}): give --runs_dir a "
                                          "directory you may write in, or another --name") from None
         try:

@@ -172,7 +172,7 @@ def train_stages(run: RunSettings, build_stage: Callable[[int, bool], StageParts
     """Train (or hand over from) each of the run's stages that is not complete, stage k's parts from
     `build_stage(k, handover_only)`; `settings` and `data` (the token cache's name) define each stage with the LLM
     before it (`stage_fingerprint`). Returns the last stage's Trainer and stage 0's data module, None where none ran."""
-    ckpt_path, trainer, text = None if run.ckpt_path == "last" else run.ckpt_path, None, None
+    ckpt_path, trainer, text = run.ckpt_path, None, None
     for k in run.stages:
         stage_path, hands_over_k = stage_dir(run.run_dir, k), hands_over(k, run.num_stages, after_last_stage)
         fingerprint = stage_fingerprint(run.run_dir, k, settings, data)  # after LLM k-1 as it is now
@@ -216,7 +216,7 @@ def run_cascade(run: RunSettings, build_stage: Callable[[int, bool], StageParts]
             raise ValueError(f"eval_batch_size must be >= 1 or null (the data's batch size), got {run.eval_batch_size}")
         check_stage_selection(run.run_dir, run.stage, run.num_stages)
         check_trainer_settings(trainer_settings)
-        if run.ckpt_path not in (None, "last") and (problem := checkpoint_problem(Path(run.ckpt_path))):
+        if run.ckpt_path is not None and (problem := checkpoint_problem(Path(run.ckpt_path))):
             raise ValueError(f"--ckpt_path: {problem}")
         if run.eval_files:  # before any training, not after it
             check_eval_files(run.eval_files, data_settings.get("text_column", "text"))
