@@ -58,7 +58,7 @@ class RunSettings:
     runs_dir: str
     num_stages: int
     stage: int | None  # the one stage to train; None: every stage in turn
-    ckpt_path: str | None  # where the first stage trained resumes from
+    ckpt_path: str | None  # where the first stage trained resumes from (the CLI reads "last" as None, the default)
     eval_batch_size: int | None
     eval_files: list[str] | None
     eval_curve: bool
